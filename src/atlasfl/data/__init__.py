@@ -1,0 +1,1 @@
+"""Data layer: tasks (GLUE, offline, generated), client partitions, tokenisation and batching."""

@@ -1,0 +1,213 @@
+"""The in-process engine: all clients share one frozen backbone in this process, the server logic is
+called directly. Produces the result dictionary of `atlasfl.results.schema`."""
+from __future__ import annotations
+
+import logging
+import platform
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+
+import numpy as np
+import torch
+
+from atlasfl.config import RunConfig
+from atlasfl.data.batching import encode
+from atlasfl.data.partition import ClientShard, make_shards
+from atlasfl.data.tasks import TaskData, expand_tasks, load_task
+from atlasfl.federation.client import client_seed, predict, train_local
+from atlasfl.federation.methods import METHOD_SPECS, MethodSpec
+from atlasfl.federation.server import ClientInfo, Server
+from atlasfl.metrics import classification_metrics, task_score
+from atlasfl.models.lora import FederatedLoRAModel, state_digest
+from atlasfl.models.registry import check_model_name, load_backbone
+from atlasfl.results.schema import SCHEMA_VERSION
+
+log = logging.getLogger("atlasfl")
+
+WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class Plan:
+    """Who aggregates with whom and at which ranks: the outcome of phases 1 and 2."""
+
+    cluster_labels: list[int]
+    cluster_source: str
+    ranks: dict[int, dict[str, int]]
+    fingerprints: np.ndarray | None = None
+    phase1: dict | None = None
+    phase2: dict = field(default_factory=dict)
+    fingerprint_bytes: dict[int, int] = field(default_factory=dict)
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def oracle_plan(cfg: RunConfig, fm: FederatedLoRAModel, shards: list[ClientShard]) -> Plan:
+    """True-task clusters and the preset's median rank on every module."""
+    task_ids = {t: i for i, t in enumerate(dict.fromkeys(s.task for s in shards))}
+    rank = cfg.homogeneous_rank
+    ranks = {s.client_id: {m: rank for m in fm.modules} for s in shards}
+    return Plan(
+        cluster_labels=[task_ids[s.task] for s in shards], cluster_source="oracle", ranks=ranks,
+        phase2={"homogeneous_rank": rank,
+                "clients": {str(c): {"ranks": r} for c, r in ranks.items()}},
+    )
+
+
+def wire(state: dict[str, torch.Tensor], dtype: str) -> tuple[dict[str, torch.Tensor], int]:
+    """The state as it arrives after a trip at the wire dtype, and the bytes that trip carried."""
+    wd = WIRE_DTYPES[dtype]
+    sent = {k: v.to(wd) for k, v in state.items()}
+    nbytes = sum(v.numel() * v.element_size() for v in sent.values())
+    return {k: v.to(state[k].dtype) for k, v in sent.items()}, nbytes
+
+
+def evaluate_client(fm, cid, encoded, task: TaskData, batch_size) -> dict:
+    y_true, y_pred, loss = predict(fm, cid, encoded, batch_size=batch_size)
+    m = classification_metrics(y_true, y_pred, task.num_labels)
+    return {**m, "loss": loss, "score": task_score(task.metric, m), "metric_name": task.metric}
+
+
+def run_experiment(cfg: RunConfig, *, progress: bool = True) -> dict:
+    """Run one federated experiment end to end and return its result dictionary."""
+    t_start = time.perf_counter()
+    check_model_name(cfg.model)
+    method = METHOD_SPECS[cfg.method]
+    device = resolve_device(cfg.device)
+    tasks = {n: load_task(n, data_dir=cfg.data_dir, max_test=cfg.max_test_samples) for n in expand_tasks(cfg.tasks)}
+    shards = make_shards(list(tasks.values()), cfg.clients_per_task, seed=cfg.seed, max_samples=cfg.max_samples,
+                         dirichlet_alpha=cfg.dirichlet_alpha)
+    backbone = load_backbone(cfg.model, init=cfg.init, seed=cfg.seed, device=device)
+    tok = backbone.tokenizer
+    train_enc = {s.client_id: encode(tok, s.train, cfg.max_length) for s in shards}
+    test_enc = {n: encode(tok, t.test, cfg.max_length) for n, t in tasks.items()}
+
+    fm = FederatedLoRAModel(backbone, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, seed=cfg.seed)
+    plan = oracle_plan(cfg, fm, shards)
+    for s in shards:
+        fm.add_client(s.client_id, plan.ranks[s.client_id], tasks[s.task].num_labels)
+    server = Server(method, [ClientInfo(s.client_id, s.task, len(s.train)) for s in shards],
+                    alpha=cfg.lora_alpha, aggregation=cfg.aggregation or method.default_aggregation, eta=cfg.eta)
+    server.set_clusters(plan.cluster_labels, plan.fingerprints)
+    setup_s = time.perf_counter() - t_start
+    log.info("%s: %d clients on %s, model %s (%s) on %s, groups %s", cfg.run_name, len(shards), ", ".join(tasks),
+             cfg.model, backbone.source, device, server.groups())
+
+    rounds = []
+    for r in _progress_range(cfg.rounds, "rounds", progress):
+        rounds.append(_run_round(cfg, r, method, fm, server, shards, tasks, train_enc, test_enc))
+        log.info("round %d: mean task score %.4f, %.1fs", r, rounds[-1]["mean_task_score"], rounds[-1]["time_s"])
+
+    return _result(cfg, method, backbone, shards, tasks, plan, fm, rounds, setup_s, time.perf_counter() - t_start,
+                   device)
+
+
+def _run_round(cfg, r, method: MethodSpec, fm, server: Server, shards, tasks, train_enc, test_enc) -> dict:
+    t0 = time.perf_counter()
+    losses, up, down = {}, {}, {}
+    for s in shards:
+        losses[s.client_id] = train_local(fm, s.client_id, train_enc[s.client_id], epochs=cfg.local_epochs,
+                                          lr=cfg.lr, batch_size=cfg.batch_size,
+                                          seed=client_seed(cfg.seed, r, s.client_id))
+    if method.communicates:
+        uploads = {}
+        for s in shards:
+            uploads[s.client_id], up[s.client_id] = wire(fm.get_state(s.client_id), cfg.wire_dtype)
+        for cid, state in server.aggregate(uploads).items():
+            received, down[cid] = wire(state, cfg.wire_dtype)
+            fm.set_state(cid, received)
+    clients, digests = [], {}
+    for s in shards:
+        ev = evaluate_client(fm, s.client_id, test_enc[s.task], tasks[s.task], cfg.batch_size * 2)
+        digests[str(s.client_id)] = state_digest(fm.get_state(s.client_id))
+        clients.append(dict(client_id=s.client_id, task=s.task, train_loss=losses[s.client_id], test_loss=ev["loss"],
+                            test_accuracy=ev["accuracy"], test_macro_f1=ev["macro_f1"], test_f1=ev["f1"],
+                            test_mcc=ev["mcc"], test_metric=ev["score"],
+                            metric_name=ev["metric_name"], bytes_up=up.get(s.client_id, 0),
+                            bytes_down=down.get(s.client_id, 0)))
+    task_scores = {t: float(np.mean([c["test_metric"] for c in clients if c["task"] == t])) for t in tasks}
+    return dict(round=r, clients=clients, mean_accuracy=float(np.mean([c["test_accuracy"] for c in clients])),
+                task_scores=task_scores, mean_task_score=float(np.mean(list(task_scores.values()))),
+                time_s=time.perf_counter() - t0, bytes_up_total=sum(up.values()), bytes_down_total=sum(down.values()),
+                state_digests=digests)
+
+
+def _final_metrics(rounds: list[dict], tasks: dict[str, TaskData], per_client: dict) -> dict:
+    per_task = {}
+    for name, task in tasks.items():
+        ms = [m for m in per_client.values() if m["task"] == name]
+        f1s = [m["f1"] for m in ms if m["f1"] is not None]
+        per_task[name] = dict(metric_name=task.metric, score=float(np.mean([m["score"] for m in ms])),
+                              accuracy=float(np.mean([m["accuracy"] for m in ms])),
+                              macro_f1=float(np.mean([m["macro_f1"] for m in ms])),
+                              f1=float(np.mean(f1s)) if f1s else None, mcc=float(np.mean([m["mcc"] for m in ms])),
+                              num_clients=len(ms))
+    return dict(per_client=per_client, per_task=per_task,
+                task_mean=float(np.mean([t["score"] for t in per_task.values()])))
+
+
+def _result(cfg, method, backbone, shards, tasks, plan: Plan, fm, rounds, setup_s, total_s, device) -> dict:
+    last = {c["client_id"]: c for c in rounds[-1]["clients"]}
+    per_client = {}
+    for s in shards:
+        c = last[s.client_id]
+        per_client[str(s.client_id)] = dict(task=s.task, accuracy=c["test_accuracy"], macro_f1=c["test_macro_f1"],
+                                            f1=c["test_f1"], mcc=c["test_mcc"], score=c["test_metric"],
+                                            metric_name=c["metric_name"], loss=c["test_loss"])
+    up = {str(s.client_id): sum(r["clients"][i]["bytes_up"] for r in rounds) + plan.fingerprint_bytes.get(s.client_id, 0)
+          for i, s in enumerate(shards)}
+    down = {str(s.client_id): sum(r["clients"][i]["bytes_down"] for r in rounds) for i, s in enumerate(shards)}
+    return dict(
+        schema_version=SCHEMA_VERSION, status="complete", run_name=cfg.run_name, model=cfg.model, method=cfg.method,
+        seed=cfg.seed, config=cfg.model_dump(mode="json"),
+        clients=[dict(client_id=s.client_id, task=s.task, num_train=len(s.train), num_val=len(s.val)) for s in shards],
+        round_metrics=rounds,
+        final_accuracies={str(c): m["test_accuracy"] for c, m in last.items()},
+        final_metrics=_final_metrics(rounds, tasks, per_client),
+        cluster_labels=plan.cluster_labels, cluster_source=plan.cluster_source, phase1_clustering=plan.phase1,
+        phase2_rank_allocation=plan.phase2, ranks={str(c): r for c, r in fm.ranks.items()},
+        communication_costs=dict(wire_dtype=cfg.wire_dtype, total_bytes_up=sum(up.values()),
+                                 total_bytes_down=sum(down.values()),
+                                 fingerprint_bytes_up=sum(plan.fingerprint_bytes.values()),
+                                 per_client_bytes_up=up, per_client_bytes_down=down),
+        time_metrics=dict(total_s=total_s, setup_s=setup_s, per_round_s=[r["time_s"] for r in rounds]),
+        memory=_memory(device),
+        environment=_environment(device),
+    )
+
+
+def _memory(device: str) -> dict:
+    if device.startswith("cuda"):
+        return dict(peak_measured_bytes=int(torch.cuda.max_memory_allocated()), measured_by="torch.cuda.max_memory_allocated")
+    return dict(peak_measured_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                measured_by="peak RSS of the process (ru_maxrss)")
+
+
+def _environment(device: str) -> dict:
+    versions = {}
+    for pkg in ("atlasfl", "torch", "transformers", "peft", "datasets", "numpy", "scikit-learn", "flwr"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return dict(python=sys.version.split()[0], platform=platform.platform(), device=device,
+                cuda=torch.cuda.get_device_name() if device.startswith("cuda") else None, versions=versions)
+
+
+def _progress_range(n: int, label: str, enabled: bool):
+    if not enabled:
+        yield from range(1, n + 1)
+        return
+    from rich.progress import Progress
+    with Progress(transient=False) as bar:
+        task = bar.add_task(label, total=n)
+        for i in range(1, n + 1):
+            yield i
+            bar.advance(task)

@@ -1,0 +1,185 @@
+"""LoRA on one shared frozen backbone: every client's adapter and head are its own state.
+
+The adapted modules are found by structure: the backbone's list of transformer blocks is the
+`nn.ModuleList` with one entry per layer, and a small per-family table names the attention
+projections inside a block. A model type the table does not know fails with a clear error.
+Each client is a PEFT named adapter (so per-module ranks go through PEFT's `rank_pattern`) plus a
+linear classification head of its own task's width.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+
+from atlasfl.errors import AtlasError
+from atlasfl.models.registry import Backbone
+
+
+@dataclass(frozen=True)
+class Family:
+    kind: str  # 'encoder' pools the first token; 'decoder' pools the last non-pad token
+    attention: tuple[str, ...]  # paths, inside one block, of the attention projections LoRA adapts
+
+
+FAMILIES: dict[str, Family] = {
+    "bert": Family("encoder", ("attention.self.query", "attention.self.value")),
+    "distilbert": Family("encoder", ("attention.q_lin", "attention.v_lin")),
+    "gpt2": Family("decoder", ("attn.c_attn",)),
+    "llama": Family("decoder", ("self_attn.q_proj", "self_attn.v_proj")),
+    "qwen2": Family("decoder", ("self_attn.q_proj", "self_attn.v_proj")),
+}
+
+
+def family_of(model: nn.Module) -> Family:
+    model_type = model.config.model_type
+    if model_type not in FAMILIES:
+        raise AtlasError(f"unsupported architecture {model_type!r}: ATLAS knows {', '.join(FAMILIES)}; "
+                         "add its attention projections to atlasfl.models.lora.FAMILIES")
+    return FAMILIES[model_type]
+
+
+def transformer_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ModuleList holding one block per layer (all of one class), found by structure, not by name."""
+    num_layers = model.config.num_hidden_layers
+    found = [(name, m) for name, m in model.named_modules()
+             if isinstance(m, nn.ModuleList) and len(m) == num_layers and len({type(b) for b in m}) == 1]
+    if len(found) != 1:
+        raise AtlasError(f"cannot locate the {num_layers} transformer blocks of {model.config.model_type!r} "
+                         f"(found {len(found)} candidate module lists)")
+    return found[0]
+
+
+def target_modules(model: nn.Module) -> list[str]:
+    """Full names of the attention projections to adapt, ordered by layer."""
+    family = family_of(model)
+    prefix, blocks = transformer_blocks(model)
+    names = []
+    for i, block in enumerate(blocks):
+        for path in family.attention:
+            module = block.get_submodule(path)
+            if not hasattr(module, "weight") or module.weight.dim() != 2:
+                raise AtlasError(f"{prefix}.{i}.{path} of {model.config.model_type!r} is not a projection layer")
+            names.append(f"{prefix}.{i}.{path}")
+    return names
+
+
+def layer_index(module_name: str) -> int:
+    """Block index of an adapted module name such as 'encoder.layer.3.attention.self.query'."""
+    return int(re.search(r"\.(\d+)\.", module_name).group(1))
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over keys and float32 bytes: equal digests mean clients hold identical trainable state."""
+    h = hashlib.sha256()
+    for key in sorted(state):
+        h.update(key.encode())
+        h.update(np.ascontiguousarray(state[key].detach().to(torch.float32).cpu().numpy()).tobytes())
+    return h.hexdigest()[:16]
+
+
+class FederatedLoRAModel:
+    """One frozen backbone; client k is PEFT adapter 'c<k>' at its own ranks plus its own linear head."""
+
+    def __init__(self, backbone: Backbone, *, alpha: float, dropout: float, seed: int):
+        self.backbone = backbone
+        self.family = family_of(backbone.model)
+        self.modules = target_modules(backbone.model)
+        self.alpha = alpha
+        self.dropout = dropout
+        self.seed = seed
+        self.hidden_size = backbone.model.config.hidden_size
+        self.device = next(backbone.model.parameters()).device
+        self.peft: PeftModel | None = None
+        self.heads = nn.ModuleDict()
+        self.ranks: dict[int, dict[str, int]] = {}
+
+    # ---- building ---------------------------------------------------------------------------
+    def add_client(self, cid: int, ranks: dict[str, int], num_labels: int) -> None:
+        """Adapter and head start from the run seed, so same-shape clients start identical (a server broadcast)."""
+        if set(ranks) != set(self.modules):
+            raise ValueError("ranks must name exactly the adapted modules")
+        default = max(set(ranks.values()), key=list(ranks.values()).count)
+        config = LoraConfig(
+            r=default, lora_alpha=self.alpha, lora_dropout=self.dropout, target_modules=list(self.modules),
+            rank_pattern={re.escape(m): r for m, r in ranks.items() if r != default}, bias="none",
+        )
+        torch.manual_seed(self.seed)
+        if self.peft is None:
+            self.peft = get_peft_model(self.backbone.model, config, adapter_name=_name(cid))
+        else:
+            self.peft.add_adapter(_name(cid), config)
+        head = nn.Linear(self.hidden_size, num_labels, bias=self.family.kind == "encoder")
+        gen = torch.Generator().manual_seed(self.seed)
+        with torch.no_grad():
+            head.weight.copy_(torch.randn(head.weight.shape, generator=gen) * 0.02)
+            if head.bias is not None:
+                head.bias.zero_()
+        self.heads[str(cid)] = head.to(self.device)
+        self.ranks[cid] = dict(ranks)
+
+    # ---- per-client state -------------------------------------------------------------------
+    def _lora_layers(self):
+        for name in self.modules:
+            yield name, self.peft.base_model.model.get_submodule(name)
+
+    def activate(self, cid: int, train: bool) -> None:
+        self.peft.set_adapter(_name(cid))
+        self.peft.train(train)
+
+    def trainable_parameters(self, cid: int) -> list[nn.Parameter]:
+        params = []
+        for _, layer in self._lora_layers():
+            params += [layer.lora_A[_name(cid)].weight, layer.lora_B[_name(cid)].weight]
+        return params + list(self.heads[str(cid)].parameters())
+
+    def get_state(self, cid: int) -> dict[str, torch.Tensor]:
+        """The client's trainable state in the canonical flat format (detached CPU copies)."""
+        state = {}
+        for name, layer in self._lora_layers():
+            state[f"lora::{name}::A"] = layer.lora_A[_name(cid)].weight.detach().cpu().clone()
+            state[f"lora::{name}::B"] = layer.lora_B[_name(cid)].weight.detach().cpu().clone()
+        for pname, p in self.heads[str(cid)].named_parameters():
+            state[f"head::{pname}"] = p.detach().cpu().clone()
+        return state
+
+    def set_state(self, cid: int, state: dict[str, torch.Tensor]) -> None:
+        targets = {}
+        for name, layer in self._lora_layers():
+            targets[f"lora::{name}::A"] = layer.lora_A[_name(cid)].weight
+            targets[f"lora::{name}::B"] = layer.lora_B[_name(cid)].weight
+        for pname, p in self.heads[str(cid)].named_parameters():
+            targets[f"head::{pname}"] = p
+        if set(targets) != set(state):
+            raise ValueError(f"state keys do not match client {cid}'s trainable state")
+        with torch.no_grad():
+            for key, p in targets.items():
+                if p.shape != state[key].shape:
+                    raise ValueError(f"{key}: shape {tuple(state[key].shape)} != client's {tuple(p.shape)}")
+                p.copy_(state[key].to(p.device, p.dtype))
+
+    # ---- forward ----------------------------------------------------------------------------
+    def pooled(self, batch: dict[str, torch.Tensor], *, adapters: bool = True) -> torch.Tensor:
+        """Sequence representation: first token (encoders) or last non-pad token (decoders, right padding)."""
+        inputs = dict(input_ids=batch["input_ids"].to(self.device), attention_mask=batch["attention_mask"].to(self.device))
+        if adapters:
+            hidden = self.peft(**inputs).last_hidden_state
+        else:
+            with self.peft.disable_adapter():
+                hidden = self.peft(**inputs).last_hidden_state
+        if self.family.kind == "encoder":
+            return hidden[:, 0]
+        last = inputs["attention_mask"].sum(dim=1) - 1
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+    def logits(self, cid: int, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.heads[str(cid)](self.pooled(batch))
+
+
+def _name(cid: int) -> str:
+    return f"c{cid}"

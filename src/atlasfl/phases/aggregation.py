@@ -1,0 +1,210 @@
+"""Rank-heterogeneous aggregation of LoRA adapters and heads (DESIGN §3.3).
+
+A trainable state is a flat dict: ``lora::<module>::A`` (r×d_in), ``lora::<module>::B``
+(d_out×r) and ``head::<param>``. A module's update is ΔW = (alpha/r)·B@A.
+
+``svd`` averages the ΔW themselves (the quantity that acts on the model) and gives each client
+the Eckart–Young best approximation at its own rank. ``fedavg`` averages A and B separately with
+zero padding (FedIT/HetLoRA), kept as the classic baseline; with equal ranks it is plain FedAvg.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from atlasfl.errors import AtlasError
+
+Tensor = torch.Tensor
+LORA_PREFIX = "lora::"
+HEAD_PREFIX = "head::"
+MODES = ("svd", "fedavg")
+
+
+def normalise_weights(weights: Sequence[float] | np.ndarray, n: int) -> list[float]:
+    """Non-negative weights, one per client, scaled to sum 1."""
+    w = np.asarray(weights, dtype=np.float64).ravel()
+    if w.size != n or n == 0:
+        raise ValueError(f"expected {n} weights, got {w.size}")
+    if not np.all(np.isfinite(w)) or np.any(w < 0):
+        raise ValueError("weights must be finite and non-negative")
+    total = w.sum()
+    if total <= 0:
+        raise ValueError("weights must not all be zero")
+    return (w / total).tolist()
+
+
+def weighted_mean(tensors: Sequence[Tensor], weights: Sequence[float] | np.ndarray) -> Tensor:
+    """Σ w_k·t_k with normalised weights, accumulated in float64 and returned in the input dtype."""
+    w = normalise_weights(weights, len(tensors))
+    shapes = {tuple(t.shape) for t in tensors}
+    if len(shapes) != 1:
+        raise ValueError(f"cannot average tensors of different shapes {sorted(shapes)}")
+    acc = torch.zeros_like(tensors[0], dtype=torch.float64)
+    for wk, t in zip(w, tensors):
+        acc += wk * t.to(torch.float64)
+    return acc.to(tensors[0].dtype)
+
+
+def lora_delta(A: Tensor, B: Tensor, scale: float) -> Tensor:
+    """The weight update a LoRA module applies: scale·B@A (d_out×d_in)."""
+    return scale * (B @ A)
+
+
+def split_svd(
+    U: Tensor, S: Tensor, Vh: Tensor, rank: int, scale: float, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """Balanced factors of the rank-`rank` truncation: B = U_r√(S_r/scale), A = √(S_r/scale)V_rᵀ.
+
+    Zero rows/columns pad the factors when fewer than `rank` singular values exist.
+    """
+    if rank < 1:
+        raise ValueError(f"rank must be at least 1, got {rank}")
+    if scale <= 0:
+        raise ValueError(f"LoRA scale must be positive, got {scale}")
+    k = min(rank, S.numel())
+    root = torch.sqrt(S[:k].clamp_min(0) / scale)
+    B = torch.zeros(U.shape[0], rank, dtype=U.dtype, device=U.device)
+    A = torch.zeros(rank, Vh.shape[1], dtype=Vh.dtype, device=Vh.device)
+    B[:, :k] = U[:, :k] * root
+    A[:k] = root[:, None] * Vh[:k]
+    return A.to(dtype), B.to(dtype)
+
+
+def refactor(delta: Tensor, rank: int, scale: float) -> tuple[Tensor, Tensor]:
+    """(A, B) with scale·B@A the best rank-`rank` approximation of `delta` (Eckart–Young)."""
+    U, S, Vh = torch.linalg.svd(delta.to(torch.float64), full_matrices=False)
+    return split_svd(U, S, Vh, rank, scale, delta.dtype)
+
+
+def mixed_svds(
+    factors: Sequence[tuple[Tensor, Tensor, float]], coefs: np.ndarray | Sequence[Sequence[float]]
+) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """Thin SVD of Σ_l C_ml·scale_l·B_l@A_l for every row m of C, never forming a d_out×d_in matrix.
+
+    The sums are B_cat·diag(c_m)·A_cat with factors stacked along the rank; one QR of each side
+    reduces every SVD to an (Σr_l)-sized problem, which keeps large layers cheap.
+    """
+    C = np.asarray(coefs, dtype=np.float64)
+    if C.ndim != 2 or C.shape[1] != len(factors):
+        raise ValueError(f"need a coefficient matrix with {len(factors)} columns, got shape {C.shape}")
+    B_cat = torch.cat([s * B.to(torch.float64) for _, B, s in factors], dim=1)
+    A_cat = torch.cat([A.to(torch.float64) for A, _, _ in factors], dim=0)
+    Qb, Rb = torch.linalg.qr(B_cat)
+    Qa, Ra = torch.linalg.qr(A_cat.T)
+    ranks = torch.tensor([A.shape[0] for A, _, _ in factors], device=Rb.device)
+    result = []
+    for row in C:
+        column_coefs = torch.repeat_interleave(torch.as_tensor(row, device=Rb.device), ranks)
+        Um, S, Vhm = torch.linalg.svd((Rb * column_coefs) @ Ra.T, full_matrices=False)
+        result.append((Qb @ Um, S, Vhm @ Qa.T))
+    return result
+
+
+def svd_aggregate(
+    factors: Sequence[tuple[Tensor, Tensor, float]], weights: Sequence[float] | np.ndarray
+) -> list[tuple[Tensor, Tensor]]:
+    """Each client's rank-r_k best approximation of the weighted mean ΔW; factors are (A, B, scale)."""
+    w = normalise_weights(weights, len(factors))
+    U, S, Vh = mixed_svds(factors, [w])[0]
+    return [split_svd(U, S, Vh, A.shape[0], scale, A.dtype) for A, _, scale in factors]
+
+
+def zero_pad_fedavg(
+    factors: Sequence[tuple[Tensor, Tensor]], weights: Sequence[float] | np.ndarray
+) -> list[tuple[Tensor, Tensor]]:
+    """Average A and B separately after zero-padding to the largest rank; client k keeps its first r_k."""
+    r_max = max(A.shape[0] for A, _ in factors)
+    padded_A = [torch.cat([A, A.new_zeros(r_max - A.shape[0], A.shape[1])], dim=0) for A, _ in factors]
+    padded_B = [torch.cat([B, B.new_zeros(B.shape[0], r_max - B.shape[1])], dim=1) for _, B in factors]
+    mean_A = weighted_mean(padded_A, weights)
+    mean_B = weighted_mean(padded_B, weights)
+    return [(mean_A[: A.shape[0]].clone(), mean_B[:, : A.shape[0]].clone()) for A, _ in factors]
+
+
+def plain_fedavg(
+    states: Sequence[dict[str, Tensor]], weights: Sequence[float] | np.ndarray
+) -> dict[str, Tensor]:
+    """Homogeneous FedAvg: the weighted mean of every tensor, key by key."""
+    check_same_keys(states)
+    return {key: weighted_mean([s[key] for s in states], weights) for key in states[0]}
+
+
+def parse_key(key: str) -> tuple[str, str, str]:
+    """Split a state key into (kind, name, part): ('lora', module, 'A'|'B') or ('head', param, '')."""
+    if key.startswith(HEAD_PREFIX):
+        return "head", key[len(HEAD_PREFIX):], ""
+    if key.startswith(LORA_PREFIX):
+        module, sep, part = key[len(LORA_PREFIX):].rpartition("::")
+        if sep and module and part in ("A", "B"):
+            return "lora", module, part
+    raise ValueError(f"not a trainable-state key: '{key}'")
+
+
+def lora_modules(state: dict[str, Tensor]) -> list[str]:
+    """Module paths with LoRA factors in `state`, in key order."""
+    modules = [name for kind, name, part in map(parse_key, state) if kind == "lora" and part == "A"]
+    for module in modules:
+        if f"{LORA_PREFIX}{module}::B" not in state:
+            raise ValueError(f"module '{module}' has an A factor but no B factor")
+    return modules
+
+
+def head_groups(states: Sequence[dict[str, Tensor]]) -> list[list[int]]:
+    """Client indices grouped by identical head keys and shapes (heads mix only within a group)."""
+    groups: dict[tuple, list[int]] = {}
+    for k, state in enumerate(states):
+        signature = tuple(sorted((key, tuple(t.shape)) for key, t in state.items() if key.startswith(HEAD_PREFIX)))
+        groups.setdefault(signature, []).append(k)
+    return list(groups.values())
+
+
+def check_same_keys(states: Sequence[dict[str, Tensor]]) -> None:
+    """Clients of one group must carry the same trainable keys (ranks and head shapes may differ)."""
+    if not states:
+        raise ValueError("no client states given")
+    keys = set(states[0])
+    if any(set(s) != keys for s in states):
+        raise ValueError("all client states in a group must have the same keys")
+
+
+def aggregate_states(
+    states: Sequence[dict[str, Tensor]],
+    weights: Sequence[float] | np.ndarray,
+    *,
+    alpha: float,
+    mode: str,
+) -> list[dict[str, Tensor]]:
+    """Aggregate one group's states; one new dict per client with its own keys, ranks and shapes.
+
+    Adapters: 'svd' gives every client the best rank-r_k approximation of the weighted mean ΔW
+    (also when ranks are equal, so all heterogeneous methods share one rule); 'fedavg' zero-pads.
+    Heads: weighted mean among clients whose heads have the same shapes.
+    """
+    if mode not in MODES:
+        raise AtlasError(f"unknown aggregation '{mode}'; choose one of {', '.join(MODES)}")
+    check_same_keys(states)
+    w = normalise_weights(weights, len(states))
+    out: list[dict[str, Tensor]] = [{} for _ in states]
+    for module in lora_modules(states[0]):
+        a_key, b_key = f"{LORA_PREFIX}{module}::A", f"{LORA_PREFIX}{module}::B"
+        if mode == "svd":
+            factors = [(s[a_key], s[b_key], alpha / s[a_key].shape[0]) for s in states]
+            new = svd_aggregate(factors, w)
+        else:
+            new = zero_pad_fedavg([(s[a_key], s[b_key]) for s in states], w)
+        for k, (A, B) in enumerate(new):
+            out[k][a_key], out[k][b_key] = A, B
+    for group in head_groups(states):
+        group_w = [w[k] for k in group]
+        for key in states[group[0]]:
+            if key.startswith(HEAD_PREFIX):
+                if sum(group_w) > 0:
+                    mean = weighted_mean([states[k][key] for k in group], group_w)
+                    new_heads = [mean.clone() for _ in group]
+                else:  # nobody in this head group carries weight: each keeps its own head
+                    new_heads = [states[k][key].clone() for k in group]
+                for k, head in zip(group, new_heads):
+                    out[k][key] = head
+    return [{key: new[key] for key in state} for state, new in zip(states, out)]

@@ -1,0 +1,103 @@
+"""The CLI and the seed's scripts: valid runs, and every invalid-argument path exits non-zero with one line."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from atlasfl.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+SMALL = ["--tasks", "gen_sentiment", "--tasks", "gen_pair", "--clients-per-task", "2", "--rounds", "1",
+         "--max-samples", "16", "--max-test-samples", "8", "--batch-size", "8"]
+
+
+def _one_line_error(capsys, code, *needles):
+    err = capsys.readouterr().err.strip()
+    assert code != 0
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+def test_run_writes_result_named_like_the_seed(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = main(["run", "tiny-gpt2", "7", "standard_fl", *SMALL])
+    assert code == 0
+    path = tmp_path / "results" / "atlas_tiny-gpt2_standard_fl_seed7_r1.json"
+    assert json.loads(path.read_text())["status"] == "complete"
+    assert (tmp_path / "logs" / "atlas_tiny-gpt2_standard_fl_seed7_r1.log").exists()
+    assert str(path.relative_to(tmp_path)) in capsys.readouterr().out.replace("\n", "")
+
+
+def test_existing_result_is_not_overwritten(tmp_path, capsys):
+    args = ["run", "tiny-bert", "3", "local_only", *SMALL, "--output-dir", str(tmp_path)]
+    assert main(args) == 0
+    path = tmp_path / "atlas_tiny-bert_local_only_seed3_r1.json"
+    before = path.read_bytes()
+    capsys.readouterr()
+    _one_line_error(capsys, main(args), "--overwrite")
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["run", "no-such-model", "1", "atlas"], ["unknown model", "minilm"]),
+    (["run", "tiny-bert", "1", "fedprox"], ["unknown method", "local_only"]),
+    (["run", "tiny-bert", "abc", "atlas"], ["seed", "integer"]),
+    (["run", "tiny-bert", "-5", "atlas"], ["seed"]),
+    (["run", "tiny-bert", "1", "atlas", "--rounds", "0"], ["--rounds"]),
+    (["run", "tiny-bert", "1", "atlas", "--batch-size", "-1"], ["--batch-size"]),
+    (["run", "tiny-bert", "1", "atlas", "--lr", "0"], ["--lr"]),
+    (["run", "tiny-bert", "1", "atlas", "--tasks", "mnli"], ["unknown task", "sst2"]),
+    (["run", "tiny-bert", "1", "atlas", "--mode", "fast"], ["--mode"]),
+    (["run", "tiny-bert", "1", "atlas", "--init", "zeros"], ["--init"]),
+    (["run", "tiny-bert", "1", "atlas", "--data-dir", "/no/such/dir"], ["--data-dir"]),
+    (["run", "tiny-bert", "1", "atlas", "--clients-per-task", "500", "--tasks", "gen_pair", "--max-samples", "2"],
+     ["too few"]),
+    (["run", "tiny-bert"], ["Missing argument"]),
+])
+def test_bad_input_is_one_line_and_nonzero(args, needles, capsys, tmp_path):
+    _one_line_error(capsys, main([*args, "--output-dir", str(tmp_path)] if len(args) > 2 else args), *needles)
+    assert not list(tmp_path.glob("*.json"))
+
+
+def test_presets_lists_the_seed_table(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    for model in ("distilbert", "gpt2", "gpt2-xl", "qwen2.5"):
+        assert model in out
+    assert "4,8,16,32,48" in out and "2e-05" in out
+
+
+def _script(*args, cwd):
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    return subprocess.run([*args], cwd=cwd, capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.mark.skipif(not (ROOT / ".venv" / "bin" / "atlas").exists(), reason="scripts call .venv/bin/atlas")
+def test_seed_scripts_are_thin_wrappers(tmp_path):
+    out = _script(str(ROOT / "gpu2_seed456.sh"), "tiny-bert", "fedavg_cluster", *SMALL, "--output-dir", str(tmp_path),
+                  cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "atlas_tiny-bert_fedavg_cluster_seed456_r1.json").exists()
+    bad = _script(str(ROOT / "run_experiment.sh"), "tiny-bert", cwd=tmp_path)
+    assert bad.returncode != 0 and "usage" in bad.stderr
+    bad = _script(str(ROOT / "run_experiment.sh"), "tiny-bert", "1", "nope", cwd=tmp_path)
+    assert bad.returncode != 0 and "unknown method" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_atlas_integrated_accepts_the_seed_flags(tmp_path):
+    script = ROOT / "experiments" / "atlas_integrated.py"
+    ok = _script(sys.executable, str(script), "--mode", "quick", "--model", "tiny-qwen2", "--ablation", "local_only",
+                 "--seed", "5", "--rounds", "1", "--batch-size", "8", "--lr", "0.001", "--fingerprint-samples", "4",
+                 "--tasks", "gen_sentiment", "--output-dir", str(tmp_path), cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr
+    assert (tmp_path / "atlas_tiny-qwen2_local_only_seed5_r1.json").exists()
+    bad = _script(sys.executable, str(script), "--ablation", "fedprox", cwd=tmp_path)
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr and "local_only" in bad.stderr

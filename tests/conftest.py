@@ -1,0 +1,28 @@
+"""Shared helpers: tiny end-to-end runs on random-initialised models and generated tasks."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+from atlasfl.config import build_config
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
+
+TINY_MODELS = ("tiny-bert", "tiny-gpt2", "tiny-qwen2")
+# Two binary tasks: every client's head has the same shape, so standard_fl can share all of its state.
+BINARY_TASKS = ("gen_sentiment", "gen_pair")
+
+
+def tiny_config(tmp_path, model="tiny-bert", method="fedavg_cluster", seed=0, **overrides):
+    values = dict(tasks=BINARY_TASKS, clients_per_task=2, rounds=2, max_samples=24, max_test_samples=16,
+                  batch_size=8, fingerprint_samples=8, output_dir=str(tmp_path / "results"),
+                  log_dir=str(tmp_path / "logs"))
+    values.update(overrides)
+    return build_config(model, seed, method, **values)
+
+
+@pytest.fixture
+def make_config(tmp_path):
+    return lambda **kw: tiny_config(tmp_path, **kw)
