@@ -4,11 +4,14 @@ from __future__ import annotations
 import warnings
 
 import pytest
+import torch
 
 from atlasfl.config import build_config
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
+# One thread per test worker: with xdist's 2 workers on 2 cores, more threads only contend.
+torch.set_num_threads(1)
 
 TINY_MODELS = ("tiny-bert", "tiny-gpt2", "tiny-qwen2")
 # Two binary tasks: every client's head has the same shape, so standard_fl can share all of its state.

@@ -95,6 +95,10 @@ def presets():
     Console().print(table)
 
 
+from atlasfl.report.commands import register as _register_report  # noqa: E402
+_register_report(app)
+
+
 def print_summary(result: dict, path) -> None:
     table = Table(title=f"{result['run_name']}: final test metrics (mean of each task's clients)")
     for col in ("task", "metric", "score", "accuracy", "clients"):

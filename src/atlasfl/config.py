@@ -10,6 +10,7 @@ from atlasfl.errors import AtlasError
 from atlasfl.presets import preset_for
 
 METHODS = ("atlas", "atlas_no_laplacian", "fedavg_cluster", "standard_fl", "local_only")
+DEFAULT_ETA = 0.1
 LAMBDA_GRID = (0.0, 0.01, 0.05, 0.1, 0.2, 0.5, 1.0)
 
 # `--mode quick`: a smoke configuration that exercises every phase in seconds to minutes.
@@ -41,7 +42,7 @@ class RunConfig(BaseModel):
     lora_alpha: float = Field(default=16.0, gt=0)
     lora_dropout: float = Field(default=0.05, ge=0, lt=1)
     aggregation: Literal["svd", "fedavg"] | None = None  # None: the method's default
-    eta: float = Field(default=0.1, ge=0)
+    eta: float = Field(default=DEFAULT_ETA, ge=0, le=1)
     lambda_sweep: bool = False
     lambda_grid: tuple[float, ...] = LAMBDA_GRID
     clusters: Literal["fingerprint", "oracle"] = "fingerprint"
@@ -74,7 +75,11 @@ class RunConfig(BaseModel):
 
     @property
     def run_name(self) -> str:
-        return f"atlas_{self.model_label}_{self.method}_seed{self.seed}_r{self.rounds}"
+        """The seed's name; a non-default eta (without a sweep) is added so runs on an eta grid do not collide."""
+        name = f"atlas_{self.model_label}_{self.method}_seed{self.seed}_r{self.rounds}"
+        if self.method == "atlas" and not self.lambda_sweep and self.eta != DEFAULT_ETA:
+            name += f"_eta{self.eta:g}"
+        return name
 
     @property
     def result_path(self) -> Path:

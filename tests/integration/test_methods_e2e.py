@@ -83,7 +83,9 @@ def test_result_reports_glue_metrics_and_communication(make_config):
     scores = [t["score"] for t in per_task.values()]
     assert result["final_metrics"]["task_mean"] == pytest.approx(sum(scores) / len(scores))
     comm = result["communication_costs"]
-    assert comm["total_bytes_up"] == sum(r["bytes_up_total"] for r in result["round_metrics"])
+    assert comm["total_bytes_up"] == sum(r["bytes_up_total"] for r in result["round_metrics"]) + \
+        comm["fingerprint_bytes_up"]
+    assert comm["fingerprint_bytes_up"] == 4 * (64 + 1) * len(result["clients"])  # sketch + noise, float32
     # Bytes are exactly the float32 adapters and heads a client holds, never the frozen backbone.
     per_round = result["round_metrics"][0]["clients"][0]["bytes_up"]
     ranks = result["ranks"]["0"]

@@ -91,3 +91,16 @@ def test_rejects_bad_input():
         cluster_fingerprints(np.array([[np.nan, 1.0], [0.0, 1.0]]), seed=0)
     with pytest.raises(ValueError):
         cluster_fingerprints(np.zeros((0, 4)), seed=0)
+
+
+def test_spread_within_sampling_noise_is_one_cluster_and_beyond_it_is_not():
+    rng = np.random.default_rng(0)
+    noise_var = 0.01  # per-client sampling variance (trace) of each fingerprint
+    same = rng.normal(size=16) + rng.normal(scale=np.sqrt(noise_var / 16), size=(9, 16))
+    one = cluster_fingerprints(same, seed=0, noise=noise_var)
+    assert one.k == 1 and one.method == "single:noise" and one.spread_to_noise < 3
+    centres = rng.normal(size=(3, 16))
+    apart = np.repeat(centres, 3, axis=0) + rng.normal(scale=np.sqrt(noise_var / 16), size=(9, 16))
+    three = cluster_fingerprints(apart, seed=0, noise=noise_var)
+    assert three.k == 3 and three.spread_to_noise > 3
+    assert adjusted_rand(three.labels, [0, 0, 0, 1, 1, 1, 2, 2, 2]) == 1.0

@@ -9,7 +9,8 @@ import torch
 from torch.nn.functional import cross_entropy
 
 from atlasfl.data.batching import batches
-from atlasfl.models.lora import FederatedLoRAModel
+from atlasfl.models.lora import FederatedLoRAModel, layer_index
+from atlasfl.phases.sketch import count_sketch
 
 
 def client_seed(seed: int, round_idx: int, cid: int) -> int:
@@ -55,3 +56,54 @@ def predict(fm: FederatedLoRAModel, cid: int, encoded: list[dict], *, batch_size
         preds.append(logits.argmax(dim=-1).cpu().numpy())
     y_true, y_pred = np.concatenate(labels), np.concatenate(preds)
     return y_true, y_pred, loss_sum / max(len(y_true), 1)
+
+
+def fingerprint(fm: FederatedLoRAModel, encoded: list[dict], *, num_labels: int, samples: int, batch_size: int,
+                layers: int, dim: int, seed: int) -> dict:
+    """Phase 1 on the client: one pass of `samples` examples through the frozen base (eval mode, no adapters).
+
+    Returns the representation fingerprint (mean over examples of the mean-pooled last hidden state),
+    the gradient fingerprint (mean loss gradient w.r.t. the adapted attention projections of the
+    last `layers` blocks, under a head initialised from the run seed shared by all clients), both
+    count-sketched to `dim` numbers with the shared seed, the sampling variance of the representation
+    mean (one number), and each adapted module's gradient norm as its importance. Only these numbers
+    leave the client.
+    """
+    examples = encoded[:samples]
+    head = fm.new_head(num_labels)
+    weights = {m: fm.base_weight(m) for m in fm.modules}
+    for w in weights.values():
+        w.requires_grad_(True)
+    model = fm.peft if fm.peft is not None else fm.backbone.model
+    was_training = model.training
+    model.eval()
+    pooled_sum = torch.zeros(fm.hidden_size, dtype=torch.float64)
+    pooled_sq = 0.0
+    try:
+        for batch in batches(examples, batch_size, shuffle=False, seed=None, pad_token_id=fm.backbone.tokenizer.pad_token_id):
+            hidden = fm.hidden_states(batch, adapters=False)
+            mask = batch["attention_mask"].to(hidden.device).unsqueeze(-1).to(hidden.dtype)
+            mean_pooled = ((hidden * mask).sum(1) / mask.sum(1)).detach().double().cpu()
+            pooled_sum += mean_pooled.sum(0)
+            pooled_sq += float((mean_pooled ** 2).sum())
+            logits = head(fm.pool(hidden, batch["attention_mask"]))
+            loss = cross_entropy(logits, batch["labels"].to(logits.device), reduction="sum") / len(examples)
+            loss.backward()
+        grads = {m: w.grad.detach().double().cpu() for m, w in weights.items()}
+    finally:
+        for w in weights.values():
+            w.requires_grad_(False)
+            w.grad = None
+        model.train(was_training)
+    last_blocks = sorted({layer_index(m) for m in fm.modules})[-layers:]
+    grad_vec = torch.cat([grads[m].flatten() for m in fm.modules if layer_index(m) in last_blocks])
+    n = len(examples)
+    mean = pooled_sum / n
+    # Sampling variance (trace) of the mean: what separates "same data" from "different data" at the server.
+    noise = max(pooled_sq - n * float(mean @ mean), 0.0) / max(n - 1, 1) / n
+    return {
+        "representation": count_sketch(mean, dim, seed).numpy(),
+        "representation_noise": noise,
+        "gradient": count_sketch(grad_vec, dim, seed).numpy(),
+        "importance": {m: float(g.norm()) for m, g in grads.items()},
+    }

@@ -1,20 +1,26 @@
 """Server logic of one federation, independent of transport.
 
-The in-process loop and the Flower ServerApp both hand it the clients' uploaded states and send
-back what it returns; it never touches a model, a socket or a file.
+The in-process loop and the Flower ServerApp both hand it what the clients uploaded (fingerprints
+before round 1, trainable states after each round) and send back what it returns; it never
+touches a model, a socket or a file.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from atlasfl.federation.methods import MethodSpec
+from atlasfl.config import RunConfig
+from atlasfl.federation.methods import METHOD_SPECS
 from atlasfl.phases.aggregation import aggregate_states
+from atlasfl.phases.clustering import adjusted_rand, centred_unit_rows, cluster_fingerprints
+from atlasfl.phases.devices import PROFILES, ModelFacts, draw_devices, estimate_training_memory
 from atlasfl.phases.laplacian import affinity, personalise_states
+from atlasfl.phases.ranks import adapter_params, allocate_ranks, rank_budget_for_memory
 
 State = dict[str, torch.Tensor]
+FINGERPRINT_KINDS = ("representation", "gradient")
 
 
 @dataclass(frozen=True)
@@ -22,23 +28,117 @@ class ClientInfo:
     cid: int
     task: str
     num_train: int
+    num_labels: int
+
+
+@dataclass
+class Plan:
+    """Who aggregates with whom and at which ranks: the outcome of phases 1 and 2."""
+
+    cluster_labels: list[int]
+    cluster_source: str
+    ranks: dict[int, dict[str, int]]
+    devices: list[str]
+    phase1: dict
+    phase2: dict
+    fingerprint_bytes: dict[int, int] = field(default_factory=dict)
 
 
 class Server:
-    def __init__(self, method: MethodSpec, clients: list[ClientInfo], *, alpha: float, aggregation: str,
-                 eta: float = 0.0):
-        self.method = method
+    def __init__(self, cfg: RunConfig, clients: list[ClientInfo], *, modules: list[str],
+                 shapes: dict[str, tuple[int, int]], facts: ModelFacts):
+        self.cfg = cfg
+        self.method = METHOD_SPECS[cfg.method]
         self.clients = {c.cid: c for c in clients}
-        self.alpha = alpha
-        self.aggregation = aggregation
-        self.eta = eta
+        self.modules = modules
+        self.shapes = shapes
+        self.facts = facts
+        self.aggregation = cfg.aggregation or self.method.default_aggregation
+        self.eta = cfg.eta
         self.cluster_labels: list[int] = [0] * len(clients)
-        self.fingerprints: np.ndarray | None = None
+        self.affinity_space: np.ndarray | None = None
 
-    def set_clusters(self, labels: list[int], fingerprints: np.ndarray | None = None) -> None:
+    # ---- phases 1 and 2: before round 1 ---------------------------------------------------------
+    def plan(self, uploads: dict[int, dict]) -> Plan:
+        """Cluster the clients' fingerprints, draw devices, allocate per-module ranks."""
+        cids = sorted(self.clients)
+        tasks = list(dict.fromkeys(self.clients[c].task for c in cids))
+        truth = [tasks.index(self.clients[c].task) for c in cids]
+        by_kind = {}
+        for kind in FINGERPRINT_KINDS:
+            F = np.stack([np.asarray(uploads[c][kind], dtype=np.float64) for c in cids])
+            noise = float(np.mean([uploads[c]["representation_noise"] for c in cids])) \
+                if kind == "representation" else None
+            result = cluster_fingerprints(F, seed=self.cfg.seed, noise=noise)
+            by_kind[kind] = (F, result, adjusted_rand(result.labels, truth))
+        F, chosen, ari = by_kind[self.cfg.fingerprint]
+        self.affinity_space = centred_unit_rows(F)
+        labels = chosen.labels if self.cfg.clusters == "fingerprint" else truth
         self.cluster_labels = list(labels)
-        self.fingerprints = fingerprints
+        phase1 = dict(
+            fingerprint=self.cfg.fingerprint, k=chosen.k, labels=chosen.labels, silhouette=chosen.silhouette,
+            ari=ari, method=chosen.method, silhouette_by_k={str(k): v for k, v in chosen.silhouette_by_k.items()},
+            dispersion=chosen.dispersion, spread_to_noise=chosen.spread_to_noise, similarity=chosen.similarity, fingerprints=F.tolist(),
+            true_tasks=[self.clients[c].task for c in cids],
+            ari_by_fingerprint={k: v[2] for k, v in by_kind.items()},
+            k_by_fingerprint={k: v[1].k for k, v in by_kind.items()},
+        )
+        devices = draw_devices(len(cids), self.cfg.seed, self.cfg.devices)
+        importance = self._cluster_importance(uploads, labels)
+        ranks, clients2 = {}, {}
+        for cid, device in zip(cids, devices):
+            ranks[cid], clients2[str(cid)] = self._allocate(cid, device, importance[labels[cid]])
+        phase2 = dict(
+            heterogeneous=self.method.heterogeneous_ranks, rank_candidates=list(self.cfg.rank_candidates),
+            memory_model="ESTIMATE from the model config (DESIGN §3.2), not a measurement", clients=clients2,
+        )
+        return Plan(cluster_labels=list(labels), cluster_source="fingerprint" if self.cfg.clusters == "fingerprint"
+                    else "oracle", ranks=ranks, devices=devices, phase1=phase1, phase2=phase2,
+                    fingerprint_bytes={c: self._fingerprint_bytes() for c in cids})
 
+    def _fingerprint_bytes(self) -> int:
+        """Fingerprint traffic counts only where the method uses it (clusters or importance-driven ranks)."""
+        m = self.method
+        if not m.communicates or not (m.group == "cluster" or m.heterogeneous_ranks):
+            return 0
+        floats = self.cfg.fingerprint_dim + 1 + (len(self.modules) if m.heterogeneous_ranks else 0)
+        return floats * 4
+
+    def _cluster_importance(self, uploads, labels) -> dict[int, dict[str, float]]:
+        """Mean over each cluster of its clients' layer importances, each client's normalised to sum 1."""
+        out = {}
+        for label in set(labels):
+            members = [c for c in sorted(self.clients) if labels[c] == label]
+            rows = []
+            for c in members:
+                imp = np.array([uploads[c]["importance"][m] for m in self.modules])
+                rows.append(imp / imp.sum() if imp.sum() > 0 else np.full(len(imp), 1 / len(imp)))
+            out[label] = dict(zip(self.modules, np.mean(rows, axis=0).tolist()))
+        return out
+
+    def _allocate(self, cid: int, device: str, importance: dict[str, float]) -> tuple[dict[str, int], dict]:
+        profile = PROFILES[device]
+        cands = self.cfg.rank_candidates
+        head = self.facts.hidden_size * self.clients[cid].num_labels + self.clients[cid].num_labels
+        base = estimate_training_memory(self.facts, batch_size=self.cfg.batch_size, seq_len=self.cfg.max_length,
+                                        lora_params=0, head_params=head)
+        feasible = base["frozen_weights"] + base["activations"] <= profile.memory_bytes
+        if self.method.heterogeneous_ranks:
+            cap = max([c for c in cands if c <= profile.rank_cap], default=cands[0])
+            budget = min(cap * len(self.modules),
+                         rank_budget_for_memory(profile.memory_bytes - base["total_estimate"], self.shapes))
+            ranks = allocate_ranks(self.modules, importance, cap=max(cands), candidates=cands, total_budget=budget)
+        else:
+            cap = budget = None
+            ranks = {m: self.cfg.homogeneous_rank for m in self.modules}
+        estimate = estimate_training_memory(self.facts, batch_size=self.cfg.batch_size, seq_len=self.cfg.max_length,
+                                            lora_params=adapter_params(ranks, self.shapes), head_params=head)
+        info = dict(device=device, feasible=feasible, rank_cap=cap, rank_budget=budget, ranks=ranks,
+                    total_rank=sum(ranks.values()), memory_budget_bytes=profile.memory_bytes,
+                    memory_estimate_bytes=estimate)
+        return ranks, info
+
+    # ---- phases 3 and 4: after each round -------------------------------------------------------
     def groups(self) -> list[list[int]]:
         """Client ids aggregated together, by the method's grouping."""
         cids = sorted(self.clients)
@@ -56,12 +156,11 @@ class Server:
         out: dict[int, State] = {}
         for group in self.groups():
             states = [uploads[c] for c in group]
-            weights = [self.clients[c].num_train for c in group]
             if self.method.personalise:
-                a = affinity(self.fingerprints[group]) if self.fingerprints is not None else np.full(
-                    (len(group), len(group)), 1.0 / len(group))
-                new = personalise_states(states, a, self.eta, alpha=self.alpha)
+                new = personalise_states(states, affinity(self.affinity_space[group]), self.eta,
+                                         alpha=self.cfg.lora_alpha)
             else:
-                new = aggregate_states(states, weights, alpha=self.alpha, mode=self.aggregation)
+                new = aggregate_states(states, [self.clients[c].num_train for c in group], alpha=self.cfg.lora_alpha,
+                                       mode=self.aggregation)
             out.update(zip(group, new))
         return out

@@ -7,7 +7,6 @@ import platform
 import resource
 import sys
 import time
-from dataclasses import dataclass, field
 from importlib import metadata
 
 import numpy as np
@@ -17,9 +16,9 @@ from atlasfl.config import RunConfig
 from atlasfl.data.batching import encode
 from atlasfl.data.partition import ClientShard, make_shards
 from atlasfl.data.tasks import TaskData, expand_tasks, load_task
-from atlasfl.federation.client import client_seed, predict, train_local
+from atlasfl.federation.client import client_seed, fingerprint, predict, train_local
 from atlasfl.federation.methods import METHOD_SPECS, MethodSpec
-from atlasfl.federation.server import ClientInfo, Server
+from atlasfl.federation.server import ClientInfo, Plan, Server
 from atlasfl.metrics import classification_metrics, task_score
 from atlasfl.models.lora import FederatedLoRAModel, state_digest
 from atlasfl.models.registry import check_model_name, load_backbone
@@ -30,35 +29,10 @@ log = logging.getLogger("atlasfl")
 WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-@dataclass
-class Plan:
-    """Who aggregates with whom and at which ranks: the outcome of phases 1 and 2."""
-
-    cluster_labels: list[int]
-    cluster_source: str
-    ranks: dict[int, dict[str, int]]
-    fingerprints: np.ndarray | None = None
-    phase1: dict | None = None
-    phase2: dict = field(default_factory=dict)
-    fingerprint_bytes: dict[int, int] = field(default_factory=dict)
-
-
 def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
-
-
-def oracle_plan(cfg: RunConfig, fm: FederatedLoRAModel, shards: list[ClientShard]) -> Plan:
-    """True-task clusters and the preset's median rank on every module."""
-    task_ids = {t: i for i, t in enumerate(dict.fromkeys(s.task for s in shards))}
-    rank = cfg.homogeneous_rank
-    ranks = {s.client_id: {m: rank for m in fm.modules} for s in shards}
-    return Plan(
-        cluster_labels=[task_ids[s.task] for s in shards], cluster_source="oracle", ranks=ranks,
-        phase2={"homogeneous_rank": rank,
-                "clients": {str(c): {"ranks": r} for c, r in ranks.items()}},
-    )
 
 
 def wire(state: dict[str, torch.Tensor], dtype: str) -> tuple[dict[str, torch.Tensor], int]:
@@ -87,26 +61,64 @@ def run_experiment(cfg: RunConfig, *, progress: bool = True) -> dict:
     backbone = load_backbone(cfg.model, init=cfg.init, seed=cfg.seed, device=device)
     tok = backbone.tokenizer
     train_enc = {s.client_id: encode(tok, s.train, cfg.max_length) for s in shards}
+    val_enc = {s.client_id: encode(tok, s.val, cfg.max_length) for s in shards}
     test_enc = {n: encode(tok, t.test, cfg.max_length) for n, t in tasks.items()}
 
     fm = FederatedLoRAModel(backbone, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, seed=cfg.seed)
-    plan = oracle_plan(cfg, fm, shards)
+    server = Server(cfg, [ClientInfo(s.client_id, s.task, len(s.train), tasks[s.task].num_labels) for s in shards],
+                    modules=fm.modules, shapes=fm.module_shapes(), facts=fm.facts())
+    t_phase = time.perf_counter()
+    uploads = {s.client_id: fingerprint(fm, train_enc[s.client_id], num_labels=tasks[s.task].num_labels,
+                                        samples=cfg.fingerprint_samples, batch_size=cfg.batch_size,
+                                        layers=cfg.fingerprint_layers, dim=cfg.fingerprint_dim, seed=cfg.seed)
+               for s in shards}
+    fingerprint_s = time.perf_counter() - t_phase
+    plan = server.plan(uploads)
+    _warn_infeasible(cfg, plan)
     for s in shards:
         fm.add_client(s.client_id, plan.ranks[s.client_id], tasks[s.task].num_labels)
-    server = Server(method, [ClientInfo(s.client_id, s.task, len(s.train)) for s in shards],
-                    alpha=cfg.lora_alpha, aggregation=cfg.aggregation or method.default_aggregation, eta=cfg.eta)
-    server.set_clusters(plan.cluster_labels, plan.fingerprints)
+    initial = {s.client_id: fm.get_state(s.client_id) for s in shards}
     setup_s = time.perf_counter() - t_start
-    log.info("%s: %d clients on %s, model %s (%s) on %s, groups %s", cfg.run_name, len(shards), ", ".join(tasks),
-             cfg.model, backbone.source, device, server.groups())
+    log.info("%s: %d clients on %s, model %s (%s) on %s, clusters %s (%s), groups %s", cfg.run_name, len(shards),
+             ", ".join(tasks), cfg.model, backbone.source, device, plan.cluster_labels, plan.cluster_source,
+             server.groups())
 
-    rounds = []
-    for r in _progress_range(cfg.rounds, "rounds", progress):
-        rounds.append(_run_round(cfg, r, method, fm, server, shards, tasks, train_enc, test_enc))
-        log.info("round %d: mean task score %.4f, %.1fs", r, rounds[-1]["mean_task_score"], rounds[-1]["time_s"])
+    etas = cfg.lambda_grid if (cfg.lambda_sweep and method.personalise) else (cfg.eta,)
+    runs = []
+    for eta in etas:
+        server.eta = eta
+        for cid, state in initial.items():
+            fm.set_state(cid, state)
+        rounds = []
+        for r in _progress_range(cfg.rounds, f"rounds (eta={eta:g})" if len(etas) > 1 else "rounds", progress):
+            rounds.append(_run_round(cfg, r, method, fm, server, shards, tasks, train_enc, test_enc))
+            if method.personalise:
+                rounds[-1]["lambda_eta"] = eta
+            log.info("eta %g round %d: mean task score %.4f, %.1fs", eta, r, rounds[-1]["mean_task_score"],
+                     rounds[-1]["time_s"])
+        val = {s.client_id: evaluate_client(fm, s.client_id, val_enc[s.client_id], tasks[s.task], cfg.batch_size * 2)
+               for s in shards}
+        runs.append(dict(eta=eta, rounds=rounds, val=val, val_score=float(np.mean([v["score"] for v in val.values()]))))
+    chosen = max(runs, key=lambda run: run["val_score"])  # first maximum: the smaller eta on ties
+    sweep = None
+    if len(runs) > 1:
+        sweep = dict(grid=list(etas), val_scores=[run["val_score"] for run in runs],
+                     test_scores=[run["rounds"][-1]["mean_task_score"] for run in runs], selected_eta=chosen["eta"],
+                     selection="mean local-validation score of the clients' task metric")
+    phases_s = dict(fingerprint=fingerprint_s)
+    return _result(cfg, backbone, shards, tasks, plan, fm, chosen, sweep, setup_s, phases_s,
+                   time.perf_counter() - t_start, device)
 
-    return _result(cfg, method, backbone, shards, tasks, plan, fm, rounds, setup_s, time.perf_counter() - t_start,
-                   device)
+
+def _warn_infeasible(cfg: RunConfig, plan: Plan) -> None:
+    for cid, info in plan.phase2["clients"].items():
+        if not info["feasible"]:
+            need = info["memory_estimate_bytes"]["total_estimate"] / 2**30
+            msg = (f"warning: client {cid} ({info['device']}, {info['memory_budget_bytes'] / 2**30:.0f} GiB) cannot "
+                   f"train {cfg.model} by the memory estimate ({need:.1f} GiB); it is trained in this simulation "
+                   "and flagged infeasible in the result JSON")
+            log.warning(msg)
+            print(msg, file=sys.stderr)
 
 
 def _run_round(cfg, r, method: MethodSpec, fm, server: Server, shards, tasks, train_enc, test_enc) -> dict:
@@ -153,14 +165,18 @@ def _final_metrics(rounds: list[dict], tasks: dict[str, TaskData], per_client: d
                 task_mean=float(np.mean([t["score"] for t in per_task.values()])))
 
 
-def _result(cfg, method, backbone, shards, tasks, plan: Plan, fm, rounds, setup_s, total_s, device) -> dict:
+def _result(cfg, backbone, shards, tasks, plan: Plan, fm, run: dict, sweep, setup_s, phases_s, total_s,
+            device) -> dict:
+    rounds = run["rounds"]
     last = {c["client_id"]: c for c in rounds[-1]["clients"]}
     per_client = {}
     for s in shards:
         c = last[s.client_id]
         per_client[str(s.client_id)] = dict(task=s.task, accuracy=c["test_accuracy"], macro_f1=c["test_macro_f1"],
                                             f1=c["test_f1"], mcc=c["test_mcc"], score=c["test_metric"],
-                                            metric_name=c["metric_name"], loss=c["test_loss"])
+                                            metric_name=c["metric_name"], loss=c["test_loss"],
+                                            val_score=run["val"][s.client_id]["score"],
+                                            device=plan.devices[s.client_id])
     up = {str(s.client_id): sum(r["clients"][i]["bytes_up"] for r in rounds) + plan.fingerprint_bytes.get(s.client_id, 0)
           for i, s in enumerate(shards)}
     down = {str(s.client_id): sum(r["clients"][i]["bytes_down"] for r in rounds) for i, s in enumerate(shards)}
@@ -172,22 +188,27 @@ def _result(cfg, method, backbone, shards, tasks, plan: Plan, fm, rounds, setup_
         final_accuracies={str(c): m["test_accuracy"] for c, m in last.items()},
         final_metrics=_final_metrics(rounds, tasks, per_client),
         cluster_labels=plan.cluster_labels, cluster_source=plan.cluster_source, phase1_clustering=plan.phase1,
-        phase2_rank_allocation=plan.phase2, ranks={str(c): r for c, r in fm.ranks.items()},
+        phase2_rank_allocation=plan.phase2, ranks={str(c): r for c, r in fm.ranks.items()}, lambda_sweep=sweep,
         communication_costs=dict(wire_dtype=cfg.wire_dtype, total_bytes_up=sum(up.values()),
                                  total_bytes_down=sum(down.values()),
                                  fingerprint_bytes_up=sum(plan.fingerprint_bytes.values()),
                                  per_client_bytes_up=up, per_client_bytes_down=down),
-        time_metrics=dict(total_s=total_s, setup_s=setup_s, per_round_s=[r["time_s"] for r in rounds]),
-        memory=_memory(device),
+        time_metrics=dict(total_s=total_s, setup_s=setup_s, per_round_s=[r["time_s"] for r in rounds], phases_s=phases_s),
+        memory=_memory(device, plan),
         environment=_environment(device),
     )
 
 
-def _memory(device: str) -> dict:
+def _memory(device: str, plan: Plan) -> dict:
+    """Measured peak, with the memory model's largest per-client figure beside it, labelled an estimate."""
+    biggest = max((c["memory_estimate_bytes"] for c in plan.phase2["clients"].values()),
+                  key=lambda e: e["total_estimate"])
+    estimate = dict(kind="ESTIMATE (memory model of DESIGN §3.2), largest client", **biggest)
     if device.startswith("cuda"):
-        return dict(peak_measured_bytes=int(torch.cuda.max_memory_allocated()), measured_by="torch.cuda.max_memory_allocated")
+        return dict(peak_measured_bytes=int(torch.cuda.max_memory_allocated()),
+                    measured_by="torch.cuda.max_memory_allocated", estimate=estimate)
     return dict(peak_measured_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                measured_by="peak RSS of the process (ru_maxrss)")
+                measured_by="peak RSS of the process (ru_maxrss)", estimate=estimate)
 
 
 def _environment(device: str) -> dict:

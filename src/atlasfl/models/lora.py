@@ -19,6 +19,7 @@ from torch import nn
 
 from atlasfl.errors import AtlasError
 from atlasfl.models.registry import Backbone
+from atlasfl.phases.devices import ModelFacts
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,9 @@ FAMILIES: dict[str, Family] = {
     "llama": Family("decoder", ("self_attn.q_proj", "self_attn.v_proj")),
     "qwen2": Family("decoder", ("self_attn.q_proj", "self_attn.v_proj")),
 }
+
+# Which activation model of atlasfl.phases.devices describes each architecture.
+MEMORY_FAMILY = {"bert": "bert", "distilbert": "bert", "gpt2": "gpt2", "llama": "llama", "qwen2": "llama"}
 
 
 def family_of(model: nn.Module) -> Family:
@@ -114,13 +118,7 @@ class FederatedLoRAModel:
             self.peft = get_peft_model(self.backbone.model, config, adapter_name=_name(cid))
         else:
             self.peft.add_adapter(_name(cid), config)
-        head = nn.Linear(self.hidden_size, num_labels, bias=self.family.kind == "encoder")
-        gen = torch.Generator().manual_seed(self.seed)
-        with torch.no_grad():
-            head.weight.copy_(torch.randn(head.weight.shape, generator=gen) * 0.02)
-            if head.bias is not None:
-                head.bias.zero_()
-        self.heads[str(cid)] = head.to(self.device)
+        self.heads[str(cid)] = self.new_head(num_labels)
         self.ranks[cid] = dict(ranks)
 
     # ---- per-client state -------------------------------------------------------------------
@@ -164,21 +162,61 @@ class FederatedLoRAModel:
                 p.copy_(state[key].to(p.device, p.dtype))
 
     # ---- forward ----------------------------------------------------------------------------
-    def pooled(self, batch: dict[str, torch.Tensor], *, adapters: bool = True) -> torch.Tensor:
-        """Sequence representation: first token (encoders) or last non-pad token (decoders, right padding)."""
+    def hidden_states(self, batch: dict[str, torch.Tensor], *, adapters: bool = True) -> torch.Tensor:
+        """Last hidden states; with `adapters=False` (or before any client exists) the frozen base alone."""
         inputs = dict(input_ids=batch["input_ids"].to(self.device), attention_mask=batch["attention_mask"].to(self.device))
+        if self.peft is None:
+            return self.backbone.model(**inputs).last_hidden_state
         if adapters:
-            hidden = self.peft(**inputs).last_hidden_state
-        else:
-            with self.peft.disable_adapter():
-                hidden = self.peft(**inputs).last_hidden_state
+            return self.peft(**inputs).last_hidden_state
+        with self.peft.disable_adapter():
+            return self.peft(**inputs).last_hidden_state
+
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Sequence representation: first token (encoders) or last non-pad token (decoders, right padding)."""
         if self.family.kind == "encoder":
             return hidden[:, 0]
-        last = inputs["attention_mask"].sum(dim=1) - 1
+        last = attention_mask.to(hidden.device).sum(dim=1) - 1
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
+    def base_weight(self, module_name: str) -> nn.Parameter:
+        """The frozen weight of an adapted module, whether or not PEFT has wrapped it yet."""
+        module = self.backbone.model.get_submodule(module_name)
+        return getattr(module, "base_layer", module).weight
+
+    def module_shapes(self) -> dict[str, tuple[int, int]]:
+        """(d_out, d_in) of every adapted module (GPT-2's Conv1D stores its weight transposed)."""
+        shapes = {}
+        for m in self.modules:
+            module = self.backbone.model.get_submodule(m)
+            base = getattr(module, "base_layer", module)
+            d0, d1 = base.weight.shape
+            shapes[m] = (d1, d0) if type(base).__name__ == "Conv1D" else (d0, d1)
+        return shapes
+
+    def facts(self) -> ModelFacts:
+        """What the memory model needs, read from the real config (family-specific attribute names)."""
+        c = self.backbone.model.config
+        intermediate = getattr(c, "intermediate_size", None) or getattr(c, "hidden_dim", None) \
+            or getattr(c, "n_inner", None) or 4 * c.hidden_size
+        base_params = sum(p.numel() for n, p in self.backbone.model.named_parameters() if "lora_" not in n)
+        return ModelFacts(total_params=base_params, hidden_size=c.hidden_size, num_layers=c.num_hidden_layers,
+                          intermediate_size=intermediate, num_heads=c.num_attention_heads, vocab_size=c.vocab_size,
+                          family=MEMORY_FAMILY[c.model_type],
+                          dtype_bytes=next(self.backbone.model.parameters()).element_size())
+
+    def new_head(self, num_labels: int) -> nn.Linear:
+        """A linear head initialised from the run seed: every client (and the fingerprint pass) starts alike."""
+        head = nn.Linear(self.hidden_size, num_labels, bias=self.family.kind == "encoder")
+        gen = torch.Generator().manual_seed(self.seed)
+        with torch.no_grad():
+            head.weight.copy_(torch.randn(head.weight.shape, generator=gen) * 0.02)
+            if head.bias is not None:
+                head.bias.zero_()
+        return head.to(self.device)
+
     def logits(self, cid: int, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return self.heads[str(cid)](self.pooled(batch))
+        return self.heads[str(cid)](self.pool(self.hidden_states(batch), batch["attention_mask"]))
 
 
 def _name(cid: int) -> str:

@@ -16,6 +16,8 @@ from sklearn.metrics import adjusted_rand_score, silhouette_score
 # Both thresholds are parameters to be calibrated on real fingerprints; these are starting points.
 SILHOUETTE_THRESHOLD = 0.2  # below it no k ≥ 2 partition is convincing: one cluster
 DISPERSION_THRESHOLD = 0.05  # mean ‖f_k − f̄‖ / ‖f̄‖ below it: raw fingerprints nearly identical
+# Clients of one task spread about (K−1)/K × the sampling noise of a mean; different tasks far more.
+NOISE_RATIO = 3.0
 
 
 @dataclass
@@ -29,6 +31,7 @@ class ClusterResult:
     similarity: list[list[float]]  # cosine similarity of the centred fingerprints (K×K)
     silhouette_by_k: dict[int, float] = field(default_factory=dict)
     dispersion: float = 0.0
+    spread_to_noise: float | None = None  # between-client spread over sampling noise (None: not measured)
 
 
 def canonical_labels(labels: Sequence[int]) -> list[int]:
@@ -62,8 +65,15 @@ def cluster_fingerprints(
     n_init: int = 20,
     silhouette_threshold: float = SILHOUETTE_THRESHOLD,
     dispersion_threshold: float = DISPERSION_THRESHOLD,
+    noise: float | None = None,
+    noise_ratio: float = NOISE_RATIO,
 ) -> ClusterResult:
-    """Cluster K fingerprints (K×d); deterministic given `seed`. kmax defaults to min(8, K−1)."""
+    """Cluster K fingerprints (K×d); deterministic given `seed`. kmax defaults to min(8, K−1).
+
+    `noise`, when the clients measured it, is the mean sampling variance (trace) of one client's
+    fingerprint, i.e. how far two clients drawing from the same data would sit apart by chance.
+    If the clients spread no more than `noise_ratio` times that, they are one cluster (k=1).
+    """
     F = np.asarray(F, dtype=np.float64)
     if F.ndim != 2 or F.shape[0] == 0:
         raise ValueError(f"fingerprints must be a non-empty K×d array, got shape {F.shape}")
@@ -73,6 +83,8 @@ def cluster_fingerprints(
     X = centred_unit_rows(F)
     similarity = (X @ X.T).tolist()
     dispersion = relative_dispersion(F)
+    spread = float(((F - F.mean(axis=0)) ** 2).sum(axis=1).mean())
+    spread_to_noise = spread / noise if noise else None
     distinct = len(np.unique(X, axis=0))  # k-means cannot find more clusters than distinct points
     kmax = min(8 if kmax is None else kmax, num_clients - 1, distinct)
 
@@ -86,16 +98,20 @@ def cluster_fingerprints(
             partitions[k] = canonical_labels(labels)
 
     def single(reason: str) -> ClusterResult:
-        return ClusterResult(1, [0] * num_clients, None, f"single:{reason}", similarity, scores, dispersion)
+        return ClusterResult(1, [0] * num_clients, None, f"single:{reason}", similarity, scores, dispersion,
+                             spread_to_noise)
 
     if not scores:
         return single("few-clients")
+    if spread_to_noise is not None and spread_to_noise < noise_ratio:
+        return single("noise")
     if dispersion < dispersion_threshold:
         return single("dispersion")
     best_k = max(scores, key=lambda k: (scores[k], -k))  # ties go to the smaller k
     if scores[best_k] < silhouette_threshold:
         return single("silhouette")
-    return ClusterResult(best_k, partitions[best_k], scores[best_k], "kmeans", similarity, scores, dispersion)
+    return ClusterResult(best_k, partitions[best_k], scores[best_k], "kmeans", similarity, scores, dispersion,
+                         spread_to_noise)
 
 
 def adjusted_rand(labels: Sequence[int], truth: Sequence[int]) -> float:

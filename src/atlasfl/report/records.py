@@ -1,0 +1,50 @@
+"""One internal record per run, whatever wrote the file (this package or its predecessor), so tables
+and plots read a single shape."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class TaskScore:
+    metric: str  # 'accuracy', 'f1' or 'mcc': the task's GLUE metric
+    score: float
+    accuracy: float
+
+
+@dataclass
+class RunRecord:
+    """What a report needs from one run. Optional numbers are None when the file does not hold them."""
+
+    source: Path
+    model: str
+    method: str
+    seed: int
+    eta: str | None  # atlas only: config eta, or 'sweep' when the run chose it by --lambda-sweep
+    tasks: dict[str, TaskScore]
+    task_mean: float
+    client_scores: dict[int, float]  # final GLUE metric per client
+    client_tasks: dict[int, str]
+    rounds: list[int] = field(default_factory=list)
+    round_task_scores: list[dict[str, float]] = field(default_factory=list)  # aligned with rounds
+    round_client_scores: list[dict[int, float]] = field(default_factory=list)  # aligned with rounds
+    bytes_up: int | None = None
+    bytes_down: int | None = None
+    time_s: float | None = None
+    peak_memory_bytes: int | None = None
+    clustering: dict[str, Any] = field(default_factory=dict)  # phase1_clustering ('ari', 'k', 'similarity', 'labels')
+    lambda_sweep: dict[str, Any] | None = None
+    note: str | None = None
+
+    @property
+    def method_label(self) -> str:
+        return f"{self.method} (η={self.eta})" if self.eta is not None else self.method
+
+
+def eta_label(method: str, config: dict) -> str | None:
+    """Runs of `atlas` with different η are different methods for a table; other methods have no η."""
+    if method != "atlas" or ("eta" not in config and not config.get("lambda_sweep")):
+        return None
+    return "sweep" if config.get("lambda_sweep") else f"{config['eta']:g}"

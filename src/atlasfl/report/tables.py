@@ -1,0 +1,187 @@
+"""The report's tables as data (renderers in `render`): scores per task, costs, and paired comparisons
+of every method against a baseline, each over the seeds of one model × method (× η) group."""
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from atlasfl.config import METHODS
+from atlasfl.errors import AtlasError
+from atlasfl.report.records import RunRecord
+from atlasfl.report.stats import Stat, mean_std, paired_test
+
+MB = 1e6
+METRIC_SHORT = {"accuracy": "acc", "f1": "F1", "mcc": "MCC"}
+METHOD_ORDER = METHODS[::-1]  # baselines first, atlas last, as in DESIGN §2
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    fmt: str = "{}"  # applied to numbers, and to both parts of a Stat
+
+
+@dataclass
+class Table:
+    key: str  # file stem of its CSV
+    title: str
+    columns: list[Column]
+    rows: list[list[Any]]  # cells: str, int, float, Stat or None (shown as "—")
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Group:
+    """The runs of one model × method (× η), one per seed."""
+
+    model: str
+    method: str
+    eta: str | None
+    runs: list[RunRecord]
+
+    @property
+    def label(self) -> str:
+        return self.runs[0].method_label
+
+    @property
+    def by_seed(self) -> dict[int, RunRecord]:
+        return {r.seed: r for r in self.runs}
+
+
+def group_runs(records: list[RunRecord]) -> list[Group]:
+    """Groups in a stable order (model, then baselines before atlas); two files for one seed are an error."""
+    groups: dict[tuple, list[RunRecord]] = {}
+    for r in records:
+        groups.setdefault((r.model, r.method, r.eta), []).append(r)
+    for (model, method, _), runs in groups.items():
+        seen: dict[int, RunRecord] = {}
+        for r in runs:
+            if r.seed in seen:
+                raise AtlasError(f"two results for {model} {r.method_label} seed {r.seed}: {seen[r.seed].source} and "
+                                 f"{r.source}; pass only one of them")
+            seen[r.seed] = r
+
+    def order(key: tuple) -> tuple:
+        model, method, eta = key
+        rank = METHOD_ORDER.index(method) if method in METHOD_ORDER else len(METHOD_ORDER)
+        return model, rank, method, _as_number(eta)
+
+    return [Group(*key, sorted(groups[key], key=lambda r: r.seed)) for key in sorted(groups, key=order)]
+
+
+def _as_number(eta: str | None) -> float:
+    try:
+        return float(eta) if eta is not None else -1.0
+    except ValueError:  # 'sweep' after every fixed η
+        return math.inf
+
+
+def build_tables(records: list[RunRecord], baseline: str) -> list[Table]:
+    groups = group_runs(records)
+    return [scores_table(groups), costs_table(groups), paired_table(groups, baseline)]
+
+
+def _task_columns(groups: list[Group]) -> list[tuple[str, str]]:
+    """(task, metric) pairs: each task's GLUE metric, and accuracy beside F1 (GLUE reports MRPC as F1/acc)."""
+    metrics: dict[str, list[str]] = {}
+    for r in (r for g in groups for r in g.runs):
+        for task, s in r.tasks.items():
+            seen = metrics.setdefault(task, [])
+            if s.metric not in seen:
+                seen.append(s.metric)
+    columns = []
+    for task, seen in metrics.items():
+        if "f1" in seen and "accuracy" not in seen:
+            seen.append("accuracy")
+        columns += [(task, m) for m in sorted(seen, key=lambda m: m == "accuracy")]
+    return columns
+
+
+def _task_value(r: RunRecord, task: str, metric: str) -> float | None:
+    s = r.tasks.get(task)
+    if s is None:
+        return None
+    if metric == "accuracy":
+        return s.accuracy
+    return s.score if s.metric == metric else None
+
+
+def _stat(values) -> Stat | None:
+    return mean_std(v for v in values if v is not None)
+
+
+def scores_table(groups: list[Group]) -> Table:
+    task_cols = _task_columns(groups)
+    columns = [Column("model"), Column("method"), Column("n"),
+               *(Column(f"{t} ({METRIC_SHORT.get(m, m)})", "{:.4f}") for t, m in task_cols),
+               Column("task mean", "{:.4f}")]
+    rows = [[g.model, g.label, len(g.runs),
+             *(_stat(_task_value(r, t, m) for r in g.runs) for t, m in task_cols),
+             _stat(r.task_mean for r in g.runs)] for g in groups]
+    notes = ["Each task's GLUE metric (acc; F1 of the positive class; MCC) at the last round, mean of the task's "
+             "clients; cells are mean ± sample std over seeds, n = seeds; task mean = mean of the task scores."]
+    for note, count in Counter(r.note for g in groups for r in g.runs if r.note).items():
+        notes.append(f"{count} file(s) in the {note}.")
+    return Table("scores", "Test scores per task", columns, rows, notes)
+
+
+def _div(x: float | None, by: float) -> float | None:
+    return None if x is None else x / by
+
+
+def costs_table(groups: list[Group]) -> Table:
+    columns = [Column("model"), Column("method"), Column("n"), Column("up (MB)", "{:.3f}"),
+               Column("down (MB)", "{:.3f}"), Column("time (s)", "{:.1f}"), Column("peak mem (MB)", "{:.0f}"),
+               Column("ARI", "{:.2f}"), Column("k")]
+    rows = []
+    for g in groups:
+        ks = sorted({r.clustering["k"] for r in g.runs if "k" in r.clustering})
+        rows.append([g.model, g.label, len(g.runs),
+                     _stat(_div(r.bytes_up, MB) for r in g.runs), _stat(_div(r.bytes_down, MB) for r in g.runs),
+                     _stat(r.time_s for r in g.runs), _stat(_div(r.peak_memory_bytes, MB) for r in g.runs),
+                     _stat(r.clustering.get("ari") for r in g.runs), ", ".join(map(str, ks)) or None])
+    notes = ["Communication: total bytes sent over all clients and rounds (fingerprints included), MB = 10^6 bytes; "
+             "time: wall time of the run; peak mem: measured peak; ARI and k of the fingerprint clustering "
+             "(— where the method used none); mean ± sample std over seeds."]
+    return Table("costs", "Communication, time, memory and clustering", columns, rows, notes)
+
+
+def paired_table(groups: list[Group], baseline: str) -> Table:
+    """Each method against the baseline of the same model: over seeds (task mean) and over (seed, client)."""
+    columns = [Column("model"), Column("method"), Column("baseline"), Column("paired over"), Column("n"),
+               Column("mean diff", "{:+.4f}"), Column("t-test p", "{:.4f}"), Column("Wilcoxon p", "{:.4f}"),
+               Column("Cohen's d_z", "{:.2f}"), Column("note")]
+    rows, notes = [], []
+    for model in dict.fromkeys(g.model for g in groups):
+        base = [g for g in groups if g.model == model and g.method == baseline]
+        if not base:
+            notes.append(f"{model}: no {baseline} runs, so no paired comparisons (choose the baseline with --baseline).")
+            continue
+        if len(base) > 1:
+            raise AtlasError(f"{model}: the baseline {baseline} has runs with several η ({', '.join(g.label for g in base)}); "
+                             "report them separately or choose another --baseline")
+        b = base[0]
+        for g in (g for g in groups if g.model == model and g is not b):
+            seeds = sorted(g.by_seed.keys() & b.by_seed.keys())
+            ga, gb = g.by_seed, b.by_seed
+            rows.append(_compare(model, g.label, b.label, "seeds",
+                                 [ga[s].task_mean for s in seeds], [gb[s].task_mean for s in seeds]))
+            pairs = [(s, c) for s in seeds for c in sorted(ga[s].client_scores.keys() & gb[s].client_scores.keys())]
+            rows.append(_compare(model, g.label, b.label, "clients",
+                                 [ga[s].client_scores[c] for s, c in pairs], [gb[s].client_scores[c] for s, c in pairs]))
+    notes.append("Difference = method − baseline of the task-mean score (per seed) or of the client's GLUE metric "
+                 "(per seed and client id); two-sided p-values; d_z = mean difference / sample std of differences. "
+                 "Clients of one run are not independent samples: read the per-client row as descriptive.")
+    return Table("paired", f"Paired comparisons against {baseline}", columns, rows, notes)
+
+
+def _compare(model: str, label: str, baseline: str, unit: str, a: list[float], b: list[float]) -> list[Any]:
+    head = [model, label, baseline, unit, len(a)]
+    if len(a) < 2:
+        diff = a[0] - b[0] if a else None
+        return [*head, diff, None, None, None, f"fewer than 2 paired {unit} ({len(a)}): no test"]
+    t = paired_test(a, b)
+    note = "" if not math.isnan(t.cohens_d) else "differences do not vary: t-test and d_z undefined"
+    return [*head, t.mean_diff, t.t_p, t.wilcoxon_p, t.cohens_d, note]

@@ -1,0 +1,208 @@
+"""`atlas report` over real result files of tiny end-to-end runs (3 seeds × 2 methods), the predecessor's
+format, and the files it must refuse."""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import statistics
+from pathlib import Path
+
+import pytest
+
+from atlasfl.cli import main
+from atlasfl.experiment import run_and_save
+from atlasfl.report import schema_doc
+from atlasfl.report.load import load_results
+from atlasfl.report.plots import write_plots
+from atlasfl.report.predecessor import NOTE
+from atlasfl.report.stats import Stat
+from atlasfl.report.tables import build_tables
+from tests.conftest import tiny_config
+
+ROOT = Path(__file__).resolve().parents[2]
+PREDECESSOR = ROOT / "tests" / "fixtures" / "predecessor"
+METHODS = ("local_only", "fedavg_cluster")
+SEEDS = (0, 1, 2)
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> Path:
+    """Six real result files: tiny-bert, generated tasks, 2 rounds."""
+    tmp = tmp_path_factory.mktemp("runs")
+    for seed in SEEDS:
+        for method in METHODS:
+            run_and_save(tiny_config(tmp, method=method, seed=seed), progress=False)
+    return tmp / "results"
+
+
+def _load(folder: Path) -> dict[tuple[str, int], dict]:
+    out = {}
+    for path in folder.glob("*.json"):
+        data = json.loads(path.read_text())
+        out[(data["method"], data["seed"])] = data
+    return out
+
+
+def _cell(table, method: str, column: str):
+    row = next(r for r in table.rows if r[1] == method)
+    return row[[c.name for c in table.columns].index(column)]
+
+
+def _assert_stat(cell: Stat, values: list[float]):
+    assert cell.n == len(values)
+    assert cell.mean == pytest.approx(statistics.mean(values))
+    assert cell.std == pytest.approx(statistics.stdev(values))
+
+
+def _one_line_error(capsys, code: int, *needles: str) -> str:
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+def _is_png(path: Path) -> bool:
+    return path.read_bytes()[:8] == PNG_SIGNATURE and path.stat().st_size > 5000
+
+
+def test_scores_and_costs_equal_hand_aggregates(results):
+    runs = _load(results)
+    scores, costs, _ = build_tables(load_results([results]), "local_only")
+    assert [r[1] for r in scores.rows] == list(METHODS)  # baseline first
+    for method in METHODS:
+        mine = [runs[(method, s)] for s in SEEDS]
+        assert _cell(scores, method, "n") == 3
+        for task, m in mine[0]["final_metrics"]["per_task"].items():
+            column = f"{task} ({ {'accuracy': 'acc', 'f1': 'F1', 'mcc': 'MCC'}[m['metric_name']] })"
+            _assert_stat(_cell(scores, method, column), [r["final_metrics"]["per_task"][task]["score"] for r in mine])
+        _assert_stat(_cell(scores, method, "task mean"), [r["final_metrics"]["task_mean"] for r in mine])
+        _assert_stat(_cell(costs, method, "up (MB)"), [r["communication_costs"]["total_bytes_up"] / 1e6 for r in mine])
+        _assert_stat(_cell(costs, method, "down (MB)"),
+                     [r["communication_costs"]["total_bytes_down"] / 1e6 for r in mine])
+        _assert_stat(_cell(costs, method, "time (s)"), [r["time_metrics"]["total_s"] for r in mine])
+        _assert_stat(_cell(costs, method, "peak mem (MB)"), [r["memory"]["peak_measured_bytes"] / 1e6 for r in mine])
+        clustering = [r["phase1_clustering"] for r in mine if r.get("phase1_clustering")]
+        if clustering:
+            _assert_stat(_cell(costs, method, "ARI"), [c["ari"] for c in clustering])
+            assert _cell(costs, method, "k") == ", ".join(map(str, sorted({c["k"] for c in clustering})))
+        else:
+            assert _cell(costs, method, "ARI") is None and _cell(costs, method, "k") is None
+
+
+def test_paired_comparisons_pair_seeds_and_clients(results):
+    runs = _load(results)
+    *_, paired = build_tables(load_results([results]), "local_only")
+    by_unit = {row[3]: row for row in paired.rows}
+    assert set(by_unit) == {"seeds", "clients"}
+    seed_diffs = [runs[("fedavg_cluster", s)]["final_metrics"]["task_mean"]
+                  - runs[("local_only", s)]["final_metrics"]["task_mean"] for s in SEEDS]
+    assert by_unit["seeds"][1:5] == ["fedavg_cluster", "local_only", "seeds", 3]
+    assert by_unit["seeds"][5] == pytest.approx(statistics.mean(seed_diffs))
+    client_diffs = [runs[("fedavg_cluster", s)]["final_metrics"]["per_client"][c]["score"]
+                    - runs[("local_only", s)]["final_metrics"]["per_client"][c]["score"]
+                    for s in SEEDS for c in runs[("local_only", s)]["final_metrics"]["per_client"]]
+    assert by_unit["clients"][4] == len(client_diffs) == 12
+    assert by_unit["clients"][5] == pytest.approx(statistics.mean(client_diffs))
+
+
+def test_cli_writes_every_format_and_plot(results, tmp_path, capsys):
+    out, plots = tmp_path / "report", tmp_path / "plots"
+    assert main(["report", str(results), "--out", str(out), "--plots", str(plots)]) == 0
+    assert "Test scores per task" in capsys.readouterr().out
+    md = (out / "report.md").read_text()
+    scores, *_ = build_tables(load_results([results]), "local_only")
+    task_mean = _cell(scores, "fedavg_cluster", "task mean")
+    assert f"{task_mean.mean:.4f} ± {task_mean.std:.4f}" in md
+    assert r"\begin{tabular}" in (out / "report.tex").read_text()
+    with open(out / "scores.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert float(rows[1]["task mean"]) == pytest.approx(task_mean.mean)
+    assert float(rows[1]["task mean std"]) == pytest.approx(task_mean.std)
+    for name in ("costs.csv", "paired.csv"):
+        assert (out / name).stat().st_size > 0
+    written = {p.name for p in plots.iterdir()}
+    assert {"curves_tiny-bert.png", "score_vs_comm_tiny-bert.png", "heatmap_tiny-bert_local_only.png",
+            "heatmap_tiny-bert_fedavg_cluster.png"} <= written
+    assert all(_is_png(plots / name) for name in written)
+
+
+def test_similarity_and_lambda_sweep_plots(results, tmp_path):
+    data = json.loads(next(results.glob("*fedavg_cluster_seed0*.json")).read_text())
+    data["phase1_clustering"] = {"k": 2, "ari": 1.0, "labels": [0, 1, 0, 1],
+                                 "similarity": [[1, -0.8, 0.9, -0.7], [-0.8, 1, -0.9, 0.8],
+                                                [0.9, -0.9, 1, -0.6], [-0.7, 0.8, -0.6, 1]]}
+    data["lambda_sweep"] = {"grid": [0.0, 0.01, 0.1, 1.0], "val_scores": [0.5, 0.55, 0.6, 0.52],
+                            "test_scores": [0.48, 0.5, 0.58, 0.5], "selected_eta": 0.1}
+    path = tmp_path / "with_extras.json"
+    path.write_text(json.dumps(data))
+    written = {p.name: p for p in write_plots(load_results([path]), tmp_path / "plots")}
+    assert {"similarity_with_extras.png", "lambda_with_extras.png"} <= set(written)
+    assert all(_is_png(p) for p in written.values())
+
+
+def test_plots_skip_quietly_what_results_do_not_hold(tmp_path):
+    """The predecessor files hold no similarity matrix or lambda sweep, and one of them no per-round scores."""
+    written = write_plots(load_results([PREDECESSOR]), tmp_path)
+    assert sorted(p.name for p in written) == ["curves_distilbert-base-uncased.png",
+                                               "heatmap_distilbert-base-uncased_atlas.png",
+                                               "score_vs_comm_distilbert-base-uncased.png"]
+
+
+def test_predecessor_files_are_read(tmp_path):
+    records = {r.seed: r for r in load_results([PREDECESSOR])}
+    assert set(records) == {42, 123}
+    r = records[42]
+    assert (r.model, r.method, r.eta) == ("distilbert-base-uncased", "atlas", None)
+    assert r.tasks["sst2"].score == pytest.approx((0.80 + 0.84) / 2)
+    assert r.tasks["mrpc"].score == pytest.approx((0.66 + 0.70) / 2)
+    assert r.tasks["mrpc"].metric == "accuracy" and r.note == NOTE
+    assert r.task_mean == pytest.approx((0.82 + 0.68) / 2)
+    assert r.client_tasks == {0: "sst2", 1: "sst2", 2: "mrpc", 3: "mrpc"}
+    assert r.round_task_scores[0] == pytest.approx({"sst2": 0.71, "mrpc": 0.61})
+    assert (r.bytes_up, r.bytes_down, r.time_s) == (2_000_000, 1_000_000, 120.5)
+    assert records[123].rounds == [] and records[123].bytes_up is None  # only avg_accuracy; no costs
+    out = tmp_path / "out"
+    assert main(["report", str(PREDECESSOR), "--out", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    assert "0.7300 ± 0.0283" in md and "predecessor format" in md  # task means 0.75 and 0.71
+
+
+def test_fewer_than_two_paired_seeds_gives_a_message(results, tmp_path):
+    files = [str(next(results.glob(f"*{m}_seed0_*.json"))) for m in METHODS]
+    assert main(["report", *files, "--out", str(tmp_path)]) == 0
+    assert "fewer than 2 paired seeds (1): no test" in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.parametrize("content", ['{"hello": "world"}', "not json at all", "[1, 2, 3]"])
+def test_file_of_neither_format_is_a_one_line_error(tmp_path, capsys, content):
+    junk = tmp_path / "junk.json"
+    junk.write_text(content)
+    _one_line_error(capsys, main(["report", str(junk), "--out", str(tmp_path / "out")]), str(junk))
+
+
+def test_unknown_schema_version_is_refused(results, tmp_path, capsys):
+    data = json.loads(next(results.glob("*.json")).read_text())
+    data["schema_version"] = "99.0"
+    future = tmp_path / "future.json"
+    future.write_text(json.dumps(data))
+    _one_line_error(capsys, main(["report", str(future)]), "future.json", "schema version", "99.0")
+
+
+def test_two_files_for_one_seed_are_refused(results, tmp_path, capsys):
+    original = next(results.glob("*local_only_seed0*.json"))
+    shutil.copy(original, tmp_path / "copy.json")
+    _one_line_error(capsys, main(["report", str(original), str(tmp_path / "copy.json")]), "two results", "seed 0")
+
+
+def test_missing_path_is_a_one_line_error(tmp_path, capsys):
+    _one_line_error(capsys, main(["report", str(tmp_path / "nope")]), "no such result file")
+
+
+def test_committed_schema_doc_is_the_generated_one():
+    hint = "docs are stale: run `python -m atlasfl.report.schema_doc`"
+    assert (ROOT / "docs" / "result-schema.md").read_text(encoding="utf-8") == schema_doc.render(), hint
+    assert (ROOT / "docs" / "result-schema.json").read_text(encoding="utf-8") == schema_doc.render_json(), hint
