@@ -18,7 +18,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 _DEBUG = {"on": False}
 
 # The embedded offline default: packaged MiniLM on the offline task set, sized for ~minutes on 2 CPU cores.
-DEMO = dict(model="minilm", seed=42, method="fedavg_cluster", tasks=("offline",), rounds=3, max_samples=240,
+DEMO = dict(model="minilm", seed=42, method="atlas", tasks=("offline",), rounds=3, max_samples=240,
             max_test_samples=200, local_epochs=1, batch_size=16)
 
 
@@ -57,6 +57,12 @@ def run(
     dirichlet_alpha: Optional[float] = typer.Option(None, help="Dirichlet label skew (default: IID)."),
     data_dir: Optional[str] = typer.Option(None, help="Local GLUE folder: DIR/<task>/train.* and validation.*"),
     init: Optional[str] = typer.Option(None, help="pretrained | random (full-size random weights, for benchmarks)."),
+    eta: Optional[float] = typer.Option(None, help="Laplacian step size for atlas, in [0, 1] (default 0.1)."),
+    lambda_sweep: bool = typer.Option(False, "--lambda-sweep", help="atlas: run the eta grid, pick eta by local validation."),
+    aggregation: Optional[str] = typer.Option(None, help="svd | fedavg (default: svd for heterogeneous ranks)."),
+    devices: Optional[List[str]] = typer.Option(None, help="Device profiles to draw from (cpu_2gb tablet_4gb laptop_8gb gpu_16gb)."),
+    clusters: Optional[str] = typer.Option(None, help="fingerprint (default) | oracle (true task grouping)."),
+    fingerprint: Optional[str] = typer.Option(None, help="representation (default) | gradient."),
     overwrite: bool = typer.Option(False, help="Replace an existing complete result JSON."),
 ):
     """Run one experiment: MODEL SEED METHOD."""
@@ -66,7 +72,9 @@ def run(
                        local_epochs=local_epochs, max_samples=max_samples, max_test_samples=max_test_samples,
                        fingerprint_samples=fingerprint_samples, tasks=tuple(tasks) if tasks else None,
                        clients_per_task=clients_per_task, mode=mode, output_dir=output_dir, device=device,
-                       dirichlet_alpha=dirichlet_alpha, data_dir=data_dir, init=init)
+                       dirichlet_alpha=dirichlet_alpha, data_dir=data_dir, init=init, eta=eta,
+                       lambda_sweep=lambda_sweep or None, aggregation=aggregation,
+                       devices=tuple(devices) if devices else None, clusters=clusters, fingerprint=fingerprint)
     result, path = run_and_save(cfg, overwrite=overwrite)
     print_summary(result, path)
 

@@ -62,6 +62,18 @@ class RunConfig(BaseModel):
             raise ValueError("rank candidates must be positive integers")
         return tuple(sorted(set(v)))
 
+    @field_validator("devices")
+    @classmethod
+    def _known_devices(cls, v):
+        from atlasfl.phases.devices import check_profiles
+
+        if v is not None:
+            try:
+                check_profiles(v)
+            except AtlasError as exc:
+                raise ValueError(str(exc)) from None
+        return v
+
     @model_validator(mode="after")
     def _check(self):
         if self.data_dir is not None and not Path(self.data_dir).is_dir():
@@ -114,4 +126,5 @@ def build_config(model: str, seed: int, method: str, **overrides) -> RunConfig:
 def describe_validation_error(exc: ValidationError) -> str:
     err = exc.errors()[0]
     field = "--" + str(err["loc"][0]).replace("_", "-") if err["loc"] else "config"
-    return f"invalid {field}: {err['msg']} (got {err.get('input')!r})"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"invalid {field}: {msg} (got {err.get('input')!r})"

@@ -140,7 +140,7 @@ def test_similarity_and_lambda_sweep_plots(results, tmp_path):
     path = tmp_path / "with_extras.json"
     path.write_text(json.dumps(data))
     written = {p.name: p for p in write_plots(load_results([path]), tmp_path / "plots")}
-    assert {"similarity_with_extras.png", "lambda_with_extras.png"} <= set(written)
+    assert {"similarity_tiny-bert_fedavg_cluster_seed0.png", "lambda_tiny-bert_fedavg_cluster_seed0.png"} <= set(written)
     assert all(_is_png(p) for p in written.values())
 
 

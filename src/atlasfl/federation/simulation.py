@@ -135,10 +135,13 @@ def _run_round(cfg, r, method: MethodSpec, fm, server: Server, shards, tasks, tr
         for cid, state in server.aggregate(uploads).items():
             received, down[cid] = wire(state, cfg.wire_dtype)
             fm.set_state(cid, received)
-    clients, digests = [], {}
+    clients, digests, evaluated = [], {}, {}
     for s in shards:
-        ev = evaluate_client(fm, s.client_id, test_enc[s.task], tasks[s.task], cfg.batch_size * 2)
-        digests[str(s.client_id)] = state_digest(fm.get_state(s.client_id))
+        digest = digests[str(s.client_id)] = state_digest(fm.get_state(s.client_id))
+        if (digest, s.task) not in evaluated:  # clients holding identical weights score identically
+            evaluated[digest, s.task] = evaluate_client(fm, s.client_id, test_enc[s.task], tasks[s.task],
+                                                        cfg.batch_size * 2)
+        ev = evaluated[digest, s.task]
         clients.append(dict(client_id=s.client_id, task=s.task, train_loss=losses[s.client_id], test_loss=ev["loss"],
                             test_accuracy=ev["accuracy"], test_macro_f1=ev["macro_f1"], test_f1=ev["f1"],
                             test_mcc=ev["mcc"], test_metric=ev["score"],

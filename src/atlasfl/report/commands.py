@@ -11,7 +11,7 @@ from typer.core import TyperCommand
 from atlasfl.config import METHODS
 from atlasfl.errors import AtlasError
 
-LIST_OPTIONS = ("--models", "--methods", "--seeds", "--tasks")
+LIST_OPTIONS = ("--models", "--methods", "--seeds", "--tasks", "--devices")
 
 
 class SweepFailed(AtlasError):
@@ -89,9 +89,12 @@ def sweep(
     mode: str = typer.Option("full", help="quick (smoke sizes, 2 rounds) | full."),
     output_dir: Optional[str] = typer.Option(None, help="Folder for result JSONs (default: results)."),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N."),
-    eta: Optional[float] = typer.Option(None, help="Laplacian strength η of atlas (default 0.1)."),
+    eta: Optional[float] = typer.Option(None, help="Laplacian step size η of atlas, in [0, 1] (default 0.1)."),
     lambda_sweep: bool = typer.Option(False, "--lambda-sweep", help="atlas: choose η on local validation."),
     aggregation: Optional[str] = typer.Option(None, help="svd | fedavg (default: the method's)."),
+    devices: Optional[List[str]] = typer.Option(None, help="Device profiles to draw from (cpu_2gb tablet_4gb ...)."),
+    clusters: Optional[str] = typer.Option(None, help="fingerprint (default) | oracle (true task grouping)."),
+    fingerprint: Optional[str] = typer.Option(None, help="representation (default) | gradient."),
     dirichlet_alpha: Optional[float] = typer.Option(None, help="Dirichlet label skew (default: IID)."),
     data_dir: Optional[str] = typer.Option(None, help="Local GLUE folder: DIR/<task>/train.* and validation.*"),
     init: Optional[str] = typer.Option(None, help="pretrained | random."),
@@ -106,7 +109,8 @@ def sweep(
         lr=lr, local_epochs=local_epochs, max_samples=max_samples, max_test_samples=max_test_samples,
         fingerprint_samples=fingerprint_samples, tasks=tuple(_split(tasks)) or None, clients_per_task=clients_per_task,
         mode=mode, output_dir=output_dir, device=device, eta=eta, lambda_sweep=lambda_sweep or None,
-        aggregation=aggregation, dirichlet_alpha=dirichlet_alpha, data_dir=data_dir, init=init)
+        aggregation=aggregation, devices=tuple(_split(devices)) or None, clusters=clusters, fingerprint=fingerprint,
+        dirichlet_alpha=dirichlet_alpha, data_dir=data_dir, init=init)
     console = Console(soft_wrap=True)  # one line per run, whatever the terminal width
     outcome = run_sweep(configs, overwrite=overwrite,
                         say=lambda line: console.print(line, markup=False, highlight=False))

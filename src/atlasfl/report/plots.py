@@ -56,6 +56,11 @@ def _run_title(r: RunRecord) -> str:
     return f"{r.model} {r.method_label} seed {r.seed}"
 
 
+def _run_file(kind: str, r: RunRecord) -> str:
+    """Unique per run in one report (a group has one run per seed), whichever folder the file came from."""
+    return f"{kind}_{_slug(r.model)}_{_slug(r.method_label)}_seed{r.seed}.png"
+
+
 def _per_round(g: Group, series: str) -> tuple[list[int], dict, int] | None:
     """Rounds that every run of the group has, and per key (task or client) the mean and std over runs."""
     runs = [r for r in g.runs if r.rounds]
@@ -172,7 +177,7 @@ def similarity_matrix(r: RunRecord, out: Path) -> Path | None:
                       for key, name in (("k", "k"), ("ari", "ARI")) if c.get(key) is not None)
     ax.set_title(f"{_run_title(r)}\ncentred fingerprint similarity" + (f" ({found})" if found else ""),
                  fontsize="medium")
-    return _save(fig, out / f"similarity_{_slug(r.source.stem)}.png")
+    return _save(fig, out / _run_file("similarity", r))
 
 
 def lambda_curve(r: RunRecord, out: Path) -> Path | None:
@@ -195,4 +200,4 @@ def lambda_curve(r: RunRecord, out: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     ax.set_title(f"{_run_title(r)}: lambda sweep", fontsize="medium")
-    return _save(fig, out / f"lambda_{_slug(r.source.stem)}.png")
+    return _save(fig, out / _run_file("lambda", r))
