@@ -30,11 +30,11 @@ PRESETS: dict[str, Preset] = {
     "gpt2-xl": Preset("gpt2-xl", 8, 2e-5, 3, 25, (4, 8, 16, 32, 64), notes="GPT-2 XL, 1.558B"),
     "qwen2.5": Preset("qwen2.5", 12, 3e-5, 2, 80, (4, 8, 16, 32, 48), notes="Qwen/Qwen2.5-0.5B, 494M"),
     # Offline and test models (not in the seed's table): packaged MiniLM and tiny random models.
-    "minilm": Preset("minilm", 16, 5e-4, 1, 32, (4, 8, 16, 32), notes="packaged all-MiniLM-L6-v2, 22.7M (offline)"),
-    "tiny-bert": Preset("tiny-bert", 8, 1e-3, 1, 16, (2, 4, 8, 16), notes="random tiny BERT (tests)"),
-    "tiny-gpt2": Preset("tiny-gpt2", 8, 1e-3, 1, 16, (2, 4, 8, 16), notes="random tiny GPT-2 (tests)"),
-    "tiny-llama": Preset("tiny-llama", 8, 1e-3, 1, 16, (2, 4, 8, 16), notes="random tiny Llama (tests)"),
-    "tiny-qwen2": Preset("tiny-qwen2", 8, 1e-3, 1, 16, (2, 4, 8, 16), notes="random tiny Qwen2 (tests)"),
+    "minilm": Preset("minilm", 16, 5e-4, 1, 64, (4, 8, 16, 32), notes="packaged all-MiniLM-L6-v2, 22.7M (offline)"),
+    "tiny-bert": Preset("tiny-bert", 8, 1e-3, 1, 64, (2, 4, 8, 16), notes="random tiny BERT (tests)"),
+    "tiny-gpt2": Preset("tiny-gpt2", 8, 1e-3, 1, 64, (2, 4, 8, 16), notes="random tiny GPT-2 (tests)"),
+    "tiny-llama": Preset("tiny-llama", 8, 1e-3, 1, 64, (2, 4, 8, 16), notes="random tiny Llama (tests)"),
+    "tiny-qwen2": Preset("tiny-qwen2", 8, 1e-3, 1, 64, (2, 4, 8, 16), notes="random tiny Qwen2 (tests)"),
 }
 
 # Models without their own row (hub ids, local folders) use this one.

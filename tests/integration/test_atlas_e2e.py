@@ -36,7 +36,7 @@ def test_atlas_eta_zero_reproduces_local_only_and_eta_positive_differs(make_conf
 def test_atlas_no_laplacian_shares_the_cluster_mean_at_equal_ranks(make_config):
     # One device profile for all: equal rank maps inside a cluster, so the cluster mean is shared exactly.
     result = _run(make_config, model="tiny-gpt2", method="atlas_no_laplacian", devices=("gpu_16gb",),
-                  fingerprint_samples=20)
+                  fingerprint_samples=64, max_samples=80)
     labels, ranks = result["cluster_labels"], result["ranks"]
     for r in range(len(result["round_metrics"])):
         digests = _digests(result, r)

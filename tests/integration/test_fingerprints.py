@@ -14,9 +14,9 @@ from atlasfl.models.registry import load_backbone
 from atlasfl.phases.clustering import adjusted_rand, cluster_fingerprints
 
 
-def _fingerprints(model, task_names, clients_per_task, seed, samples=16):
+def _fingerprints(model, task_names, clients_per_task, seed, samples=64):
     tasks = [load_task(t) for t in task_names]
-    shards = make_shards(tasks, clients_per_task, seed=seed, max_samples=48)
+    shards = make_shards(tasks, clients_per_task, seed=seed, max_samples=samples + 16)
     fm = FederatedLoRAModel(load_backbone(model, seed=seed), alpha=16, dropout=0.0, seed=seed)
     labels = {t.name: t.num_labels for t in tasks}
     ups = [fingerprint(fm, encode(fm.backbone.tokenizer, s.train), num_labels=labels[s.task], samples=samples,
@@ -36,7 +36,7 @@ def test_representation_fingerprints_recover_the_tasks(model):
 
 @pytest.mark.parametrize("model", ["tiny-bert", "tiny-qwen2"])
 def test_one_task_gives_one_cluster(model):
-    ups, _, _ = _fingerprints(model, ["gen_topic"], 6, seed=7, samples=24)
+    ups, _, _ = _fingerprints(model, ["gen_topic"], 6, seed=7)
     noise = float(np.mean([u["representation_noise"] for u in ups]))
     result = cluster_fingerprints(np.stack([u["representation"] for u in ups]), seed=7, noise=noise)
     assert result.k == 1 and set(result.labels) == {0}, result

@@ -77,15 +77,12 @@ def fingerprint(fm: FederatedLoRAModel, encoded: list[dict], *, num_labels: int,
     model = fm.peft if fm.peft is not None else fm.backbone.model
     was_training = model.training
     model.eval()
-    pooled_sum = torch.zeros(fm.hidden_size, dtype=torch.float64)
-    pooled_sq = 0.0
+    pooled = []
     try:
         for batch in batches(examples, batch_size, shuffle=False, seed=None, pad_token_id=fm.backbone.tokenizer.pad_token_id):
             hidden = fm.hidden_states(batch, adapters=False)
             mask = batch["attention_mask"].to(hidden.device).unsqueeze(-1).to(hidden.dtype)
-            mean_pooled = ((hidden * mask).sum(1) / mask.sum(1)).detach().double().cpu()
-            pooled_sum += mean_pooled.sum(0)
-            pooled_sq += float((mean_pooled ** 2).sum())
+            pooled.append(((hidden * mask).sum(1) / mask.sum(1)).detach().double().cpu())
             logits = head(fm.pool(hidden, batch["attention_mask"]))
             loss = cross_entropy(logits, batch["labels"].to(logits.device), reduction="sum") / len(examples)
             loss.backward()
@@ -97,12 +94,13 @@ def fingerprint(fm: FederatedLoRAModel, encoded: list[dict], *, num_labels: int,
         model.train(was_training)
     last_blocks = sorted({layer_index(m) for m in fm.modules})[-layers:]
     grad_vec = torch.cat([grads[m].flatten() for m in fm.modules if layer_index(m) in last_blocks])
-    n = len(examples)
-    mean = pooled_sum / n
-    # Sampling variance (trace) of the mean: what separates "same data" from "different data" at the server.
-    noise = max(pooled_sq - n * float(mean @ mean), 0.0) / max(n - 1, 1) / n
+    # Each example sketched on its own (the sketch is linear): the mean and its sampling variance
+    # (trace), in the very space the server compares clients in.
+    sketched = torch.stack([count_sketch(p, dim, seed) for p in torch.cat(pooled)]).double()
+    mean = sketched.mean(0)
+    noise = float(((sketched - mean) ** 2).sum(1).sum()) / max(len(sketched) - 1, 1) / len(sketched)
     return {
-        "representation": count_sketch(mean, dim, seed).numpy(),
+        "representation": mean.float().numpy(),
         "representation_noise": noise,
         "gradient": count_sketch(grad_vec, dim, seed).numpy(),
         "importance": {m: float(g.norm()) for m, g in grads.items()},

@@ -78,7 +78,8 @@ class Server:
         phase1 = dict(
             fingerprint=self.cfg.fingerprint, k=chosen.k, labels=chosen.labels, silhouette=chosen.silhouette,
             ari=ari, method=chosen.method, silhouette_by_k={str(k): v for k, v in chosen.silhouette_by_k.items()},
-            dispersion=chosen.dispersion, spread_to_noise=chosen.spread_to_noise, similarity=chosen.similarity, fingerprints=F.tolist(),
+            dispersion=chosen.dispersion, spread_to_noise=chosen.spread_to_noise,
+            tightness_by_k={str(k): v for k, v in chosen.tightness_by_k.items()}, similarity=chosen.similarity, fingerprints=F.tolist(),
             true_tasks=[self.clients[c].task for c in cids],
             ari_by_fingerprint={k: v[2] for k, v in by_kind.items()},
             k_by_fingerprint={k: v[1].k for k, v in by_kind.items()},

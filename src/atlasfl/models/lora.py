@@ -24,7 +24,7 @@ from atlasfl.phases.devices import ModelFacts
 
 @dataclass(frozen=True)
 class Family:
-    kind: str  # 'encoder' pools the first token; 'decoder' pools the last non-pad token
+    kind: str  # 'encoder' mean-pools real tokens; 'decoder' pools the last non-pad token
     attention: tuple[str, ...]  # paths, inside one block, of the attention projections LoRA adapts
 
 
@@ -173,10 +173,14 @@ class FederatedLoRAModel:
             return self.peft(**inputs).last_hidden_state
 
     def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Sequence representation: first token (encoders) or last non-pad token (decoders, right padding)."""
+        """Sequence representation: the mean over real tokens (encoders; sentence-embedding checkpoints
+        such as MiniLM never trained their first token for classification) or the last non-pad token
+        (decoders, whose last position alone has seen the whole sequence; right padding)."""
+        mask = attention_mask.to(hidden.device)
         if self.family.kind == "encoder":
-            return hidden[:, 0]
-        last = attention_mask.to(hidden.device).sum(dim=1) - 1
+            m = mask.unsqueeze(-1).to(hidden.dtype)
+            return (hidden * m).sum(1) / m.sum(1)
+        last = mask.sum(dim=1) - 1
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
     def base_weight(self, module_name: str) -> nn.Parameter:
