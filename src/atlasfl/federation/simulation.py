@@ -106,7 +106,7 @@ def run_experiment(cfg: RunConfig, *, progress: bool = True) -> dict:
                      test_scores=[run["rounds"][-1]["mean_task_score"] for run in runs], selected_eta=chosen["eta"],
                      selection="mean local-validation score of the clients' task metric")
     phases_s = dict(fingerprint=fingerprint_s)
-    return _result(cfg, backbone, shards, tasks, plan, fm, chosen, sweep, setup_s, phases_s,
+    return build_result(cfg, backbone, shards, tasks, plan, fm, chosen, sweep, setup_s, phases_s,
                    time.perf_counter() - t_start, device)
 
 
@@ -168,7 +168,7 @@ def _final_metrics(rounds: list[dict], tasks: dict[str, TaskData], per_client: d
                 task_mean=float(np.mean([t["score"] for t in per_task.values()])))
 
 
-def _result(cfg, backbone, shards, tasks, plan: Plan, fm, run: dict, sweep, setup_s, phases_s, total_s,
+def build_result(cfg, backbone, shards, tasks, plan: Plan, fm, run: dict, sweep, setup_s, phases_s, total_s,
             device) -> dict:
     rounds = run["rounds"]
     last = {c["client_id"]: c for c in rounds[-1]["clients"]}
