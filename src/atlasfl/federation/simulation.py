@@ -106,8 +106,8 @@ def run_experiment(cfg: RunConfig, *, progress: bool = True) -> dict:
                      test_scores=[run["rounds"][-1]["mean_task_score"] for run in runs], selected_eta=chosen["eta"],
                      selection="mean local-validation score of the clients' task metric")
     phases_s = dict(fingerprint=fingerprint_s)
-    return build_result(cfg, backbone, shards, tasks, plan, fm, chosen, sweep, setup_s, phases_s,
-                   time.perf_counter() - t_start, device)
+    return build_result(cfg, shards, tasks, plan, chosen, sweep, setup_s, phases_s, time.perf_counter() - t_start,
+                        device)
 
 
 def _warn_infeasible(cfg: RunConfig, plan: Plan) -> None:
@@ -168,8 +168,9 @@ def _final_metrics(rounds: list[dict], tasks: dict[str, TaskData], per_client: d
                 task_mean=float(np.mean([t["score"] for t in per_task.values()])))
 
 
-def build_result(cfg, backbone, shards, tasks, plan: Plan, fm, run: dict, sweep, setup_s, phases_s, total_s,
-            device) -> dict:
+def build_result(cfg: RunConfig, shards: list[ClientShard], tasks: dict[str, TaskData], plan: Plan, run: dict,
+                 sweep: dict | None, setup_s: float, phases_s: dict, total_s: float, device: str) -> dict:
+    """The result dictionary of one run, from what any engine collects (rounds, validation, the plan)."""
     rounds = run["rounds"]
     last = {c["client_id"]: c for c in rounds[-1]["clients"]}
     per_client = {}
@@ -191,7 +192,7 @@ def build_result(cfg, backbone, shards, tasks, plan: Plan, fm, run: dict, sweep,
         final_accuracies={str(c): m["test_accuracy"] for c, m in last.items()},
         final_metrics=_final_metrics(rounds, tasks, per_client),
         cluster_labels=plan.cluster_labels, cluster_source=plan.cluster_source, phase1_clustering=plan.phase1,
-        phase2_rank_allocation=plan.phase2, ranks={str(c): r for c, r in fm.ranks.items()}, lambda_sweep=sweep,
+        phase2_rank_allocation=plan.phase2, ranks={str(c): r for c, r in plan.ranks.items()}, lambda_sweep=sweep,
         communication_costs=dict(wire_dtype=cfg.wire_dtype, total_bytes_up=sum(up.values()),
                                  total_bytes_down=sum(down.values()),
                                  fingerprint_bytes_up=sum(plan.fingerprint_bytes.values()),
