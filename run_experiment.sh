@@ -13,4 +13,5 @@ if [ -z "$atlas" ]; then
   echo "$0: atlas is not installed; run 'make install' (or 'pip install -e .') first" >&2
   exit 2
 fi
-exec "$atlas" run "$@"
+# --resume: re-running a preempted script continues it; a finished run is reported, not redone.
+exec "$atlas" run "$@" --resume

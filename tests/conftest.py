@@ -21,7 +21,7 @@ BINARY_TASKS = ("gen_sentiment", "gen_pair")
 def tiny_config(tmp_path, model="tiny-bert", method="fedavg_cluster", seed=0, **overrides):
     values = dict(tasks=BINARY_TASKS, clients_per_task=2, rounds=2, max_samples=24, max_test_samples=16,
                   batch_size=8, fingerprint_samples=8, output_dir=str(tmp_path / "results"),
-                  log_dir=str(tmp_path / "logs"))
+                  log_dir=str(tmp_path / "logs"), checkpoint_dir=str(tmp_path / "checkpoints"))
     values.update(overrides)
     return build_config(model, seed, method, **values)
 

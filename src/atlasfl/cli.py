@@ -11,6 +11,7 @@ from rich.table import Table
 
 from atlasfl.config import METHODS, build_config
 from atlasfl.errors import AtlasError
+from atlasfl.experiment import RunInterrupted, run_and_save
 from atlasfl.presets import PRESETS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -63,10 +64,11 @@ def run(
     devices: Optional[List[str]] = typer.Option(None, help="Device profiles to draw from (cpu_2gb tablet_4gb laptop_8gb gpu_16gb)."),
     clusters: Optional[str] = typer.Option(None, help="fingerprint (default) | oracle (true task grouping)."),
     fingerprint: Optional[str] = typer.Option(None, help="representation (default) | gradient."),
+    checkpoint_dir: Optional[str] = typer.Option(None, help="Folder for per-round checkpoints (default: checkpoints)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the run's last complete checkpoint."),
     overwrite: bool = typer.Option(False, help="Replace an existing complete result JSON."),
 ):
     """Run one experiment: MODEL SEED METHOD."""
-    from atlasfl.experiment import run_and_save
 
     cfg = build_config(model, _seed(seed), method, rounds=rounds, batch_size=batch_size, lr=lr,
                        local_epochs=local_epochs, max_samples=max_samples, max_test_samples=max_test_samples,
@@ -74,8 +76,9 @@ def run(
                        clients_per_task=clients_per_task, mode=mode, output_dir=output_dir, device=device,
                        dirichlet_alpha=dirichlet_alpha, data_dir=data_dir, init=init, eta=eta,
                        lambda_sweep=lambda_sweep or None, aggregation=aggregation,
-                       devices=tuple(devices) if devices else None, clusters=clusters, fingerprint=fingerprint)
-    result, path = run_and_save(cfg, overwrite=overwrite)
+                       devices=tuple(devices) if devices else None, clusters=clusters, fingerprint=fingerprint,
+                       checkpoint_dir=checkpoint_dir)
+    result, path = run_and_save(cfg, overwrite=overwrite, resume=resume)
     print_summary(result, path)
 
 
@@ -83,7 +86,6 @@ def run(
 def demo(output_dir: str = typer.Option("results", help="Folder for the result JSON."),
          overwrite: bool = typer.Option(True, help="Replace the previous demo result.")):
     """The embedded offline default: packaged MiniLM, offline tasks, 12 clients, no model hub needed."""
-    from atlasfl.experiment import run_and_save
 
     d = dict(DEMO)
     cfg = build_config(d.pop("model"), d.pop("seed"), d.pop("method"), output_dir=output_dir, **d)
@@ -138,6 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"atlas: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except typer.Exit as exc:
+        return exc.exit_code
+    except RunInterrupted as exc:  # the resume hint is already printed
         return exc.exit_code
     except KeyboardInterrupt:
         print("atlas: interrupted", file=sys.stderr)

@@ -54,6 +54,8 @@ class RunConfig(BaseModel):
     wire_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     output_dir: str = "results"
     log_dir: str = "logs"
+    checkpoint_dir: str = "checkpoints"
+    keep_checkpoints: int = Field(default=2, gt=0)
 
     @field_validator("rank_candidates")
     @classmethod
@@ -96,6 +98,10 @@ class RunConfig(BaseModel):
     @property
     def result_path(self) -> Path:
         return Path(self.output_dir) / f"{self.run_name}.json"
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return Path(self.checkpoint_dir) / self.run_name
 
     @property
     def homogeneous_rank(self) -> int:

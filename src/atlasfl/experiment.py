@@ -3,7 +3,12 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
+import signal
+import sys
+import threading
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 from atlasfl.config import RunConfig
@@ -47,19 +52,69 @@ def setup_logging(cfg: RunConfig) -> Path:
     warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
     for noisy in ("huggingface_hub", "datasets", "transformers"):  # their retries and notices belong in the log
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()  # our own bars show rounds; theirs would clutter errors and logs
+    transformers.utils.logging.disable_progress_bar()
     return log_path
 
 
-def run_and_save(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True) -> tuple[dict, Path]:
-    """Run `cfg` and write its result JSON atomically; an existing complete result is kept unless `overwrite`."""
+class RunInterrupted(Exception):
+    """SIGINT or SIGTERM arrived: the run stops at once; its last complete checkpoint stays."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.exit_code = 128 + signum
+
+
+@contextmanager
+def interrupts_raise():
+    """Turn SIGINT/SIGTERM into RunInterrupted for the duration (main thread only)."""
+    def handler(signum, _frame):
+        raise RunInterrupted(signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def resume_command() -> str:
+    """The command line that continues this run: `atlas run` gets --resume; a sweep resumes by itself."""
+    args = [Path(sys.argv[0]).name if sys.argv[0].endswith("atlas") else "atlas", *sys.argv[1:]]
+    return shlex.join(args if "--resume" in args or "run" not in args else [*args, "--resume"])
+
+
+def run_and_save(cfg: RunConfig, *, overwrite: bool = False, progress: bool = True,
+                 resume: bool = False) -> tuple[dict, Path]:
+    """Run `cfg` and write its result JSON atomically; an existing complete result is kept unless `overwrite`.
+
+    With `resume`, a finished run is reported as such and an interrupted one continues from its checkpoint.
+    """
     path = cfg.result_path
     if path.exists() and is_complete(path) and not overwrite:
+        if resume:
+            print(f"{cfg.run_name} is already complete: {path}", file=sys.stderr)
+            return json.loads(path.read_text()), path
         raise AtlasError(f"{path} already holds a complete result; pass --overwrite to replace it")
     check_writable(path.parent)
     setup_logging(cfg)
     from atlasfl.federation.simulation import run_experiment
 
-    result = run_experiment(cfg, progress=progress)
+    try:
+        with interrupts_raise():
+            result = run_experiment(cfg, progress=progress, resume=resume)
+    except RunInterrupted as exc:
+        log.warning("interrupted by %s", exc)
+        print(f"atlas: interrupted ({exc}); checkpoints are in {cfg.checkpoint_path}; continue with:\n"
+              f"  {resume_command()}", file=sys.stderr)
+        raise
     validate_result(result)
     try:
         atomic_write_json(path, result)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from atlasfl.config import RunConfig, build_config
 from atlasfl.errors import AtlasError
-from atlasfl.experiment import is_complete, run_and_save
+from atlasfl.experiment import RunInterrupted, is_complete, run_and_save
 
 log = logging.getLogger("atlasfl")
 
@@ -39,7 +39,9 @@ def run_sweep(configs: list[RunConfig], *, overwrite: bool = False, say: Callabl
             continue
         say(f"{tag}: running")
         try:
-            run_and_save(cfg, overwrite=overwrite)
+            run_and_save(cfg, overwrite=overwrite, resume=not overwrite)  # a run cut off mid-way continues
+        except RunInterrupted:
+            raise
         except Exception as exc:  # noqa: BLE001 - one broken run must not stop the grid; it is listed at the end
             reason = " ".join(str(exc).split())
             if not isinstance(exc, AtlasError):  # a crash, not a user error: keep its traceback in the run's log

@@ -60,7 +60,7 @@ def test_failed_run_is_listed_and_the_rest_complete(tmp_path, runs, capsys):
     summary = printed.out.split("sweep: 2 runs:")[1]
     assert "1 ran, 0 already complete, 1 failed" in summary
     assert "FAILED atlas_no-such-model_local_only_seed0_r1: unknown model 'no-such-model'" in summary
-    assert printed.err.strip() == ("atlas: error: 1 of 2 runs failed (listed above); fix them and run the same sweep "
+    assert printed.err.strip().splitlines()[-1] == ("atlas: error: 1 of 2 runs failed (listed above); fix them and run the same sweep "
                                    "again: complete runs are skipped")
 
 

@@ -82,14 +82,29 @@ def make_shards(
 ) -> list[ClientShard]:
     """Client ids run over tasks in order: task 0 gets 0..c-1, task 1 gets c..2c-1, ..."""
     shards = []
-    for task in tasks:
-        try:
-            parts = partition_task(
-                task.train, clients_per_task, seed=stable_seed(seed, task.name),  # tasks shuffle differently
-                max_samples=max_samples, dirichlet_alpha=dirichlet_alpha, val_fraction=val_fraction,
-            )
-        except AtlasError as e:
-            raise AtlasError(f"task {task.name}: {e}") from None
-        for train, val in parts:
-            shards.append(ClientShard(len(shards), task.name, train, val))
+    for i, task in enumerate(tasks):
+        shards += task_shards(task, clients_per_task, first_id=i * clients_per_task, seed=seed,
+                              max_samples=max_samples, dirichlet_alpha=dirichlet_alpha, val_fraction=val_fraction)
     return shards
+
+
+def task_shards(
+    task: TaskData,
+    clients_per_task: int,
+    *,
+    first_id: int,
+    seed: int,
+    max_samples: int | None,
+    dirichlet_alpha: float | None = None,
+    val_fraction: float = 0.1,
+) -> list[ClientShard]:
+    """One task's shards, ids from `first_id`. Seeded by run seed and task name only, so a machine that
+    holds one task cuts exactly the shards the in-process engine cuts."""
+    try:
+        parts = partition_task(
+            task.train, clients_per_task, seed=stable_seed(seed, task.name),  # tasks shuffle differently
+            max_samples=max_samples, dirichlet_alpha=dirichlet_alpha, val_fraction=val_fraction,
+        )
+    except AtlasError as e:
+        raise AtlasError(f"task {task.name}: {e}") from None
+    return [ClientShard(first_id + j, task.name, train, val) for j, (train, val) in enumerate(parts)]

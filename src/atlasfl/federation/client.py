@@ -99,9 +99,10 @@ def fingerprint(fm: FederatedLoRAModel, encoded: list[dict], *, num_labels: int,
     sketched = torch.stack([count_sketch(p, dim, seed) for p in torch.cat(pooled)]).double()
     mean = sketched.mean(0)
     noise = float(((sketched - mean) ** 2).sum(1).sum()) / max(len(sketched) - 1, 1) / len(sketched)
+    # Every number is float32, as uploaded and as counted, so both engines plan from identical values.
     return {
         "representation": mean.float().numpy(),
-        "representation_noise": noise,
-        "gradient": count_sketch(grad_vec, dim, seed).numpy(),
-        "importance": {m: float(g.norm()) for m, g in grads.items()},
+        "representation_noise": float(np.float32(noise)),
+        "gradient": count_sketch(grad_vec, dim, seed).float().numpy(),
+        "importance": {m: float(np.float32(g.norm())) for m, g in grads.items()},
     }

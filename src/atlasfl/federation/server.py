@@ -43,6 +43,12 @@ class Plan:
     phase2: dict
     fingerprint_bytes: dict[int, int] = field(default_factory=dict)
 
+    @classmethod
+    def from_json(cls, d: dict) -> "Plan":
+        """Inverse of dataclasses.asdict after a JSON trip (which turns int keys into strings)."""
+        return cls(**dict(d, ranks={int(c): r for c, r in d["ranks"].items()},
+                          fingerprint_bytes={int(c): b for c, b in d["fingerprint_bytes"].items()}))
+
 
 class Server:
     def __init__(self, cfg: RunConfig, clients: list[ClientInfo], *, modules: list[str],
@@ -72,9 +78,7 @@ class Server:
             result = cluster_fingerprints(F, seed=self.cfg.seed, noise=noise)
             by_kind[kind] = (F, result, adjusted_rand(result.labels, truth))
         F, chosen, ari = by_kind[self.cfg.fingerprint]
-        self.affinity_space = centred_unit_rows(F)
         labels = chosen.labels if self.cfg.clusters == "fingerprint" else truth
-        self.cluster_labels = list(labels)
         phase1 = dict(
             fingerprint=self.cfg.fingerprint, k=chosen.k, labels=chosen.labels, silhouette=chosen.silhouette,
             ari=ari, method=chosen.method, silhouette_by_k={str(k): v for k, v in chosen.silhouette_by_k.items()},
@@ -93,9 +97,16 @@ class Server:
             heterogeneous=self.method.heterogeneous_ranks, rank_candidates=list(self.cfg.rank_candidates),
             memory_model="ESTIMATE from the model config (DESIGN §3.2), not a measurement", clients=clients2,
         )
-        return Plan(cluster_labels=list(labels), cluster_source="fingerprint" if self.cfg.clusters == "fingerprint"
+        plan = Plan(cluster_labels=list(labels), cluster_source="fingerprint" if self.cfg.clusters == "fingerprint"
                     else "oracle", ranks=ranks, devices=devices, phase1=phase1, phase2=phase2,
                     fingerprint_bytes={c: self._fingerprint_bytes() for c in cids})
+        self.adopt(plan)
+        return plan
+
+    def adopt(self, plan: Plan) -> None:
+        """Take a plan (fresh, or restored from a checkpoint) as the federation's grouping."""
+        self.cluster_labels = list(plan.cluster_labels)
+        self.affinity_space = centred_unit_rows(np.asarray(plan.phase1["fingerprints"], dtype=np.float64))
 
     def _fingerprint_bytes(self) -> int:
         """Fingerprint traffic counts only where the method uses it (clusters or importance-driven ranks)."""

@@ -7,6 +7,7 @@ import platform
 import resource
 import sys
 import time
+from dataclasses import asdict
 from importlib import metadata
 
 import numpy as np
@@ -22,6 +23,9 @@ from atlasfl.federation.server import ClientInfo, Plan, Server
 from atlasfl.metrics import classification_metrics, task_score
 from atlasfl.models.lora import FederatedLoRAModel, state_digest
 from atlasfl.models.registry import check_model_name, load_backbone
+from atlasfl.errors import AtlasError
+from atlasfl.results.checkpoint import (complete_checkpoints, config_differences, load_checkpoint, restore_rng,
+                                        save_checkpoint)
 from atlasfl.results.schema import SCHEMA_VERSION
 
 log = logging.getLogger("atlasfl")
@@ -49,8 +53,12 @@ def evaluate_client(fm, cid, encoded, task: TaskData, batch_size) -> dict:
     return {**m, "loss": loss, "score": task_score(task.metric, m), "metric_name": task.metric}
 
 
-def run_experiment(cfg: RunConfig, *, progress: bool = True) -> dict:
-    """Run one federated experiment end to end and return its result dictionary."""
+def run_experiment(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> dict:
+    """Run one federated experiment end to end and return its result dictionary.
+
+    A checkpoint is written after planning and after every round; with `resume` the run continues
+    from the newest complete one and ends with the same result as an uninterrupted run.
+    """
     t_start = time.perf_counter()
     check_model_name(cfg.model)
     method = METHOD_SPECS[cfg.method]
@@ -67,13 +75,20 @@ def run_experiment(cfg: RunConfig, *, progress: bool = True) -> dict:
     fm = FederatedLoRAModel(backbone, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, seed=cfg.seed)
     server = Server(cfg, [ClientInfo(s.client_id, s.task, len(s.train), tasks[s.task].num_labels) for s in shards],
                     modules=fm.modules, shapes=fm.module_shapes(), facts=fm.facts())
-    t_phase = time.perf_counter()
-    uploads = {s.client_id: fingerprint(fm, train_enc[s.client_id], num_labels=tasks[s.task].num_labels,
-                                        samples=cfg.fingerprint_samples, batch_size=cfg.batch_size,
-                                        layers=cfg.fingerprint_layers, dim=cfg.fingerprint_dim, seed=cfg.seed)
-               for s in shards}
-    fingerprint_s = time.perf_counter() - t_phase
-    plan = server.plan(uploads)
+    checkpoint = _latest_checkpoint(cfg) if resume else None
+    phases_s = {}
+    if checkpoint is None:
+        t_phase = time.perf_counter()
+        uploads = {s.client_id: _guard_oom(cfg, s, "fingerprinting", lambda s=s: fingerprint(
+            fm, train_enc[s.client_id], num_labels=tasks[s.task].num_labels, samples=cfg.fingerprint_samples,
+            batch_size=cfg.batch_size, layers=cfg.fingerprint_layers, dim=cfg.fingerprint_dim, seed=cfg.seed))
+            for s in shards}
+        phases_s["fingerprint"] = time.perf_counter() - t_phase
+        plan = server.plan(uploads)
+    else:
+        meta, saved_states = checkpoint
+        plan = Plan.from_json(meta["plan"])
+        server.adopt(plan)
     _warn_infeasible(cfg, plan)
     for s in shards:
         fm.add_client(s.client_id, plan.ranks[s.client_id], tasks[s.task].num_labels)
@@ -84,18 +99,32 @@ def run_experiment(cfg: RunConfig, *, progress: bool = True) -> dict:
              server.groups())
 
     etas = cfg.lambda_grid if (cfg.lambda_sweep and method.personalise) else (cfg.eta,)
-    runs = []
-    for eta in etas:
-        server.eta = eta
-        for cid, state in initial.items():
-            fm.set_state(cid, state)
-        rounds = []
-        for r in _progress_range(cfg.rounds, f"rounds (eta={eta:g})" if len(etas) > 1 else "rounds", progress):
+    runs, start_eta, start_round, rounds = [], 0, 0, []
+    if checkpoint is None:
+        _save(cfg, fm, shards, plan, 0, 0, [], runs)
+    else:
+        runs, start_eta, start_round, rounds = meta["runs"], meta["eta_index"], meta["round"], meta["rounds"]
+        for run in runs:
+            run["val"] = {int(c): v for c, v in run["val"].items()}
+        restore_rng(meta["rng"])
+        print(f"resuming {cfg.run_name} from {checkpoint_label(meta)}", file=sys.stderr)
+    for eta_index in range(start_eta, len(etas)):
+        eta = server.eta = etas[eta_index]
+        if eta_index == start_eta and checkpoint is not None:
+            for cid, state in saved_states.items():
+                fm.set_state(cid, state)
+        else:
+            start_round, rounds = 0, []
+            for cid, state in initial.items():
+                fm.set_state(cid, state)
+        label = f"rounds (eta={eta:g})" if len(etas) > 1 else "rounds"
+        for r in _progress_range(cfg.rounds, label, progress, start=start_round + 1):
             rounds.append(_run_round(cfg, r, method, fm, server, shards, tasks, train_enc, test_enc))
             if method.personalise:
                 rounds[-1]["lambda_eta"] = eta
             log.info("eta %g round %d: mean task score %.4f, %.1fs", eta, r, rounds[-1]["mean_task_score"],
                      rounds[-1]["time_s"])
+            _save(cfg, fm, shards, plan, eta_index, r, rounds, runs)
         val = {s.client_id: evaluate_client(fm, s.client_id, val_enc[s.client_id], tasks[s.task], cfg.batch_size * 2)
                for s in shards}
         runs.append(dict(eta=eta, rounds=rounds, val=val, val_score=float(np.mean([v["score"] for v in val.values()]))))
@@ -105,9 +134,48 @@ def run_experiment(cfg: RunConfig, *, progress: bool = True) -> dict:
         sweep = dict(grid=list(etas), val_scores=[run["val_score"] for run in runs],
                      test_scores=[run["rounds"][-1]["mean_task_score"] for run in runs], selected_eta=chosen["eta"],
                      selection="mean local-validation score of the clients' task metric")
-    phases_s = dict(fingerprint=fingerprint_s)
     return build_result(cfg, shards, tasks, plan, chosen, sweep, setup_s, phases_s, time.perf_counter() - t_start,
                         device)
+
+
+def checkpoint_label(meta: dict) -> str:
+    return f"round {meta['round']}" + (f" of eta #{meta['eta_index']}" if meta["eta_index"] else "")
+
+
+def _latest_checkpoint(cfg: RunConfig):
+    """The newest complete checkpoint of this run, or None (with a notice) when there is none."""
+    found = complete_checkpoints(cfg.checkpoint_path)
+    if not found:
+        print(f"no checkpoint of {cfg.run_name} under {cfg.checkpoint_dir}/: starting from the beginning",
+              file=sys.stderr)
+        return None
+    meta, states = load_checkpoint(found[-1])
+    differing = config_differences(meta["config"], cfg.model_dump(mode="json"))
+    if differing:
+        raise AtlasError(f"checkpoint {found[-1]} was made with a different config ({', '.join(differing)} "
+                         "differ); rerun with the same flags, or without --resume to start afresh")
+    return meta, states
+
+
+def _save(cfg, fm, shards, plan: Plan, eta_index: int, round_idx: int, rounds: list, runs: list) -> None:
+    states = {s.client_id: fm.get_state(s.client_id) for s in shards}
+    payload = dict(config=cfg.model_dump(mode="json"), plan=asdict(plan), rounds=rounds,
+                   runs=[dict(run, val={str(c): v for c, v in run["val"].items()}) for run in runs],
+                   digests={str(c): state_digest(st) for c, st in states.items()},
+                   optimizer="AdamW is created afresh each round: no moments to keep")
+    save_checkpoint(cfg.checkpoint_path, eta_index=eta_index, round_idx=round_idx, states=states, payload=payload,
+                    keep=cfg.keep_checkpoints)
+
+
+def _guard_oom(cfg: RunConfig, shard: ClientShard, what: str, step):
+    """Run one client step; a CUDA out-of-memory becomes one message naming the client and the remedies."""
+    try:
+        return step()
+    except torch.OutOfMemoryError:
+        raise AtlasError(
+            f"CUDA out of memory while {what} client {shard.client_id} ({shard.task}) of {cfg.model} at batch size "
+            f"{cfg.batch_size}; lower --batch-size or --fingerprint-samples, or use a smaller model "
+            "(distilbert, gpt2); the last checkpoint is kept, rerun with --resume") from None
 
 
 def _warn_infeasible(cfg: RunConfig, plan: Plan) -> None:
@@ -125,9 +193,9 @@ def _run_round(cfg, r, method: MethodSpec, fm, server: Server, shards, tasks, tr
     t0 = time.perf_counter()
     losses, up, down = {}, {}, {}
     for s in shards:
-        losses[s.client_id] = train_local(fm, s.client_id, train_enc[s.client_id], epochs=cfg.local_epochs,
-                                          lr=cfg.lr, batch_size=cfg.batch_size,
-                                          seed=client_seed(cfg.seed, r, s.client_id))
+        losses[s.client_id] = _guard_oom(cfg, s, "training", lambda s=s: train_local(
+            fm, s.client_id, train_enc[s.client_id], epochs=cfg.local_epochs, lr=cfg.lr, batch_size=cfg.batch_size,
+            seed=client_seed(cfg.seed, r, s.client_id)))
     if method.communicates:
         uploads = {}
         for s in shards:
@@ -226,13 +294,13 @@ def _environment(device: str) -> dict:
                 cuda=torch.cuda.get_device_name() if device.startswith("cuda") else None, versions=versions)
 
 
-def _progress_range(n: int, label: str, enabled: bool):
+def _progress_range(n: int, label: str, enabled: bool, start: int = 1):
     if not enabled:
-        yield from range(1, n + 1)
+        yield from range(start, n + 1)
         return
     from rich.progress import Progress
     with Progress(transient=False) as bar:
-        task = bar.add_task(label, total=n)
-        for i in range(1, n + 1):
+        task = bar.add_task(label, total=n, completed=start - 1)
+        for i in range(start, n + 1):
             yield i
             bar.advance(task)

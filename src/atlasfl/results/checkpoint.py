@@ -1,0 +1,105 @@
+"""Per-round checkpoints: a kill at any instant leaves the last complete one readable.
+
+A checkpoint is a folder `checkpoints/<run name>/round-<eta index>-<round>/` with the clients'
+trainable states (`states.safetensors`) and everything else needed to continue (`state.json`:
+config, plan, round metrics so far, finished lambda-sweep runs, RNG states, digests). It is built
+in a temporary folder and renamed into place, so it either exists whole or not at all.
+Optimizers are created afresh each round (see federation.client.train_local), so there are no
+optimizer moments to keep.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from atlasfl.errors import AtlasError
+
+KEEP_LAST = 2
+TORCH_RNG_KEY = "__rng__/torch"
+# Config keys that say where files go or how many to keep, not what is computed: a resume may change them.
+NON_RESULT_KEYS = ("output_dir", "log_dir", "checkpoint_dir", "keep_checkpoints")
+
+
+def _folder_name(eta_index: int, round_idx: int) -> str:
+    return f"round-{eta_index:02d}-{round_idx:04d}"
+
+
+def save_checkpoint(folder: Path, *, eta_index: int, round_idx: int, states: dict[int, dict[str, torch.Tensor]],
+                    payload: dict, keep: int = KEEP_LAST) -> Path:
+    """Write one checkpoint atomically (temp folder + rename), then prune all but the newest `keep`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / _folder_name(eta_index, round_idx)
+    tmp = folder / f".{final.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        flat = {f"{cid}/{key}": t.contiguous() for cid, state in states.items() for key, t in state.items()}
+        flat[TORCH_RNG_KEY] = torch.get_rng_state()
+        save_file(flat, str(tmp / "states.safetensors"))
+        meta = dict(payload, eta_index=eta_index, round=round_idx, rng=_host_rng_state())
+        with open(tmp / "state.json", "w") as f:
+            json.dump(meta, f)
+            f.flush()
+            os.fsync(f.fileno())
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for old in sorted(complete_checkpoints(folder))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def complete_checkpoints(folder: Path) -> list[Path]:
+    """Finished checkpoint folders, oldest first (their names sort by eta index, then round)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith("round-"))
+
+
+def load_checkpoint(path: Path) -> tuple[dict, dict[int, dict[str, torch.Tensor]]]:
+    """The checkpoint's state.json and per-client states; a damaged one is a one-line AtlasError."""
+    try:
+        meta = json.loads((path / "state.json").read_text())
+        flat = load_file(str(path / "states.safetensors"))
+    except (OSError, ValueError, RuntimeError, SafetensorError) as exc:
+        raise AtlasError(f"checkpoint {path} is corrupt or truncated ({type(exc).__name__}); delete that folder "
+                         "to resume from an older one, or rerun without --resume") from None
+    torch_rng = flat.pop(TORCH_RNG_KEY, None)
+    if torch_rng is not None:
+        meta["rng"]["torch"] = torch_rng
+    states: dict[int, dict[str, torch.Tensor]] = {}
+    for name, tensor in flat.items():
+        cid, key = name.split("/", 1)
+        states.setdefault(int(cid), {})[key] = tensor
+    return meta, states
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    """Keys whose values differ between a checkpoint's config and this run's, NON_RESULT_KEYS aside."""
+    keys = (set(saved) | set(current)) - set(NON_RESULT_KEYS)
+    return sorted(k for k in keys if saved.get(k) != current.get(k))
+
+
+def _host_rng_state() -> dict:
+    """Python's and numpy's global RNG states (torch's travels in the safetensors file)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return dict(python=list(random.getstate()[1]), numpy=[kind, keys.tolist(), pos, has_gauss, gauss])
+
+
+def restore_rng(rng: dict) -> None:
+    """Put the global RNGs back as they were at the checkpoint (training also reseeds per round and client)."""
+    random.setstate((3, tuple(rng["python"]), None))
+    kind, keys, pos, has_gauss, gauss = rng["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    if "torch" in rng:
+        torch.set_rng_state(rng["torch"])

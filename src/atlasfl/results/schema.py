@@ -1,0 +1,123 @@
+"""The versioned schema of a result JSON. Keys of the public predecessor are kept for its users' scripts
+(`round_metrics`, `final_accuracies`, `cluster_labels`, `phase1_clustering`, `phase2_rank_allocation`,
+`communication_costs`, `time_metrics`, `config`). Client ids are JSON object keys, hence strings."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = "1.0"
+KNOWN_SCHEMA_VERSIONS = ("1.0",)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ClientRound(_Strict):
+    client_id: int
+    task: str
+    train_loss: float
+    test_loss: float
+    test_accuracy: float
+    test_macro_f1: float
+    test_f1: Optional[float] = Field(description="F1 of the positive class (binary tasks only)")
+    test_mcc: float
+    test_metric: float = Field(description="the task's GLUE metric (see metric_name)")
+    metric_name: str
+    bytes_up: int
+    bytes_down: int
+
+
+class RoundEntry(_Strict):
+    round: int
+    clients: list[ClientRound]
+    mean_accuracy: float
+    task_scores: dict[str, float]
+    mean_task_score: float
+    time_s: float
+    bytes_up_total: int
+    bytes_down_total: int
+    state_digests: dict[str, str] = Field(description="client id -> digest of its trainable state after aggregation")
+    lambda_eta: Optional[float] = None
+
+
+class TaskMetrics(_Strict):
+    metric_name: str
+    score: float = Field(description="the task's GLUE metric, mean over its clients")
+    accuracy: float
+    macro_f1: float
+    f1: Optional[float] = None
+    mcc: float
+    num_clients: int
+
+
+class FinalMetrics(_Strict):
+    per_client: dict[str, dict[str, Any]]
+    per_task: dict[str, TaskMetrics]
+    task_mean: float
+
+
+class ClientSetup(_Strict):
+    client_id: int
+    task: str
+    num_train: int
+    num_val: int
+
+
+class CommunicationCosts(_Strict):
+    wire_dtype: str
+    total_bytes_up: int
+    total_bytes_down: int
+    fingerprint_bytes_up: int
+    per_client_bytes_up: dict[str, int]
+    per_client_bytes_down: dict[str, int]
+    note: str = "bytes of the tensors actually sent (adapters, heads, fingerprints); frozen weights are never sent"
+    transport: Optional[dict[str, Any]] = Field(
+        default=None, description="Flower engine only: the message sizes Flower carried, per phase, beside this accounting")
+
+
+class TimeMetrics(_Strict):
+    total_s: float
+    setup_s: float
+    per_round_s: list[float]
+    phases_s: dict[str, float] = {}
+
+
+class MemoryMetrics(_Strict):
+    peak_measured_bytes: int
+    measured_by: str
+    estimate: Optional[dict[str, Any]] = Field(default=None, description="memory model of §3.2: an ESTIMATE, not measured")
+
+
+class Result(_Strict):
+    schema_version: str = SCHEMA_VERSION
+    status: str = "complete"
+    run_name: str
+    model: str
+    method: str
+    seed: int
+    config: dict[str, Any]
+    clients: list[ClientSetup]
+    round_metrics: list[RoundEntry]
+    final_accuracies: dict[str, float]
+    final_metrics: FinalMetrics
+    cluster_labels: list[int]
+    cluster_source: str
+    phase1_clustering: Optional[dict[str, Any]] = None
+    phase2_rank_allocation: dict[str, Any]
+    ranks: dict[str, dict[str, int]]
+    lambda_sweep: Optional[dict[str, Any]] = None
+    communication_costs: CommunicationCosts
+    time_metrics: TimeMetrics
+    memory: MemoryMetrics
+    environment: dict[str, Any]
+
+
+def validate_result(data: dict) -> Result:
+    return Result.model_validate(data)
+
+
+def json_schema() -> dict:
+    return Result.model_json_schema()

@@ -1,0 +1,145 @@
+"""Long runs that survive: kill -9, an interrupted checkpoint write, SIGINT; resume equals uninterrupted."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import atlasfl.results.checkpoint as ckpt
+from atlasfl.experiment import run_and_save
+from atlasfl.results.checkpoint import complete_checkpoints
+
+ROUNDS = 5
+ARGS = ["tiny-bert", "3", "atlas", "--tasks", "gen_sentiment", "--tasks", "gen_pair", "--clients-per-task", "2",
+        "--rounds", str(ROUNDS), "--max-samples", "160", "--max-test-samples", "32", "--batch-size", "8",
+        "--fingerprint-samples", "16"]
+
+
+def _comparable(result: dict) -> dict:
+    out = json.loads(json.dumps(result))
+    for key in ("time_metrics", "memory", "environment"):
+        out.pop(key)
+    for key in ("output_dir", "log_dir", "checkpoint_dir"):
+        out["config"].pop(key)
+    for r in out["round_metrics"]:
+        r.pop("time_s")
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The uninterrupted run, in-process."""
+    from atlasfl.cli import main
+
+    d = tmp_path_factory.mktemp("reference")
+    assert main(["run", *ARGS, "--output-dir", str(d), "--checkpoint-dir", str(d / "ck")]) == 0
+    return _comparable(json.loads(next(d.glob("*.json")).read_text()))
+
+
+def _start(tmp_path: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "atlasfl.cli", "run", *ARGS, "--output-dir", str(tmp_path / "results"),
+           "--checkpoint-dir", str(tmp_path / "ck")]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")  # the same thread count as the tests: same sums
+    return subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_round(tmp_path: Path, proc: subprocess.Popen, round_idx: int, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        names = [p.name for p in complete_checkpoints(tmp_path / "ck" / run_name())]
+        if any(int(n.rsplit("-", 1)[1]) >= round_idx for n in names):
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("the run never reached the round")
+
+
+def run_name() -> str:
+    return f"atlas_tiny-bert_atlas_seed3_r{ROUNDS}"
+
+
+def _resume(tmp_path: Path) -> dict:
+    from atlasfl.cli import main
+
+    code = main(["run", *ARGS, "--output-dir", str(tmp_path / "results"), "--checkpoint-dir", str(tmp_path / "ck"),
+                 "--resume"])
+    assert code == 0
+    return _comparable(json.loads((tmp_path / "results" / f"{run_name()}.json").read_text()))
+
+
+def test_kill_9_after_round_2_then_resume_gives_the_uninterrupted_result(tmp_path, reference):
+    proc = _start(tmp_path)
+    _wait_for_round(tmp_path, proc, 2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not (tmp_path / "results" / f"{run_name()}.json").exists()
+    assert len(complete_checkpoints(tmp_path / "ck" / run_name())) <= 2  # pruned to the last two
+    assert _resume(tmp_path) == reference
+
+
+def test_sigint_writes_checkpoint_prints_resume_command_and_exits_nonzero(tmp_path, reference):
+    proc = _start(tmp_path)
+    _wait_for_round(tmp_path, proc, 1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "--resume" in err and "interrupted" in err and "Traceback" not in err
+    assert complete_checkpoints(tmp_path / "ck" / run_name())
+    assert _resume(tmp_path) == reference
+
+
+def test_a_checkpoint_write_cut_short_leaves_the_previous_one_and_resume_is_exact(tmp_path, reference, monkeypatch):
+    real = ckpt.save_file
+    calls = {"n": 0}
+
+    def dying_writer(tensors, filename):
+        calls["n"] += 1
+        if calls["n"] == 4:  # round 3's checkpoint (round 0 is the plan): write half a file, then die
+            Path(filename).write_bytes(b"\x00" * 100)
+            raise KeyboardInterrupt
+        real(tensors, filename)
+
+    monkeypatch.setattr(ckpt, "save_file", dying_writer)
+    from atlasfl.config import build_config
+
+    cfg = build_config(*ARGS[:2], ARGS[2], tasks=("gen_sentiment", "gen_pair"), clients_per_task=2, rounds=ROUNDS,
+                       max_samples=160, max_test_samples=32, batch_size=8, fingerprint_samples=16,
+                       output_dir=str(tmp_path / "results"), checkpoint_dir=str(tmp_path / "ck"))
+    with pytest.raises(KeyboardInterrupt):
+        run_and_save(cfg, progress=False)
+    folder = tmp_path / "ck" / run_name()
+    assert [p.name for p in complete_checkpoints(folder)][-1].endswith("-0002")
+    assert not [p for p in folder.iterdir() if "tmp" in p.name]  # the half-written folder is gone
+    monkeypatch.setattr(ckpt, "save_file", real)
+    assert _resume(tmp_path) == reference
+
+
+def test_resume_refuses_a_different_config_and_a_corrupt_checkpoint(tmp_path, capsys):
+    from atlasfl.cli import main
+
+    base = ["run", *ARGS, "--output-dir", str(tmp_path / "results"), "--checkpoint-dir", str(tmp_path / "ck")]
+    assert main(base) == 0
+    (tmp_path / "results" / f"{run_name()}.json").unlink()
+    capsys.readouterr()
+    assert main([*base, "--resume", "--lr", "0.5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "lr" in err and "different config" in err
+    newest = complete_checkpoints(tmp_path / "ck" / run_name())[-1]
+    data = (newest / "states.safetensors").read_bytes()
+    (newest / "states.safetensors").write_bytes(data[: len(data) // 2])
+    assert main([*base, "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "corrupt or truncated" in err and "Traceback" not in err
+    assert not (tmp_path / "results" / f"{run_name()}.json").exists()
+
+
+def test_resume_without_checkpoint_starts_over_with_a_notice(tmp_path, capsys, reference):
+    assert _resume(tmp_path) == reference
+    assert "starting from the beginning" in capsys.readouterr().err
