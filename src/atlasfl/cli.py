@@ -64,6 +64,7 @@ def run(
     devices: Optional[List[str]] = typer.Option(None, help="Device profiles to draw from (cpu_2gb tablet_4gb laptop_8gb gpu_16gb)."),
     clusters: Optional[str] = typer.Option(None, help="fingerprint (default) | oracle (true task grouping)."),
     fingerprint: Optional[str] = typer.Option(None, help="representation (default) | gradient."),
+    engine: Optional[str] = typer.Option(None, help="inprocess (default) | flower (the Flower app on Flower's Simulation Runtime)."),
     checkpoint_dir: Optional[str] = typer.Option(None, help="Folder for per-round checkpoints (default: checkpoints)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run's last complete checkpoint."),
     overwrite: bool = typer.Option(False, help="Replace an existing complete result JSON."),
@@ -76,7 +77,7 @@ def run(
                        clients_per_task=clients_per_task, mode=mode, output_dir=output_dir, device=device,
                        dirichlet_alpha=dirichlet_alpha, data_dir=data_dir, init=init, eta=eta,
                        lambda_sweep=lambda_sweep or None, aggregation=aggregation,
-                       devices=tuple(devices) if devices else None, clusters=clusters, fingerprint=fingerprint,
+                       devices=tuple(devices) if devices else None, clusters=clusters, fingerprint=fingerprint, engine=engine,
                        checkpoint_dir=checkpoint_dir)
     result, path = run_and_save(cfg, overwrite=overwrite, resume=resume)
     print_summary(result, path)

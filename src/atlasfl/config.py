@@ -14,7 +14,8 @@ DEFAULT_ETA = 0.1
 LAMBDA_GRID = (0.0, 0.01, 0.05, 0.1, 0.2, 0.5, 1.0)
 
 # `--mode quick`: a smoke configuration that exercises every phase in seconds to minutes.
-QUICK = dict(rounds=2, max_samples=64, fingerprint_samples=16, max_test_samples=64, local_epochs=1)
+# Fingerprints keep a realistic sample count: clustering needs it (phases/clustering.py) and it is cheap.
+QUICK = dict(rounds=2, max_samples=80, fingerprint_samples=64, max_test_samples=64, local_epochs=1)
 
 
 class RunConfig(BaseModel):

@@ -105,11 +105,12 @@ def run_and_save(cfg: RunConfig, *, overwrite: bool = False, progress: bool = Tr
         raise AtlasError(f"{path} already holds a complete result; pass --overwrite to replace it")
     check_writable(path.parent)
     setup_logging(cfg)
+    from atlasfl.federation.engine_flower import run_flower
     from atlasfl.federation.simulation import run_experiment
 
     try:
         with interrupts_raise():
-            result = run_experiment(cfg, progress=progress, resume=resume)
+            result = (run_flower if cfg.engine == "flower" else run_experiment)(cfg, progress=progress, resume=resume)
     except RunInterrupted as exc:
         log.warning("interrupted by %s", exc)
         print(f"atlas: interrupted ({exc}); checkpoints are in {cfg.checkpoint_path}; continue with:\n"

@@ -108,26 +108,28 @@ def run_experiment(cfg: RunConfig, *, progress: bool = True, resume: bool = Fals
             run["val"] = {int(c): v for c, v in run["val"].items()}
         restore_rng(meta["rng"])
         print(f"resuming {cfg.run_name} from {checkpoint_label(meta)}", file=sys.stderr)
-    for eta_index in range(start_eta, len(etas)):
-        eta = server.eta = etas[eta_index]
-        if eta_index == start_eta and checkpoint is not None:
-            for cid, state in saved_states.items():
-                fm.set_state(cid, state)
-        else:
-            start_round, rounds = 0, []
-            for cid, state in initial.items():
-                fm.set_state(cid, state)
-        label = f"rounds (eta={eta:g})" if len(etas) > 1 else "rounds"
-        for r in _progress_range(cfg.rounds, label, progress, start=start_round + 1):
-            rounds.append(_run_round(cfg, r, method, fm, server, shards, tasks, train_enc, test_enc))
-            if method.personalise:
-                rounds[-1]["lambda_eta"] = eta
-            log.info("eta %g round %d: mean task score %.4f, %.1fs", eta, r, rounds[-1]["mean_task_score"],
-                     rounds[-1]["time_s"])
-            _save(cfg, fm, shards, plan, eta_index, r, rounds, runs)
-        val = {s.client_id: evaluate_client(fm, s.client_id, val_enc[s.client_id], tasks[s.task], cfg.batch_size * 2)
-               for s in shards}
-        runs.append(dict(eta=eta, rounds=rounds, val=val, val_score=float(np.mean([v["score"] for v in val.values()]))))
+    with RunProgress(progress) as bars:
+        for eta_index in range(start_eta, len(etas)):
+            eta = server.eta = etas[eta_index]
+            if eta_index == start_eta and checkpoint is not None:
+                for cid, state in saved_states.items():
+                    fm.set_state(cid, state)
+            else:
+                start_round, rounds = 0, []
+                for cid, state in initial.items():
+                    fm.set_state(cid, state)
+            bars.start_rounds(f"rounds (eta={eta:g})" if len(etas) > 1 else "rounds", cfg.rounds, start_round)
+            for r in range(start_round + 1, cfg.rounds + 1):
+                rounds.append(_run_round(cfg, r, method, fm, server, shards, tasks, train_enc, test_enc, bars))
+                bars.advance("round")
+                if method.personalise:
+                    rounds[-1]["lambda_eta"] = eta
+                log.info("eta %g round %d: mean task score %.4f, %.1fs", eta, r, rounds[-1]["mean_task_score"],
+                         rounds[-1]["time_s"])
+                _save(cfg, fm, shards, plan, eta_index, r, rounds, runs)
+            val = {s.client_id: evaluate_client(fm, s.client_id, val_enc[s.client_id], tasks[s.task], cfg.batch_size * 2)
+                   for s in shards}
+            runs.append(dict(eta=eta, rounds=rounds, val=val, val_score=float(np.mean([v["score"] for v in val.values()]))))
     chosen = max(runs, key=lambda run: run["val_score"])  # first maximum: the smaller eta on ties
     sweep = None
     if len(runs) > 1:
@@ -189,13 +191,16 @@ def _warn_infeasible(cfg: RunConfig, plan: Plan) -> None:
             print(msg, file=sys.stderr)
 
 
-def _run_round(cfg, r, method: MethodSpec, fm, server: Server, shards, tasks, train_enc, test_enc) -> dict:
+def _run_round(cfg, r, method: MethodSpec, fm, server: Server, shards, tasks, train_enc, test_enc,
+               bars: RunProgress) -> dict:
     t0 = time.perf_counter()
     losses, up, down = {}, {}, {}
+    bars.start_clients(len(shards))
     for s in shards:
         losses[s.client_id] = _guard_oom(cfg, s, "training", lambda s=s: train_local(
             fm, s.client_id, train_enc[s.client_id], epochs=cfg.local_epochs, lr=cfg.lr, batch_size=cfg.batch_size,
             seed=client_seed(cfg.seed, r, s.client_id)))
+        bars.advance("client")
     if method.communicates:
         uploads = {}
         for s in shards:
@@ -294,13 +299,34 @@ def _environment(device: str) -> dict:
                 cuda=torch.cuda.get_device_name() if device.startswith("cuda") else None, versions=versions)
 
 
-def _progress_range(n: int, label: str, enabled: bool, start: int = 1):
-    if not enabled:
-        yield from range(start, n + 1)
-        return
-    from rich.progress import Progress
-    with Progress(transient=False) as bar:
-        task = bar.add_task(label, total=n, completed=start - 1)
-        for i in range(start, n + 1):
-            yield i
-            bar.advance(task)
+class RunProgress:
+    """Progress bars on rounds and on the clients of the current round; silent when disabled."""
+
+    def __init__(self, enabled: bool):
+        from rich.progress import Progress
+
+        self.bar = Progress(transient=False) if enabled else None
+        self.rounds = self.clients = None
+
+    def __enter__(self):
+        if self.bar is not None:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.stop()
+
+    def start_rounds(self, label: str, total: int, done: int) -> None:
+        if self.bar is not None:
+            self.rounds = self.bar.add_task(label, total=total, completed=done)
+
+    def start_clients(self, total: int) -> None:
+        if self.bar is not None:
+            if self.clients is None:
+                self.clients = self.bar.add_task("clients", total=total)
+            self.bar.reset(self.clients, total=total)
+
+    def advance(self, which: str) -> None:
+        if self.bar is not None:
+            self.bar.advance(self.rounds if which == "round" else self.clients)
