@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from typing import List, Optional
 
 import typer
 from rich.console import Console
@@ -11,6 +10,10 @@ from rich.table import Table
 
 from atlasfl.config import METHODS, build_config
 from atlasfl.errors import AtlasError
+from atlasfl.options import (Aggregation, BatchSize, CheckpointDir, ClientsPerTask, Clusters, DataDir, Device, Devices,
+                             DirichletAlpha, Engine, Eta, Fingerprint, FingerprintSamples, Init, LambdaSweep,
+                             LocalEpochs, Lr, MaxSamples, MaxTestSamples, Mode, OutputDir, Rounds, Tasks,
+                             config_overrides)
 from atlasfl.experiment import RunInterrupted, run_and_save
 from atlasfl.presets import PRESETS
 
@@ -43,42 +46,24 @@ def run(
     model: str = typer.Argument(..., help="distilbert | gpt2 | gpt2-xl | qwen2.5 | minilm | tiny-* | HF id | folder"),
     seed: str = typer.Argument(..., help="Random seed (non-negative integer)."),
     method: str = typer.Argument(..., help=" | ".join(METHODS)),
-    rounds: Optional[int] = typer.Option(None, help="Federated rounds (preset: 10)."),
-    batch_size: Optional[int] = typer.Option(None, help="Training batch size."),
-    lr: Optional[float] = typer.Option(None, help="Learning rate (AdamW)."),
-    local_epochs: Optional[int] = typer.Option(None, help="Local epochs per round."),
-    max_samples: Optional[int] = typer.Option(None, help="Max training examples per client."),
-    max_test_samples: Optional[int] = typer.Option(None, help="Cut each task's test set (default: all)."),
-    fingerprint_samples: Optional[int] = typer.Option(None, help="Examples per client for fingerprints."),
-    tasks: Optional[List[str]] = typer.Option(None, help="Tasks or task sets (glue, offline, generated)."),
-    clients_per_task: Optional[int] = typer.Option(None, help="Clients per task (preset: 3)."),
-    mode: str = typer.Option("full", help="quick (smoke sizes, 2 rounds) | full."),
-    output_dir: Optional[str] = typer.Option(None, help="Folder for result JSONs (default: results)."),
-    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N."),
-    dirichlet_alpha: Optional[float] = typer.Option(None, help="Dirichlet label skew (default: IID)."),
-    data_dir: Optional[str] = typer.Option(None, help="Local GLUE folder: DIR/<task>/train.* and validation.*"),
-    init: Optional[str] = typer.Option(None, help="pretrained | random (full-size random weights, for benchmarks)."),
-    eta: Optional[float] = typer.Option(None, help="Laplacian step size for atlas, in [0, 1] (default 0.1)."),
-    lambda_sweep: bool = typer.Option(False, "--lambda-sweep", help="atlas: run the eta grid, pick eta by local validation."),
-    aggregation: Optional[str] = typer.Option(None, help="svd | fedavg (default: svd for heterogeneous ranks)."),
-    devices: Optional[List[str]] = typer.Option(None, help="Device profiles to draw from (cpu_2gb tablet_4gb laptop_8gb gpu_16gb)."),
-    clusters: Optional[str] = typer.Option(None, help="fingerprint (default) | oracle (true task grouping)."),
-    fingerprint: Optional[str] = typer.Option(None, help="representation (default) | gradient."),
-    engine: Optional[str] = typer.Option(None, help="inprocess (default) | flower (the Flower app on Flower's Simulation Runtime)."),
-    checkpoint_dir: Optional[str] = typer.Option(None, help="Folder for per-round checkpoints (default: checkpoints)."),
+    rounds: Rounds = None, batch_size: BatchSize = None, lr: Lr = None, local_epochs: LocalEpochs = None,
+    max_samples: MaxSamples = None, max_test_samples: MaxTestSamples = None,
+    fingerprint_samples: FingerprintSamples = None, tasks: Tasks = None, clients_per_task: ClientsPerTask = None,
+    mode: Mode = "full", output_dir: OutputDir = None, device: Device = None, dirichlet_alpha: DirichletAlpha = None,
+    data_dir: DataDir = None, init: Init = None, eta: Eta = None, lambda_sweep: LambdaSweep = False,
+    aggregation: Aggregation = None, devices: Devices = None, clusters: Clusters = None,
+    fingerprint: Fingerprint = None, engine: Engine = None, checkpoint_dir: CheckpointDir = None,
     resume: bool = typer.Option(False, "--resume", help="Continue from the run's last complete checkpoint."),
     overwrite: bool = typer.Option(False, help="Replace an existing complete result JSON."),
 ):
     """Run one experiment: MODEL SEED METHOD."""
-
-    cfg = build_config(model, _seed(seed), method, rounds=rounds, batch_size=batch_size, lr=lr,
-                       local_epochs=local_epochs, max_samples=max_samples, max_test_samples=max_test_samples,
-                       fingerprint_samples=fingerprint_samples, tasks=tuple(tasks) if tasks else None,
-                       clients_per_task=clients_per_task, mode=mode, output_dir=output_dir, device=device,
-                       dirichlet_alpha=dirichlet_alpha, data_dir=data_dir, init=init, eta=eta,
-                       lambda_sweep=lambda_sweep or None, aggregation=aggregation,
-                       devices=tuple(devices) if devices else None, clusters=clusters, fingerprint=fingerprint, engine=engine,
-                       checkpoint_dir=checkpoint_dir)
+    cfg = build_config(model, _seed(seed), method, **config_overrides(
+        rounds=rounds, batch_size=batch_size, lr=lr, local_epochs=local_epochs, max_samples=max_samples,
+        max_test_samples=max_test_samples, fingerprint_samples=fingerprint_samples, tasks=tasks,
+        clients_per_task=clients_per_task, mode=mode, output_dir=output_dir, device=device,
+        dirichlet_alpha=dirichlet_alpha, data_dir=data_dir, init=init, eta=eta, lambda_sweep=lambda_sweep,
+        aggregation=aggregation, devices=devices, clusters=clusters, fingerprint=fingerprint, engine=engine,
+        checkpoint_dir=checkpoint_dir))
     result, path = run_and_save(cfg, overwrite=overwrite, resume=resume)
     print_summary(result, path)
 
@@ -87,7 +72,6 @@ def run(
 def demo(output_dir: str = typer.Option("results", help="Folder for the result JSON."),
          overwrite: bool = typer.Option(True, help="Replace the previous demo result.")):
     """The embedded offline default: packaged MiniLM, offline tasks, 12 clients, no model hub needed."""
-
     d = dict(DEMO)
     cfg = build_config(d.pop("model"), d.pop("seed"), d.pop("method"), output_dir=output_dir, **d)
     result, path = run_and_save(cfg, overwrite=overwrite)

@@ -10,6 +10,10 @@ from typer.core import TyperCommand
 
 from atlasfl.config import METHODS
 from atlasfl.errors import AtlasError
+from atlasfl.options import (Aggregation, BatchSize, CheckpointDir, ClientsPerTask, Clusters, DataDir, Device, Devices,
+                             DirichletAlpha, Eta, Fingerprint, FingerprintSamples, Init, LambdaSweep, LocalEpochs, Lr,
+                             MaxSamples, MaxTestSamples, Mode, OutputDir, Rounds, Tasks, config_overrides,
+                             split_values)
 
 LIST_OPTIONS = ("--models", "--methods", "--seeds", "--tasks", "--devices")
 
@@ -39,11 +43,6 @@ def spread_list_options(args: list[str], names=LIST_OPTIONS) -> list[str]:
 class _ListOptionsCommand(TyperCommand):
     def parse_args(self, ctx, args):
         return super().parse_args(ctx, spread_list_options(args))
-
-
-def _split(values: List[str] | None) -> list[str]:
-    """Values given space-separated, repeated or comma-separated, in order."""
-    return [v for item in values or () for v in item.split(",") if v]
 
 
 def report(
@@ -77,40 +76,27 @@ def sweep(
     models: List[str] = typer.Option(..., help="Models: space- or comma-separated, or repeat the flag."),
     methods: List[str] = typer.Option(..., help=f"Methods ({' | '.join(METHODS)}): space- or comma-separated."),
     seeds: List[str] = typer.Option(..., help="Seeds: space- or comma-separated non-negative integers."),
-    rounds: Optional[int] = typer.Option(None, help="Federated rounds (preset: 10)."),
-    batch_size: Optional[int] = typer.Option(None, help="Training batch size."),
-    lr: Optional[float] = typer.Option(None, help="Learning rate (AdamW)."),
-    local_epochs: Optional[int] = typer.Option(None, help="Local epochs per round."),
-    max_samples: Optional[int] = typer.Option(None, help="Max training examples per client."),
-    max_test_samples: Optional[int] = typer.Option(None, help="Cut each task's test set (default: all)."),
-    fingerprint_samples: Optional[int] = typer.Option(None, help="Examples per client for fingerprints."),
-    tasks: Optional[List[str]] = typer.Option(None, help="Tasks or task sets (glue, offline, generated)."),
-    clients_per_task: Optional[int] = typer.Option(None, help="Clients per task (preset: 3)."),
-    mode: str = typer.Option("full", help="quick (smoke sizes, 2 rounds) | full."),
-    output_dir: Optional[str] = typer.Option(None, help="Folder for result JSONs (default: results)."),
-    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda | cuda:N."),
-    eta: Optional[float] = typer.Option(None, help="Laplacian step size η of atlas, in [0, 1] (default 0.1)."),
-    lambda_sweep: bool = typer.Option(False, "--lambda-sweep", help="atlas: choose η on local validation."),
-    aggregation: Optional[str] = typer.Option(None, help="svd | fedavg (default: the method's)."),
-    devices: Optional[List[str]] = typer.Option(None, help="Device profiles to draw from (cpu_2gb tablet_4gb ...)."),
-    clusters: Optional[str] = typer.Option(None, help="fingerprint (default) | oracle (true task grouping)."),
-    fingerprint: Optional[str] = typer.Option(None, help="representation (default) | gradient."),
-    dirichlet_alpha: Optional[float] = typer.Option(None, help="Dirichlet label skew (default: IID)."),
-    data_dir: Optional[str] = typer.Option(None, help="Local GLUE folder: DIR/<task>/train.* and validation.*"),
-    init: Optional[str] = typer.Option(None, help="pretrained | random."),
+    rounds: Rounds = None, batch_size: BatchSize = None, lr: Lr = None, local_epochs: LocalEpochs = None,
+    max_samples: MaxSamples = None, max_test_samples: MaxTestSamples = None,
+    fingerprint_samples: FingerprintSamples = None, tasks: Tasks = None, clients_per_task: ClientsPerTask = None,
+    mode: Mode = "full", output_dir: OutputDir = None, device: Device = None, dirichlet_alpha: DirichletAlpha = None,
+    data_dir: DataDir = None, init: Init = None, eta: Eta = None, lambda_sweep: LambdaSweep = False,
+    aggregation: Aggregation = None, devices: Devices = None, clusters: Clusters = None,
+    fingerprint: Fingerprint = None, checkpoint_dir: CheckpointDir = None,
     overwrite: bool = typer.Option(False, help="Re-run and replace results that are already complete."),
 ):
     """Run a grid of MODELS × METHODS × SEEDS, skipping complete results; failed runs are listed at the end."""
     from atlasfl.cli import _seed
     from atlasfl.sweep import grid_configs, run_sweep
 
-    configs = grid_configs(
-        _split(models), _split(methods), [_seed(s) for s in _split(seeds)], rounds=rounds, batch_size=batch_size,
-        lr=lr, local_epochs=local_epochs, max_samples=max_samples, max_test_samples=max_test_samples,
-        fingerprint_samples=fingerprint_samples, tasks=tuple(_split(tasks)) or None, clients_per_task=clients_per_task,
-        mode=mode, output_dir=output_dir, device=device, eta=eta, lambda_sweep=lambda_sweep or None,
-        aggregation=aggregation, devices=tuple(_split(devices)) or None, clusters=clusters, fingerprint=fingerprint,
-        dirichlet_alpha=dirichlet_alpha, data_dir=data_dir, init=init)
+    configs = grid_configs(split_values(models), split_values(methods), [_seed(s) for s in split_values(seeds)],
+                           **config_overrides(
+        rounds=rounds, batch_size=batch_size, lr=lr, local_epochs=local_epochs, max_samples=max_samples,
+        max_test_samples=max_test_samples, fingerprint_samples=fingerprint_samples, tasks=tasks,
+        clients_per_task=clients_per_task, mode=mode, output_dir=output_dir, device=device,
+        dirichlet_alpha=dirichlet_alpha, data_dir=data_dir, init=init, eta=eta, lambda_sweep=lambda_sweep,
+        aggregation=aggregation, devices=devices, clusters=clusters, fingerprint=fingerprint,
+        checkpoint_dir=checkpoint_dir))
     console = Console(soft_wrap=True)  # one line per run, whatever the terminal width
     outcome = run_sweep(configs, overwrite=overwrite,
                         say=lambda line: console.print(line, markup=False, highlight=False))

@@ -1,0 +1,148 @@
+"""The ATLAS `ClientApp`: one SuperNode is one client, its data chosen by its node config.
+
+Node config: `partition-id` (the client id) and `num-partitions` (must equal tasks x clients per
+task), optionally `data-dir` (this machine's GLUE folder) and `device`. The run config arrives from
+the server in the first message and stays in `Context.state`, with everything else that must
+survive between messages: the client's ranks, its initial state (for a lambda sweep) and its
+current adapter and head. The model and the encoded shard are only a per-process cache, rebuilt
+whenever a process (a Ray actor, a `flwr-clientapp` subprocess) meets the client for the first time.
+
+Every handler calls the same client functions as the in-process engine.
+"""
+from __future__ import annotations
+
+import json
+import resource
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from atlasfl.config import RunConfig
+from atlasfl.data.batching import encode
+from atlasfl.errors import AtlasError
+from atlasfl.federation.client import client_seed, fingerprint, train_local
+from atlasfl.federation.flower_records import (ATLAS, STATE, config_from_json, plain_record, plain_state,
+                                               record_to_state, state_to_record, transport_size_mod)
+from atlasfl.federation.methods import METHOD_SPECS
+from atlasfl.federation.rounds import load_client_data, num_clients
+from atlasfl.federation.simulation import evaluate_client, resolve_device
+from atlasfl.models.lora import FederatedLoRAModel, state_digest
+from atlasfl.models.registry import load_backbone
+
+INITIAL = "initial"  # ArrayRecord in Context.state: the state before round 1, restored for each eta of a sweep
+
+app = ClientApp(mods=[transport_size_mod])
+
+
+@dataclass
+class _Work:
+    """A process's cache of one run: the shared model (adapters of every client this process serves)
+    and each client's encoded data."""
+    key: tuple
+    fm: FederatedLoRAModel
+    data: dict  # client id -> (shard, task, train, val, test encodings)
+
+
+_CACHE: dict[str, _Work] = {}
+
+
+def _client(context: Context):
+    """(config, client id, model, (shard, task, encodings)) of this node, its adapter restored from Context.state."""
+    kept = context.state[ATLAS]
+    cfg = _node_config(context)
+    cid = int(context.node_config["partition-id"])
+    key = (context.run_id, cfg.model_dump_json())
+    work = _CACHE.get("run")
+    if work is None or work.key != key:
+        backbone = load_backbone(cfg.model, init=cfg.init, seed=cfg.seed, device=resolve_device(cfg.device))
+        work = _CACHE["run"] = _Work(key, FederatedLoRAModel(backbone, alpha=cfg.lora_alpha,
+                                                             dropout=cfg.lora_dropout, seed=cfg.seed), {})
+    if cid not in work.data:
+        shard, task = load_client_data(cfg, cid)
+        tok = work.fm.backbone.tokenizer
+        work.data[cid] = (shard, task, encode(tok, shard.train, cfg.max_length), encode(tok, shard.val, cfg.max_length),
+                          encode(tok, task.test, cfg.max_length))
+    if "ranks" in kept:
+        if cid not in work.fm.ranks:
+            work.fm.add_client(cid, json.loads(kept["ranks"]), work.data[cid][1].num_labels)
+        if STATE in context.state:
+            work.fm.set_state(cid, plain_state(context.state[STATE]))
+    return cfg, cid, work.fm, work.data[cid]
+
+
+def _node_config(context: Context) -> RunConfig:
+    """The run config as this node applies it: with its own data folder and device if its node config names them."""
+    own = {key: str(context.node_config[name]) for name, key in (("data-dir", "data_dir"), ("device", "device"))
+           if context.node_config.get(name)}
+    return config_from_json(context.state[ATLAS]["config"], **own)
+
+
+def _keep_state(context: Context, fm: FederatedLoRAModel, cid: int) -> None:
+    context.state[STATE] = plain_record(fm.get_state(cid))
+
+
+@app.query("fingerprint")
+def fingerprint_phase(msg: Message, context: Context) -> Message:
+    """Phase 1 on the client: adopt the run config, load this node's shard, upload its fingerprint."""
+    cfg_json = msg.content[ATLAS]["config"]
+    context.state[ATLAS] = ConfigRecord({"config": cfg_json})
+    cfg = _node_config(context)
+    if "partition-id" not in context.node_config:
+        raise AtlasError("this SuperNode has no partition-id in its node config "
+                         "(start it with --node-config 'partition-id=K num-partitions=N')")
+    expected = num_clients(cfg)
+    if int(context.node_config.get("num-partitions", expected)) != expected:
+        raise AtlasError(f"node config num-partitions={context.node_config['num-partitions']} but the run has "
+                         f"{expected} clients (tasks x clients per task); start one SuperNode per client")
+    cfg, cid, fm, (shard, task, train_enc, _, _) = _client(context)
+    up = fingerprint(fm, train_enc, num_labels=task.num_labels, samples=cfg.fingerprint_samples,
+                     batch_size=cfg.batch_size, layers=cfg.fingerprint_layers, dim=cfg.fingerprint_dim, seed=cfg.seed)
+    arrays = ArrayRecord({key: Array(np.asarray(value, dtype=np.float32)) for key, value in (
+        ("representation", up["representation"]), ("gradient", up["gradient"]),
+        ("representation_noise", [up["representation_noise"]]),
+        ("importance", [up["importance"][m] for m in fm.modules]))})
+    info = dict(client_id=cid, task=shard.task, num_train=len(shard.train), num_val=len(shard.val),
+                num_labels=task.num_labels, modules=fm.modules, shapes={m: list(s) for m, s in fm.module_shapes().items()},
+                facts=asdict(fm.facts()))
+    return Message(RecordDict({"fingerprint": arrays, ATLAS: ConfigRecord({"client": json.dumps(info)})}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Local training from the client's current state; the trained state is uploaded if the method shares.
+    The first round's message brings the client's ranks (phase 2's outcome)."""
+    conf = msg.content[ATLAS]
+    if conf["reset"]:  # first round of an eta: build the adapter at the planned ranks, or restore its start
+        if INITIAL not in context.state:
+            context.state[ATLAS]["ranks"] = conf["ranks"]
+            _, cid, fm, _ = _client(context)
+            context.state[INITIAL] = plain_record(fm.get_state(cid))
+        context.state[STATE] = context.state[INITIAL]
+    cfg, cid, fm, (_, _, train_enc, _, _) = _client(context)
+    loss = train_local(fm, cid, train_enc, epochs=cfg.local_epochs, lr=cfg.lr, batch_size=cfg.batch_size,
+                       seed=client_seed(cfg.seed, int(conf["round"]), cid))
+    _keep_state(context, fm, cid)
+    content = RecordDict({ATLAS: ConfigRecord({"client_id": cid}), "metrics": MetricRecord({"train_loss": loss})})
+    if METHOD_SPECS[cfg.method].communicates:
+        content[STATE], nbytes = state_to_record(fm.get_state(cid), cfg.wire_dtype)
+        content["metrics"]["bytes_up"] = nbytes
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Adopt the state the server sent (if any), then score it on the test set (and on the local
+    validation set after the last round)."""
+    cfg, cid, fm, (_, task, _, val_enc, test_enc) = _client(context)
+    if STATE in msg.content.array_records:
+        fm.set_state(cid, record_to_state(msg.content[STATE], cfg.wire_dtype))
+        _keep_state(context, fm, cid)
+    reply = dict(client_id=cid, digest=state_digest(fm.get_state(cid)),
+                 test=evaluate_client(fm, cid, test_enc, task, cfg.batch_size * 2),
+                 peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    if msg.content[ATLAS]["validate"]:
+        reply["val"] = evaluate_client(fm, cid, val_enc, task, cfg.batch_size * 2)
+    return Message(RecordDict({ATLAS: ConfigRecord({"eval": json.dumps(reply)})}), reply_to=msg)
+

@@ -1,0 +1,88 @@
+"""What the Flower app's messages carry, shared by its ServerApp and ClientApp: trainable states as
+`ArrayRecord`s at the wire dtype, the run config, and the size accounting of every message.
+
+Sizes are measured the way Flower's own `message_size_mod`/`arrays_size_mod` measure them
+(`count_bytes()` of the records), plus the raw tensor payload read from each `Array`'s dtype and
+shape, which is what our own accounting (`simulation.wire`) counts.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp.typing import ClientAppCallable
+
+from atlasfl.config import RunConfig
+from atlasfl.federation.simulation import WIRE_DTYPES
+
+State = dict[str, torch.Tensor]
+ATLAS = "atlas"  # ConfigRecord of control values (round, flags, config, ranks, replies' metrics)
+STATE = "state"  # ArrayRecord of a trainable state (adapter factors and head)
+TRANSPORT = "transport"  # MetricRecord the ClientApp adds to each reply: what Flower carried both ways
+# bfloat16 has no NumPy dtype: it travels as its 16-bit patterns and is viewed back on arrival.
+_BITS = {torch.bfloat16: torch.int16}
+
+
+def state_to_record(state: State, wire_dtype: str) -> tuple[ArrayRecord, int]:
+    """The state as sent (every tensor at the wire dtype) and the bytes our accounting counts for it."""
+    wd = WIRE_DTYPES[wire_dtype]
+    arrays = {}
+    for key, tensor in state.items():
+        t = tensor.detach().cpu().to(wd).contiguous()
+        arrays[key] = (t.view(_BITS[wd]) if wd in _BITS else t).numpy()
+    nbytes = sum(a.nbytes for a in arrays.values())
+    return ArrayRecord(torch_state_dict={k: torch.from_numpy(a) for k, a in arrays.items()}), nbytes
+
+
+def record_to_state(record: ArrayRecord, wire_dtype: str) -> State:
+    """A received state back in float32 (the dtype the clients train in), as `simulation.wire` does."""
+    wd = WIRE_DTYPES[wire_dtype]
+    out = {}
+    for key, array in record.items():
+        t = torch.from_numpy(np.array(array.numpy()))
+        out[key] = (t.view(wd) if wd in _BITS else t).to(torch.float32)
+    return out
+
+
+def plain_record(state: State) -> ArrayRecord:
+    """A float32 state for `Context.state`: it stays on the node, never on the wire."""
+    return ArrayRecord(torch_state_dict={k: v.detach().cpu().contiguous() for k, v in state.items()})
+
+
+def plain_state(record: ArrayRecord) -> State:
+    return {k: torch.from_numpy(np.array(a.numpy())) for k, a in record.items()}
+
+
+def config_to_json(cfg: RunConfig) -> str:
+    return cfg.model_dump_json()
+
+
+def config_from_json(text: str, **updates) -> RunConfig:
+    """The server's run config, with a node's own settings (its data folder, its device) in `updates`."""
+    return RunConfig.model_validate({**json.loads(text), **updates})
+
+
+def content_sizes(content: RecordDict) -> dict[str, int]:
+    """message: Flower's count of all records; arrays: its count of the ArrayRecords (data plus
+    serialisation headers and keys); payload: the tensor bytes alone (numel x itemsize)."""
+    payload = 0
+    for record in content.array_records.values():
+        for array in record.values():
+            payload += int(np.prod(array.shape)) * np.dtype(array.dtype).itemsize
+    return dict(message=sum(r.count_bytes() for r in content.values()),
+                arrays=sum(r.count_bytes() for r in content.array_records.values()), payload=payload)
+
+
+def transport_size_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """ClientApp mod: measures the incoming message and the reply (before this record is added) and
+    reports both in the reply, so the server can put what Flower carried beside our accounting."""
+    incoming = content_sizes(msg.content)
+    reply = call_next(msg, context)
+    if reply.has_error():
+        return reply
+    outgoing = content_sizes(reply.content)
+    reply.content[TRANSPORT] = MetricRecord({**{f"down_{k}": v for k, v in incoming.items()},
+                                             **{f"up_{k}": v for k, v in outgoing.items()}})
+    return reply

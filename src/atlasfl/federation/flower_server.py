@@ -1,0 +1,283 @@
+"""The ATLAS `ServerApp`: a Flower strategy that drives `federation.server.Server`.
+
+Before round 1 the strategy queries every node for its fingerprint (phase 1) and plans clusters,
+devices and ranks with `Server.plan` (phase 2); round 1's messages bring each client its ranks. Each round is then
+Flower's train/evaluate cycle: the train replies carry the clients' trained states, which
+`Server.aggregate` turns into one new state per client (cluster mean, or the Laplacian step); the
+evaluate messages carry each client its new state, at its own ranks, and return its test metrics.
+The result dictionary is built by the same `build_result` as the in-process engine's.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
+
+from atlasfl.config import RunConfig, build_config
+from atlasfl.data.tasks import TaskData, expand_tasks, task_metric
+from atlasfl.errors import AtlasError
+from atlasfl.federation.flower_records import (ATLAS, STATE, TRANSPORT, config_to_json, record_to_state,
+                                               state_to_record)
+from atlasfl.federation.methods import METHOD_SPECS
+from atlasfl.federation.rounds import client_round, num_clients, round_summary, select_eta
+from atlasfl.federation.server import ClientInfo, Plan, Server
+from atlasfl.federation.simulation import build_result
+from atlasfl.phases.devices import ModelFacts
+from atlasfl.results.io import atomic_write_json
+from atlasfl.results.schema import validate_result
+
+log = logging.getLogger("atlasfl")
+CONNECT_TIMEOUT_S = 300.0  # how long the ServerApp waits for every SuperNode to connect
+REPLY_TIMEOUT_S = 3600.0  # per message round; a lost client fails the run instead of hanging it
+
+
+@dataclass(frozen=True)
+class RemoteShard:
+    """What the server knows of a client's data: its task and sizes (the examples stay on the node)."""
+    client_id: int
+    task: str
+    train: range
+    val: range
+
+
+class AtlasStrategy(Strategy):
+    """One run of ATLAS over a Flower grid; the per-client states live on the nodes between rounds."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.method = METHOD_SPECS[cfg.method]
+        self.node_of: dict[int, int] = {}  # client id -> node id
+        self.server: Server | None = None
+        self.plan: Plan | None = None
+        self.shards: list[RemoteShard] = []
+        self.eta = cfg.eta
+        self.transport = _Transport()
+        self._reset()
+
+    def _reset(self) -> None:
+        """Fresh per-eta bookkeeping (a lambda sweep restarts every client from its initial state)."""
+        self.rounds: list[dict] = []
+        self.val: dict[int, dict] = {}
+        self.pending: dict[int, ArrayRecord] = {}
+        self._round: dict = {}
+
+    # ---- phases 1 and 2 --------------------------------------------------------------------------
+    def prepare(self, grid: Grid) -> dict[str, float]:
+        """Fingerprint query and `Server.plan` (the ranks go out with round 1). Returns the phase's time."""
+        expected = num_clients(self.cfg)
+        nodes = _wait_for_nodes(grid, expected)
+        t0 = time.perf_counter()
+        config = ConfigRecord({"config": config_to_json(self.cfg)})
+        replies = _exchange(grid, [_message(RecordDict({ATLAS: config}), n, MessageType.QUERY + ".fingerprint")
+                                   for n in nodes], "fingerprint")
+        infos, uploads = {}, {}
+        for reply in replies:
+            info = json.loads(reply.content[ATLAS]["client"])
+            cid = info["client_id"]
+            if cid in infos:
+                raise AtlasError(f"two SuperNodes claim partition-id {cid}; give each node its own partition-id")
+            infos[cid], self.node_of[cid] = info, reply.metadata.src_node_id
+            fp = reply.content["fingerprint"]
+            uploads[cid] = dict(representation=fp["representation"].numpy(), gradient=fp["gradient"].numpy(),
+                                representation_noise=float(fp["representation_noise"].numpy()[0]),
+                                importance=dict(zip(info["modules"], fp["importance"].numpy().tolist())))
+            self.transport.add("fingerprint", cid, reply)
+        fingerprint_s = time.perf_counter() - t0
+        if sorted(infos) != list(range(expected)):
+            raise AtlasError(f"SuperNodes hold partition-ids {sorted(infos)}, the run needs 0..{expected - 1}")
+        first = infos[0]
+        self.shards = [RemoteShard(c, infos[c]["task"], range(infos[c]["num_train"]), range(infos[c]["num_val"]))
+                       for c in sorted(infos)]
+        self.tasks = {name: TaskData(name, next(i["num_labels"] for i in infos.values() if i["task"] == name),
+                                     task_metric(name), [], []) for name in expand_tasks(self.cfg.tasks)}
+        self.server = Server(self.cfg, [ClientInfo(c, i["task"], i["num_train"], i["num_labels"]) for c, i in sorted(infos.items())],
+                             modules=first["modules"], shapes={m: tuple(s) for m, s in first["shapes"].items()},
+                             facts=ModelFacts(**first["facts"]))
+        self.plan = self.server.plan(uploads)
+        log.info("%s over Flower: clusters %s, groups %s", self.cfg.run_name, self.plan.cluster_labels,
+                 self.server.groups())
+        return dict(fingerprint=fingerprint_s)
+
+    # ---- phases 3 and 4: Flower's round cycle ----------------------------------------------------
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self._round = dict(t0=time.perf_counter(), losses={}, up={}, down={})
+        messages = []
+        for cid in sorted(self.node_of):
+            conf = {"round": server_round, "reset": server_round == 1}
+            if server_round == 1:
+                conf["ranks"] = json.dumps(self.plan.ranks[cid])
+            messages.append(_message(RecordDict({ATLAS: ConfigRecord(conf)}), self.node_of[cid], MessageType.TRAIN,
+                                     group=server_round))
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord]:
+        uploads = {}
+        for reply in _checked(replies, len(self.node_of), "train"):
+            cid = int(reply.content[ATLAS]["client_id"])
+            self._round["losses"][cid] = float(reply.content["metrics"]["train_loss"])
+            if self.method.communicates:
+                uploads[cid] = record_to_state(reply.content[STATE], self.cfg.wire_dtype)
+                self._round["up"][cid] = int(reply.content["metrics"]["bytes_up"])
+            self.transport.add(f"round {server_round}", cid, reply)
+        self.server.eta = self.eta
+        for cid, state in self.server.aggregate(uploads).items() if uploads else ():
+            self.pending[cid], self._round["down"][cid] = state_to_record(state, self.cfg.wire_dtype)
+        return None, MetricRecord({"train_loss": float(np.mean(list(self._round["losses"].values())))})
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        messages = []
+        for cid in sorted(self.node_of):
+            content = RecordDict({ATLAS: ConfigRecord({"round": server_round,
+                                                       "validate": server_round == self.cfg.rounds})})
+            if cid in self.pending:
+                content[STATE] = self.pending.pop(cid)
+            messages.append(_message(content, self.node_of[cid], MessageType.EVALUATE, group=server_round))
+        return messages
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord:
+        clients, digests, r = {}, {}, self._round
+        for reply in _checked(replies, len(self.node_of), "evaluate"):
+            ev = json.loads(reply.content[ATLAS]["eval"])
+            cid = ev["client_id"]
+            digests[str(cid)] = ev["digest"]
+            clients[cid] = client_round(cid, self.shards[cid].task, r["losses"][cid], ev["test"], r["up"].get(cid, 0),
+                                        r["down"].get(cid, 0))
+            if "val" in ev:
+                self.val[cid] = ev["val"]
+            self.transport.peak_rss = max(self.transport.peak_rss, ev["peak_rss_bytes"])
+            self.transport.add(f"round {server_round}", cid, reply)
+        entry = round_summary(server_round, [clients[c] for c in sorted(clients)], list(self.tasks),
+                              time.perf_counter() - r["t0"], {c: digests[c] for c in sorted(digests, key=int)})
+        if self.method.personalise:
+            entry["lambda_eta"] = self.eta
+        self.rounds.append(entry)
+        self.transport.round_times.append(entry["time_s"])
+        log.info("eta %g round %d: mean task score %.4f, %.1fs", self.eta, server_round, entry["mean_task_score"],
+                 entry["time_s"])
+        return MetricRecord({"mean_task_score": entry["mean_task_score"]})
+
+    def summary(self) -> None:
+        log.info("AtlasStrategy: %s, %d clients, %d rounds", self.cfg.method, len(self.node_of), self.cfg.rounds)
+
+    # ---- a whole run ----------------------------------------------------------------------------
+    def run(self, grid: Grid) -> dict:
+        """Phases 1-2, then the rounds for every eta (one unless sweeping), then the result dictionary."""
+        t_start = time.perf_counter()
+        phases_s = self.prepare(grid)
+        setup_s = time.perf_counter() - t_start
+        etas = self.cfg.lambda_grid if (self.cfg.lambda_sweep and self.method.personalise) else (self.cfg.eta,)
+        runs = []
+        for eta in etas:
+            self.eta = eta
+            self._reset()
+            self.start(grid, ArrayRecord(), num_rounds=self.cfg.rounds, timeout=REPLY_TIMEOUT_S)
+            runs.append(dict(eta=eta, rounds=self.rounds, val=dict(self.val),
+                             val_score=float(np.mean([v["score"] for v in self.val.values()]))))
+        chosen, sweep = select_eta(runs)
+        result = build_result(self.cfg, self.shards, self.tasks, self.plan, chosen, sweep, setup_s, phases_s,
+                              time.perf_counter() - t_start, "cpu")
+        result["communication_costs"]["transport"] = self.transport.report(result["communication_costs"])
+        result["memory"] = dict(result["memory"], peak_measured_bytes=self.transport.peak_rss,
+                                measured_by="peak RSS of the ClientApp processes, max over clients (ru_maxrss)")
+        result["environment"]["engine"] = "flower"
+        return result
+
+
+class _Transport:
+    """What Flower carried, per phase and client, as measured by the ClientApp's size mod."""
+
+    def __init__(self):
+        self.by_phase: dict[str, dict[str, int]] = {}
+        self.round_times: list[float] = []
+        self.peak_rss = 0
+
+    def add(self, phase: str, cid: int, reply: Message) -> None:
+        sizes = reply.content[TRANSPORT]
+        bucket = self.by_phase.setdefault(phase if not phase.startswith("round") else "rounds", {})
+        for key, value in sizes.items():
+            bucket[key] = bucket.get(key, 0) + int(value)
+
+    def report(self, ours: dict) -> dict:
+        rounds = self.by_phase.get("rounds", {})
+        return dict(
+            measured_by="Flower RecordDict/ArrayRecord.count_bytes() of every message, in the ClientApp mod "
+                        "transport_size_mod (as flwr's message_size_mod/arrays_size_mod measure); payload = "
+                        "tensor bytes (numel x itemsize) of the carried Arrays",
+            phases=self.by_phase,
+            rounds_payload_matches_accounting=(rounds.get("up_payload", 0) == ours["total_bytes_up"]
+                                               - ours["fingerprint_bytes_up"]
+                                               and rounds.get("down_payload", 0) == ours["total_bytes_down"]),
+            note="'rounds' carries the adapters and heads our accounting counts (payload) plus NumPy headers and "
+                 "array names (arrays) and control values (message); 'fingerprint' carries both fingerprint kinds "
+                 "whatever the method (one is for the report only) and the run config; ranks travel as control "
+                 "values of round 1. Control values are not counted as traffic by our accounting.",
+        )
+
+
+def _wait_for_nodes(grid: Grid, expected: int) -> list[int]:
+    deadline = time.monotonic() + CONNECT_TIMEOUT_S
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= expected:
+            return nodes
+        if time.monotonic() > deadline:
+            raise AtlasError(f"only {len(nodes)} of {expected} SuperNodes connected within {CONNECT_TIMEOUT_S:.0f}s")
+        time.sleep(1.0)
+
+
+def _message(content: RecordDict, node: int, message_type: str, group: int = 0) -> Message:
+    return Message(content, dst_node_id=node, message_type=message_type, group_id=str(group))
+
+
+def _exchange(grid: Grid, messages: list[Message], what: str) -> list[Message]:
+    return _checked(grid.send_and_receive(messages, timeout=REPLY_TIMEOUT_S), len(messages), what)
+
+
+def _checked(replies: Iterable[Message], expected: int, what: str) -> list[Message]:
+    """All replies, or a clear error naming the client's failure (ATLAS needs every client each round)."""
+    replies = list(replies)
+    for reply in replies:
+        if reply.has_error():
+            raise AtlasError(f"a client failed during {what}: {reply.error.reason}")
+    if len(replies) != expected:
+        raise AtlasError(f"{what}: {len(replies)} of {expected} clients replied within {REPLY_TIMEOUT_S:.0f}s")
+    return replies
+
+
+def config_from_run_config(run_config: dict) -> RunConfig:
+    """The RunConfig of a `flwr run`: [tool.flwr.app.config] in pyproject.toml plus `--run-config`
+    overrides. `rounds` 0 keeps the preset; `overrides` is a JSON object of any other `atlas run` setting."""
+    extra = json.loads(run_config.get("overrides") or "{}")
+    values = dict(mode=run_config.get("mode") or None, tasks=tuple(str(run_config.get("tasks", "")).split()) or None,
+                  rounds=int(run_config.get("rounds", 0)) or None, output_dir=run_config.get("output-dir") or None,
+                  engine="flower")
+    return build_config(str(run_config["model"]), int(run_config["seed"]), str(run_config["method"]),
+                        **{**values, **extra})
+
+
+def make_server_app(cfg: RunConfig | None = None, sink: Callable[[dict], None] | None = None) -> ServerApp:
+    """A ServerApp for `cfg` (else the run config of `flwr run`); the result goes to `sink` (else it is
+    validated and written to the config's result path, as `atlas run` writes it)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_cfg = cfg or config_from_run_config(dict(context.run_config))
+        result = AtlasStrategy(run_cfg).run(grid)
+        validate_result(result)
+        if sink is not None:
+            sink(result)
+        else:
+            atomic_write_json(run_cfg.result_path, result)
+            log.info("wrote %s", run_cfg.result_path)
+
+    return app

@@ -1,0 +1,60 @@
+"""Engine-independent pieces of a run that every engine assembles the same way: one client's data
+from its id alone, a client's round record, a round's summary, and the choice of eta after a sweep.
+
+The in-process engine (simulation.py) and the Flower app (flower_server.py, flower_client.py) both
+call these, so a result JSON means the same whichever engine wrote it.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from atlasfl.config import RunConfig
+from atlasfl.data.partition import ClientShard, task_shards
+from atlasfl.data.tasks import TaskData, expand_tasks, load_task
+from atlasfl.errors import AtlasError
+
+
+def num_clients(cfg: RunConfig) -> int:
+    return len(expand_tasks(cfg.tasks)) * cfg.clients_per_task
+
+
+def load_client_data(cfg: RunConfig, client_id: int) -> tuple[ClientShard, TaskData]:
+    """Client `client_id`'s shard and task, loading only that task: what one machine of a real
+    deployment holds. Ids run over tasks in order, as in `make_shards`, so the shard is the same."""
+    names = expand_tasks(cfg.tasks)
+    if not 0 <= client_id < num_clients(cfg):
+        raise AtlasError(f"client id {client_id} is outside 0..{num_clients(cfg) - 1} "
+                         f"({len(names)} tasks x {cfg.clients_per_task} clients per task)")
+    task_index, j = divmod(client_id, cfg.clients_per_task)
+    task = load_task(names[task_index], data_dir=cfg.data_dir, max_test=cfg.max_test_samples)
+    shards = task_shards(task, cfg.clients_per_task, first_id=task_index * cfg.clients_per_task, seed=cfg.seed,
+                         max_samples=cfg.max_samples, dirichlet_alpha=cfg.dirichlet_alpha)
+    return shards[j], task
+
+
+def client_round(client_id: int, task: str, train_loss: float, ev: dict, bytes_up: int, bytes_down: int) -> dict:
+    """One client's entry of a round (schema ClientRound) from its training loss and test evaluation."""
+    return dict(client_id=client_id, task=task, train_loss=train_loss, test_loss=ev["loss"],
+                test_accuracy=ev["accuracy"], test_macro_f1=ev["macro_f1"], test_f1=ev["f1"], test_mcc=ev["mcc"],
+                test_metric=ev["score"], metric_name=ev["metric_name"], bytes_up=bytes_up, bytes_down=bytes_down)
+
+
+def round_summary(round_idx: int, clients: list[dict], task_names: list[str], time_s: float,
+                  digests: dict[str, str]) -> dict:
+    """A round's entry (schema RoundEntry): task scores are the mean over each task's clients."""
+    task_scores = {t: float(np.mean([c["test_metric"] for c in clients if c["task"] == t])) for t in task_names}
+    return dict(round=round_idx, clients=clients, mean_accuracy=float(np.mean([c["test_accuracy"] for c in clients])),
+                task_scores=task_scores, mean_task_score=float(np.mean(list(task_scores.values()))), time_s=time_s,
+                bytes_up_total=sum(c["bytes_up"] for c in clients), bytes_down_total=sum(c["bytes_down"] for c in clients),
+                state_digests=digests)
+
+
+def select_eta(runs: list[dict]) -> tuple[dict, dict | None]:
+    """The run whose eta has the best mean local-validation score (the smaller eta on ties), and the
+    sweep report when more than one eta ran."""
+    chosen = max(runs, key=lambda run: run["val_score"])  # first maximum: the smaller eta on ties
+    if len(runs) == 1:
+        return chosen, None
+    return chosen, dict(grid=[run["eta"] for run in runs], val_scores=[run["val_score"] for run in runs],
+                        test_scores=[run["rounds"][-1]["mean_task_score"] for run in runs], selected_eta=chosen["eta"],
+                        selection="mean local-validation score of the clients' task metric")
