@@ -21,13 +21,16 @@ def run_flower(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -
 
     from atlasfl.federation.flower_client import app as client_app
     from atlasfl.federation.flower_server import make_server_app
+    from atlasfl.federation.simulation import resolve_device
 
     if resume:
         raise AtlasError("--resume is not available with --engine flower (a Flower run restarts from round 1); "
                          "drop --resume, or use --engine inprocess")
     results: list[dict] = []
     cpus = os.cpu_count() or 1
-    backend_config = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+    # One CPU per virtual SuperNode; on CUDA the concurrent ones share the GPU (Ray hides it from 0-GPU actors).
+    gpus = 1.0 / cpus if resolve_device(cfg.device).startswith("cuda") else 0.0
+    backend_config = {"client_resources": {"num_cpus": 1, "num_gpus": gpus},
                       "init_args": {"num_cpus": cpus, "include_dashboard": False}}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)

@@ -16,6 +16,7 @@ import resource
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
@@ -140,9 +141,17 @@ def evaluate(msg: Message, context: Context) -> Message:
         fm.set_state(cid, record_to_state(msg.content[STATE], cfg.wire_dtype))
         _keep_state(context, fm, cid)
     reply = dict(client_id=cid, digest=state_digest(fm.get_state(cid)),
-                 test=evaluate_client(fm, cid, test_enc, task, cfg.batch_size * 2),
-                 peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+                 test=evaluate_client(fm, cid, test_enc, task, cfg.batch_size * 2), **_peak_memory(fm.device))
     if msg.content[ATLAS]["validate"]:
         reply["val"] = evaluate_client(fm, cid, val_enc, task, cfg.batch_size * 2)
     return Message(RecordDict({ATLAS: ConfigRecord({"eval": json.dumps(reply)})}), reply_to=msg)
 
+
+
+def _peak_memory(device: torch.device) -> dict:
+    """This process's measured peak, as the in-process engine measures its own."""
+    if device.type == "cuda":
+        return dict(device=str(device), peak_bytes=int(torch.cuda.max_memory_allocated(device)),
+                    peak_measured_by="torch.cuda.max_memory_allocated")
+    return dict(device=str(device), peak_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                peak_measured_by="peak RSS (ru_maxrss)")

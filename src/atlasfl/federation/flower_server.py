@@ -28,7 +28,7 @@ from atlasfl.federation.flower_records import (ATLAS, STATE, TRANSPORT, config_t
 from atlasfl.federation.methods import METHOD_SPECS
 from atlasfl.federation.rounds import client_round, num_clients, round_summary, select_eta
 from atlasfl.federation.server import ClientInfo, Plan, Server
-from atlasfl.federation.simulation import build_result
+from atlasfl.federation.simulation import warn_infeasible, build_result
 from atlasfl.phases.devices import ModelFacts
 from atlasfl.results.io import atomic_write_json
 from atlasfl.results.schema import validate_result
@@ -58,7 +58,7 @@ class AtlasStrategy(Strategy):
         self.plan: Plan | None = None
         self.shards: list[RemoteShard] = []
         self.eta = cfg.eta
-        self.transport = _Transport()
+        self.reports = _Reports()
         self._reset()
 
     def _reset(self) -> None:
@@ -88,7 +88,7 @@ class AtlasStrategy(Strategy):
             uploads[cid] = dict(representation=fp["representation"].numpy(), gradient=fp["gradient"].numpy(),
                                 representation_noise=float(fp["representation_noise"].numpy()[0]),
                                 importance=dict(zip(info["modules"], fp["importance"].numpy().tolist())))
-            self.transport.add("fingerprint", cid, reply)
+            self.reports.add("fingerprint", cid, reply)
         fingerprint_s = time.perf_counter() - t0
         if sorted(infos) != list(range(expected)):
             raise AtlasError(f"SuperNodes hold partition-ids {sorted(infos)}, the run needs 0..{expected - 1}")
@@ -97,10 +97,11 @@ class AtlasStrategy(Strategy):
                        for c in sorted(infos)]
         self.tasks = {name: TaskData(name, next(i["num_labels"] for i in infos.values() if i["task"] == name),
                                      task_metric(name), [], []) for name in expand_tasks(self.cfg.tasks)}
-        self.server = Server(self.cfg, [ClientInfo(c, i["task"], i["num_train"], i["num_labels"]) for c, i in sorted(infos.items())],
-                             modules=first["modules"], shapes={m: tuple(s) for m, s in first["shapes"].items()},
-                             facts=ModelFacts(**first["facts"]))
+        clients = [ClientInfo(c, i["task"], i["num_train"], i["num_labels"]) for c, i in sorted(infos.items())]
+        self.server = Server(self.cfg, clients, modules=first["modules"], facts=ModelFacts(**first["facts"]),
+                             shapes={m: tuple(s) for m, s in first["shapes"].items()})
         self.plan = self.server.plan(uploads)
+        warn_infeasible(self.cfg, self.plan)
         log.info("%s over Flower: clusters %s, groups %s", self.cfg.run_name, self.plan.cluster_labels,
                  self.server.groups())
         return dict(fingerprint=fingerprint_s)
@@ -126,7 +127,7 @@ class AtlasStrategy(Strategy):
             if self.method.communicates:
                 uploads[cid] = record_to_state(reply.content[STATE], self.cfg.wire_dtype)
                 self._round["up"][cid] = int(reply.content["metrics"]["bytes_up"])
-            self.transport.add(f"round {server_round}", cid, reply)
+            self.reports.add("rounds", cid, reply)
         self.server.eta = self.eta
         for cid, state in self.server.aggregate(uploads).items() if uploads else ():
             self.pending[cid], self._round["down"][cid] = state_to_record(state, self.cfg.wire_dtype)
@@ -153,14 +154,13 @@ class AtlasStrategy(Strategy):
                                         r["down"].get(cid, 0))
             if "val" in ev:
                 self.val[cid] = ev["val"]
-            self.transport.peak_rss = max(self.transport.peak_rss, ev["peak_rss_bytes"])
-            self.transport.add(f"round {server_round}", cid, reply)
+            self.reports.note_client(ev["device"], ev["peak_bytes"], ev["peak_measured_by"])
+            self.reports.add("rounds", cid, reply)
         entry = round_summary(server_round, [clients[c] for c in sorted(clients)], list(self.tasks),
                               time.perf_counter() - r["t0"], {c: digests[c] for c in sorted(digests, key=int)})
         if self.method.personalise:
             entry["lambda_eta"] = self.eta
         self.rounds.append(entry)
-        self.transport.round_times.append(entry["time_s"])
         log.info("eta %g round %d: mean task score %.4f, %.1fs", self.eta, server_round, entry["mean_task_score"],
                  entry["time_s"])
         return MetricRecord({"mean_task_score": entry["mean_task_score"]})
@@ -179,47 +179,66 @@ class AtlasStrategy(Strategy):
         for eta in etas:
             self.eta = eta
             self._reset()
+            self.reports.next_eta(eta)
             self.start(grid, ArrayRecord(), num_rounds=self.cfg.rounds, timeout=REPLY_TIMEOUT_S)
             runs.append(dict(eta=eta, rounds=self.rounds, val=dict(self.val),
                              val_score=float(np.mean([v["score"] for v in self.val.values()]))))
         chosen, sweep = select_eta(runs)
         result = build_result(self.cfg, self.shards, self.tasks, self.plan, chosen, sweep, setup_s, phases_s,
                               time.perf_counter() - t_start, "cpu")
-        result["communication_costs"]["transport"] = self.transport.report(result["communication_costs"])
-        result["memory"] = dict(result["memory"], peak_measured_bytes=self.transport.peak_rss,
-                                measured_by="peak RSS of the ClientApp processes, max over clients (ru_maxrss)")
-        result["environment"]["engine"] = "flower"
+        result["communication_costs"]["transport"] = self.reports.report(result["communication_costs"], chosen["eta"])
+        # Measured where the clients train, not in this (server) process.
+        result["memory"] = dict(result["memory"], peak_measured_bytes=self.reports.peak,
+                                measured_by=f"max over clients of {' / '.join(sorted(self.reports.measured_by))}, "
+                                            "in the ClientApp processes")
+        result["environment"].update(engine="flower", client_devices=sorted(self.reports.devices))
         return result
 
 
-class _Transport:
-    """What Flower carried, per phase and client, as measured by the ClientApp's size mod."""
+class _Reports:
+    """What the clients' replies report beside their results: the sizes of the messages Flower carried
+    (the ClientApp's size mod), per phase and client, and where and how much memory they used."""
 
     def __init__(self):
-        self.by_phase: dict[str, dict[str, int]] = {}
-        self.round_times: list[float] = []
-        self.peak_rss = 0
+        self.fingerprint: dict[str, int] = {}
+        self.rounds: dict[str, int] = {}  # of the current eta
+        self.rounds_by_eta: dict[float, dict[str, int]] = {}
+        self.per_client: dict[str, dict[str, int]] = {}
+        self.peak = 0
+        self.measured_by: set[str] = set()
+        self.devices: set[str] = set()
+
+    def next_eta(self, eta: float) -> None:
+        self.rounds = self.rounds_by_eta[eta] = {}
+
+    def note_client(self, device: str, peak_bytes: int, measured_by: str) -> None:
+        self.peak = max(self.peak, peak_bytes)
+        self.measured_by.add(measured_by)
+        self.devices.add(device)
 
     def add(self, phase: str, cid: int, reply: Message) -> None:
-        sizes = reply.content[TRANSPORT]
-        bucket = self.by_phase.setdefault(phase if not phase.startswith("round") else "rounds", {})
-        for key, value in sizes.items():
-            bucket[key] = bucket.get(key, 0) + int(value)
+        """Add one reply's size record to its phase ('fingerprint' or 'rounds') and to its client."""
+        for bucket in (getattr(self, phase), self.per_client.setdefault(str(cid), {})):
+            for key, value in reply.content[TRANSPORT].items():
+                bucket[key] = bucket.get(key, 0) + int(value)
 
-    def report(self, ours: dict) -> dict:
-        rounds = self.by_phase.get("rounds", {})
+    def report(self, ours: dict, eta: float) -> dict:
+        """Sizes of the chosen eta's run (the one our accounting describes) beside our totals."""
+        rounds = self.rounds_by_eta[eta]
         return dict(
             measured_by="Flower RecordDict/ArrayRecord.count_bytes() of every message, in the ClientApp mod "
                         "transport_size_mod (as flwr's message_size_mod/arrays_size_mod measure); payload = "
                         "tensor bytes (numel x itemsize) of the carried Arrays",
-            phases=self.by_phase,
+            phases=dict(fingerprint=self.fingerprint, rounds=rounds),
+            per_client=self.per_client,
             rounds_payload_matches_accounting=(rounds.get("up_payload", 0) == ours["total_bytes_up"]
                                                - ours["fingerprint_bytes_up"]
                                                and rounds.get("down_payload", 0) == ours["total_bytes_down"]),
             note="'rounds' carries the adapters and heads our accounting counts (payload) plus NumPy headers and "
                  "array names (arrays) and control values (message); 'fingerprint' carries both fingerprint kinds "
                  "whatever the method (one is for the report only) and the run config; ranks travel as control "
-                 "values of round 1. Control values are not counted as traffic by our accounting.",
+                 "values of round 1. Control values are not counted as traffic by our accounting. 'phases' holds the "
+                 "chosen eta's rounds; 'per_client' every message of a client (all phases, every eta of a sweep).",
         )
 
 

@@ -15,17 +15,18 @@ import torch
 
 from atlasfl.config import RunConfig
 from atlasfl.data.batching import encode
+from atlasfl.errors import AtlasError
 from atlasfl.data.partition import ClientShard, make_shards
 from atlasfl.data.tasks import TaskData, expand_tasks, load_task
 from atlasfl.federation.client import client_seed, fingerprint, predict, train_local
 from atlasfl.federation.methods import METHOD_SPECS, MethodSpec
+from atlasfl.federation.rounds import client_round, round_summary, select_eta
 from atlasfl.federation.server import ClientInfo, Plan, Server
 from atlasfl.metrics import classification_metrics, task_score
 from atlasfl.models.lora import FederatedLoRAModel, state_digest
 from atlasfl.models.registry import check_model_name, load_backbone
-from atlasfl.errors import AtlasError
-from atlasfl.results.checkpoint import (complete_checkpoints, config_differences, load_checkpoint, restore_rng,
-                                        save_checkpoint)
+from atlasfl.results.checkpoint import (clear_checkpoints, complete_checkpoints, config_differences, load_checkpoint,
+                                        restore_rng, save_checkpoint)
 from atlasfl.results.schema import SCHEMA_VERSION
 
 log = logging.getLogger("atlasfl")
@@ -89,7 +90,7 @@ def run_experiment(cfg: RunConfig, *, progress: bool = True, resume: bool = Fals
         meta, saved_states = checkpoint
         plan = Plan.from_json(meta["plan"])
         server.adopt(plan)
-    _warn_infeasible(cfg, plan)
+    warn_infeasible(cfg, plan)
     for s in shards:
         fm.add_client(s.client_id, plan.ranks[s.client_id], tasks[s.task].num_labels)
     initial = {s.client_id: fm.get_state(s.client_id) for s in shards}
@@ -101,7 +102,8 @@ def run_experiment(cfg: RunConfig, *, progress: bool = True, resume: bool = Fals
     etas = cfg.lambda_grid if (cfg.lambda_sweep and method.personalise) else (cfg.eta,)
     runs, start_eta, start_round, rounds = [], 0, 0, []
     if checkpoint is None:
-        _save(cfg, fm, shards, plan, 0, 0, [], runs)
+        clear_checkpoints(cfg.checkpoint_path)  # a fresh start must not mix with an older attempt's rounds
+        _save(cfg, fm, shards, plan, 0, 0, [], runs, phases_s)
     else:
         runs, start_eta, start_round, rounds = meta["runs"], meta["eta_index"], meta["round"], meta["rounds"]
         for run in runs:
@@ -126,16 +128,11 @@ def run_experiment(cfg: RunConfig, *, progress: bool = True, resume: bool = Fals
                     rounds[-1]["lambda_eta"] = eta
                 log.info("eta %g round %d: mean task score %.4f, %.1fs", eta, r, rounds[-1]["mean_task_score"],
                          rounds[-1]["time_s"])
-                _save(cfg, fm, shards, plan, eta_index, r, rounds, runs)
+                _save(cfg, fm, shards, plan, eta_index, r, rounds, runs, phases_s)
             val = {s.client_id: evaluate_client(fm, s.client_id, val_enc[s.client_id], tasks[s.task], cfg.batch_size * 2)
                    for s in shards}
             runs.append(dict(eta=eta, rounds=rounds, val=val, val_score=float(np.mean([v["score"] for v in val.values()]))))
-    chosen = max(runs, key=lambda run: run["val_score"])  # first maximum: the smaller eta on ties
-    sweep = None
-    if len(runs) > 1:
-        sweep = dict(grid=list(etas), val_scores=[run["val_score"] for run in runs],
-                     test_scores=[run["rounds"][-1]["mean_task_score"] for run in runs], selected_eta=chosen["eta"],
-                     selection="mean local-validation score of the clients' task metric")
+    chosen, sweep = select_eta(runs)
     return build_result(cfg, shards, tasks, plan, chosen, sweep, setup_s, phases_s, time.perf_counter() - t_start,
                         device)
 
@@ -159,14 +156,21 @@ def _latest_checkpoint(cfg: RunConfig):
     return meta, states
 
 
-def _save(cfg, fm, shards, plan: Plan, eta_index: int, round_idx: int, rounds: list, runs: list) -> None:
+def _save(cfg, fm, shards, plan: Plan, eta_index: int, round_idx: int, rounds: list, runs: list,
+          phases_s: dict) -> None:
+    """Checkpoint the run; its seconds add up in phases_s['checkpoint'] and its size goes to the log."""
+    t0 = time.perf_counter()
     states = {s.client_id: fm.get_state(s.client_id) for s in shards}
     payload = dict(config=cfg.model_dump(mode="json"), plan=asdict(plan), rounds=rounds,
                    runs=[dict(run, val={str(c): v for c, v in run["val"].items()}) for run in runs],
                    digests={str(c): state_digest(st) for c, st in states.items()},
                    optimizer="AdamW is created afresh each round: no moments to keep")
-    save_checkpoint(cfg.checkpoint_path, eta_index=eta_index, round_idx=round_idx, states=states, payload=payload,
-                    keep=cfg.keep_checkpoints)
+    folder = save_checkpoint(cfg.checkpoint_path, eta_index=eta_index, round_idx=round_idx, states=states,
+                             payload=payload, keep=cfg.keep_checkpoints)
+    seconds = time.perf_counter() - t0
+    phases_s["checkpoint"] = phases_s.get("checkpoint", 0.0) + seconds
+    size = sum(f.stat().st_size for f in folder.iterdir())
+    log.info("checkpoint %s: %.2fs, %.2f MB", folder.name, seconds, size / 1e6)
 
 
 def _guard_oom(cfg: RunConfig, shard: ClientShard, what: str, step):
@@ -180,7 +184,8 @@ def _guard_oom(cfg: RunConfig, shard: ClientShard, what: str, step):
             "(distilbert, gpt2); the last checkpoint is kept, rerun with --resume") from None
 
 
-def _warn_infeasible(cfg: RunConfig, plan: Plan) -> None:
+def warn_infeasible(cfg: RunConfig, plan: Plan) -> None:
+    """Say loudly, in the log and on stderr, which clients the memory estimate says cannot train."""
     for cid, info in plan.phase2["clients"].items():
         if not info["feasible"]:
             need = info["memory_estimate_bytes"]["total_estimate"] / 2**30
@@ -215,16 +220,9 @@ def _run_round(cfg, r, method: MethodSpec, fm, server: Server, shards, tasks, tr
             evaluated[digest, s.task] = evaluate_client(fm, s.client_id, test_enc[s.task], tasks[s.task],
                                                         cfg.batch_size * 2)
         ev = evaluated[digest, s.task]
-        clients.append(dict(client_id=s.client_id, task=s.task, train_loss=losses[s.client_id], test_loss=ev["loss"],
-                            test_accuracy=ev["accuracy"], test_macro_f1=ev["macro_f1"], test_f1=ev["f1"],
-                            test_mcc=ev["mcc"], test_metric=ev["score"],
-                            metric_name=ev["metric_name"], bytes_up=up.get(s.client_id, 0),
-                            bytes_down=down.get(s.client_id, 0)))
-    task_scores = {t: float(np.mean([c["test_metric"] for c in clients if c["task"] == t])) for t in tasks}
-    return dict(round=r, clients=clients, mean_accuracy=float(np.mean([c["test_accuracy"] for c in clients])),
-                task_scores=task_scores, mean_task_score=float(np.mean(list(task_scores.values()))),
-                time_s=time.perf_counter() - t0, bytes_up_total=sum(up.values()), bytes_down_total=sum(down.values()),
-                state_digests=digests)
+        clients.append(client_round(s.client_id, s.task, losses[s.client_id], ev, up.get(s.client_id, 0),
+                                    down.get(s.client_id, 0)))
+    return round_summary(r, clients, list(tasks), time.perf_counter() - t0, digests)
 
 
 def _final_metrics(rounds: list[dict], tasks: dict[str, TaskData], per_client: dict) -> dict:

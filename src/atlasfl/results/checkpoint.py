@@ -66,6 +66,12 @@ def complete_checkpoints(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith("round-"))
 
 
+def clear_checkpoints(folder: Path) -> None:
+    """Remove a run's old checkpoints before it starts afresh."""
+    for old in complete_checkpoints(folder):
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def load_checkpoint(path: Path) -> tuple[dict, dict[int, dict[str, torch.Tensor]]]:
     """The checkpoint's state.json and per-client states; a damaged one is a one-line AtlasError."""
     try:
