@@ -92,7 +92,8 @@ ACTIVATION_FACTORS: dict[str, tuple[float, float, float]] = {
 
 # Eager autograd holds more than the stored activations at its peak (backward's gradient buffers,
 # softmax/GELU temporaries). Measured on CPU fp32 for a 4-layer BERT (h=256, seq 128, batch 16–96):
-# peak growth of one LoRA step was 1.34–1.62× the count above (tests/integration/test_memory_model.py).
+# peak RSS growth of one LoRA step was 1.34–1.62× the count above in three runs, though one later run
+# measured only 0.96× (RSS high-water marks depend on allocator state; tests/integration/test_memory_model.py).
 EAGER_OVERHEAD = 1.5
 
 
