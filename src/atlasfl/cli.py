@@ -10,10 +10,7 @@ from rich.table import Table
 
 from atlasfl.config import METHODS, build_config
 from atlasfl.errors import AtlasError
-from atlasfl.options import (Aggregation, BatchSize, CheckpointDir, ClientsPerTask, Clusters, DataDir, Device, Devices,
-                             DirichletAlpha, Engine, Eta, Fingerprint, FingerprintSamples, Init, LambdaSweep,
-                             LocalEpochs, Lr, MaxSamples, MaxTestSamples, Mode, OutputDir, Rounds, Tasks,
-                             config_overrides)
+from atlasfl.options import with_overrides
 from atlasfl.experiment import RunInterrupted, run_and_save
 from atlasfl.presets import PRESETS
 
@@ -42,28 +39,17 @@ def _seed(value: str) -> int:
 
 
 @app.command()
+@with_overrides()
 def run(
     model: str = typer.Argument(..., help="distilbert | gpt2 | gpt2-xl | qwen2.5 | minilm | tiny-* | HF id | folder"),
     seed: str = typer.Argument(..., help="Random seed (non-negative integer)."),
     method: str = typer.Argument(..., help=" | ".join(METHODS)),
-    rounds: Rounds = None, batch_size: BatchSize = None, lr: Lr = None, local_epochs: LocalEpochs = None,
-    max_samples: MaxSamples = None, max_test_samples: MaxTestSamples = None,
-    fingerprint_samples: FingerprintSamples = None, tasks: Tasks = None, clients_per_task: ClientsPerTask = None,
-    mode: Mode = "full", output_dir: OutputDir = None, device: Device = None, dirichlet_alpha: DirichletAlpha = None,
-    data_dir: DataDir = None, init: Init = None, eta: Eta = None, lambda_sweep: LambdaSweep = False,
-    aggregation: Aggregation = None, devices: Devices = None, clusters: Clusters = None,
-    fingerprint: Fingerprint = None, engine: Engine = None, checkpoint_dir: CheckpointDir = None,
     resume: bool = typer.Option(False, "--resume", help="Continue from the run's last complete checkpoint."),
     overwrite: bool = typer.Option(False, help="Replace an existing complete result JSON."),
+    overrides: dict | None = None,
 ):
     """Run one experiment: MODEL SEED METHOD."""
-    cfg = build_config(model, _seed(seed), method, **config_overrides(
-        rounds=rounds, batch_size=batch_size, lr=lr, local_epochs=local_epochs, max_samples=max_samples,
-        max_test_samples=max_test_samples, fingerprint_samples=fingerprint_samples, tasks=tasks,
-        clients_per_task=clients_per_task, mode=mode, output_dir=output_dir, device=device,
-        dirichlet_alpha=dirichlet_alpha, data_dir=data_dir, init=init, eta=eta, lambda_sweep=lambda_sweep,
-        aggregation=aggregation, devices=devices, clusters=clusters, fingerprint=fingerprint, engine=engine,
-        checkpoint_dir=checkpoint_dir))
+    cfg = build_config(model, _seed(seed), method, **overrides)
     result, path = run_and_save(cfg, overwrite=overwrite, resume=resume)
     print_summary(result, path)
 

@@ -1,6 +1,10 @@
-"""The settings `atlas run` and `atlas sweep` share, declared once, and turned into build_config keywords once."""
+"""The settings `atlas run` and `atlas sweep` share: declared once, added to both commands by
+`with_overrides`, and turned into build_config keywords once."""
 from __future__ import annotations
 
+import functools
+import inspect
+import typing
 from typing import Annotated, List, Optional
 
 import typer
@@ -45,3 +49,38 @@ def config_overrides(**values) -> dict:
             value = tuple(split_values(value)) or None
         out[key] = None if value is False else value
     return out
+
+
+# Every shared override: its option declaration and its default (None: the preset's value).
+OVERRIDES = dict(
+    rounds=Rounds, batch_size=BatchSize, lr=Lr, local_epochs=LocalEpochs, max_samples=MaxSamples,
+    max_test_samples=MaxTestSamples, fingerprint_samples=FingerprintSamples, tasks=Tasks,
+    clients_per_task=ClientsPerTask, mode=Mode, output_dir=OutputDir, device=Device, dirichlet_alpha=DirichletAlpha,
+    data_dir=DataDir, init=Init, eta=Eta, lambda_sweep=LambdaSweep, aggregation=Aggregation, devices=Devices,
+    clusters=Clusters, fingerprint=Fingerprint, engine=Engine, checkpoint_dir=CheckpointDir,
+)
+DEFAULTS = dict(mode="full", lambda_sweep=False)
+
+
+def with_overrides(*, exclude: tuple[str, ...] = ()):
+    """Give a typer command every shared override as an option; the command receives them as one
+    `overrides` dict of build_config keywords instead of one parameter each."""
+    names = [n for n in OVERRIDES if n not in exclude]
+
+    def decorate(command):
+        hints = typing.get_type_hints(command, include_extras=True)
+        signature = inspect.signature(command)
+        own = [p.replace(annotation=hints[p.name]) for p in signature.parameters.values() if p.name != "overrides"]
+        shared = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=DEFAULTS.get(n), annotation=OVERRIDES[n])
+                  for n in names]
+
+        @functools.wraps(command)
+        def wrapper(*args, **kwargs):
+            values = {n: kwargs.pop(n) for n in names}
+            return command(*args, overrides=config_overrides(**values), **kwargs)
+
+        wrapper.__signature__ = signature.replace(parameters=own + shared)
+        wrapper.__annotations__ = {p.name: p.annotation for p in own + shared}
+        return wrapper
+
+    return decorate

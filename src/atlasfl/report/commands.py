@@ -10,10 +10,7 @@ from typer.core import TyperCommand
 
 from atlasfl.config import METHODS
 from atlasfl.errors import AtlasError
-from atlasfl.options import (Aggregation, BatchSize, CheckpointDir, ClientsPerTask, Clusters, DataDir, Device, Devices,
-                             DirichletAlpha, Eta, Fingerprint, FingerprintSamples, Init, LambdaSweep, LocalEpochs, Lr,
-                             MaxSamples, MaxTestSamples, Mode, OutputDir, Rounds, Tasks, config_overrides,
-                             split_values)
+from atlasfl.options import split_values, with_overrides
 
 LIST_OPTIONS = ("--models", "--methods", "--seeds", "--tasks", "--devices")
 
@@ -76,27 +73,15 @@ def sweep(
     models: List[str] = typer.Option(..., help="Models: space- or comma-separated, or repeat the flag."),
     methods: List[str] = typer.Option(..., help=f"Methods ({' | '.join(METHODS)}): space- or comma-separated."),
     seeds: List[str] = typer.Option(..., help="Seeds: space- or comma-separated non-negative integers."),
-    rounds: Rounds = None, batch_size: BatchSize = None, lr: Lr = None, local_epochs: LocalEpochs = None,
-    max_samples: MaxSamples = None, max_test_samples: MaxTestSamples = None,
-    fingerprint_samples: FingerprintSamples = None, tasks: Tasks = None, clients_per_task: ClientsPerTask = None,
-    mode: Mode = "full", output_dir: OutputDir = None, device: Device = None, dirichlet_alpha: DirichletAlpha = None,
-    data_dir: DataDir = None, init: Init = None, eta: Eta = None, lambda_sweep: LambdaSweep = False,
-    aggregation: Aggregation = None, devices: Devices = None, clusters: Clusters = None,
-    fingerprint: Fingerprint = None, checkpoint_dir: CheckpointDir = None,
     overwrite: bool = typer.Option(False, help="Re-run and replace results that are already complete."),
+    overrides: dict | None = None,
 ):
     """Run a grid of MODELS × METHODS × SEEDS, skipping complete results; failed runs are listed at the end."""
     from atlasfl.cli import _seed
     from atlasfl.sweep import grid_configs, run_sweep
 
     configs = grid_configs(split_values(models), split_values(methods), [_seed(s) for s in split_values(seeds)],
-                           **config_overrides(
-        rounds=rounds, batch_size=batch_size, lr=lr, local_epochs=local_epochs, max_samples=max_samples,
-        max_test_samples=max_test_samples, fingerprint_samples=fingerprint_samples, tasks=tasks,
-        clients_per_task=clients_per_task, mode=mode, output_dir=output_dir, device=device,
-        dirichlet_alpha=dirichlet_alpha, data_dir=data_dir, init=init, eta=eta, lambda_sweep=lambda_sweep,
-        aggregation=aggregation, devices=devices, clusters=clusters, fingerprint=fingerprint,
-        checkpoint_dir=checkpoint_dir))
+                           **overrides)
     console = Console(soft_wrap=True)  # one line per run, whatever the terminal width
     outcome = run_sweep(configs, overwrite=overwrite,
                         say=lambda line: console.print(line, markup=False, highlight=False))
@@ -111,4 +96,4 @@ def sweep(
 
 def register(app: typer.Typer) -> None:
     app.command("report")(report)
-    app.command("sweep", cls=_ListOptionsCommand)(sweep)
+    app.command("sweep", cls=_ListOptionsCommand)(with_overrides(exclude=("engine",))(sweep))
