@@ -5,7 +5,6 @@ from atlasfl.errors import AtlasError
 from atlasfl.phases.aggregation import (
     aggregate_states,
     lora_delta,
-    plain_fedavg,
     refactor,
     svd_aggregate,
     weighted_mean,
@@ -123,13 +122,21 @@ def state(A, B, head_w, head_b):
     return {"lora::enc.0.q::A": A, "lora::enc.0.q::B": B, "head::classifier.weight": head_w, "head::classifier.bias": head_b}
 
 
-def test_plain_fedavg_key_by_key():
+def test_fedavg_mode_by_hand():
     s1 = state(torch.ones(2, 3), torch.ones(4, 2), torch.zeros(2, 4), torch.zeros(2))
     s2 = state(3 * torch.ones(2, 3), torch.zeros(4, 2), torch.ones(2, 4), torch.ones(2))
-    avg = plain_fedavg([s1, s2], [1, 1])
+    avg, again = aggregate_states([s1, s2], [1, 1], alpha=ALPHA, mode="fedavg")
     assert avg.keys() == s1.keys()
     assert torch.equal(avg["lora::enc.0.q::A"], 2 * torch.ones(2, 3))
+    assert torch.equal(avg["lora::enc.0.q::B"], 0.5 * torch.ones(4, 2))
     assert torch.equal(avg["head::classifier.bias"], 0.5 * torch.ones(2))
+    assert all(torch.equal(avg[k], again[k]) for k in avg)
+
+
+def plain_fedavg(states, weights):
+    """Homogeneous FedAvg written out: the weighted mean of every tensor, key by key."""
+    total = sum(weights)
+    return {key: sum(w * s[key] for s, w in zip(states, weights)) / total for key in states[0]}
 
 
 def test_fedavg_mode_with_equal_ranks_is_plain_fedavg():

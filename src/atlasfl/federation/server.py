@@ -15,7 +15,7 @@ from atlasfl.config import RunConfig
 from atlasfl.federation.methods import METHOD_SPECS
 from atlasfl.phases.aggregation import aggregate_states
 from atlasfl.phases.clustering import adjusted_rand, centred_unit_rows, cluster_fingerprints
-from atlasfl.phases.devices import PROFILES, ModelFacts, draw_devices, estimate_training_memory
+from atlasfl.phases.devices import PROFILES, ModelFacts, draw_devices, estimate_training_memory, fits
 from atlasfl.phases.laplacian import affinity, personalise_states
 from atlasfl.phases.ranks import adapter_params, allocate_ranks, rank_budget_for_memory
 
@@ -134,7 +134,7 @@ class Server:
         head = self.facts.hidden_size * self.clients[cid].num_labels + self.clients[cid].num_labels
         base = estimate_training_memory(self.facts, batch_size=self.cfg.batch_size, seq_len=self.cfg.max_length,
                                         lora_params=0, head_params=head)
-        feasible = base["frozen_weights"] + base["activations"] <= profile.memory_bytes
+        feasible = fits(self.facts, profile, batch_size=self.cfg.batch_size, seq_len=self.cfg.max_length)
         if self.method.heterogeneous_ranks:
             cap = max([c for c in cands if c <= profile.rank_cap], default=cands[0])
             budget = min(cap * len(self.modules),

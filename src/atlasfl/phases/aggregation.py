@@ -123,14 +123,6 @@ def zero_pad_fedavg(
     return [(mean_A[: A.shape[0]].clone(), mean_B[:, : A.shape[0]].clone()) for A, _ in factors]
 
 
-def plain_fedavg(
-    states: Sequence[dict[str, Tensor]], weights: Sequence[float] | np.ndarray
-) -> dict[str, Tensor]:
-    """Homogeneous FedAvg: the weighted mean of every tensor, key by key."""
-    check_same_keys(states)
-    return {key: weighted_mean([s[key] for s in states], weights) for key in states[0]}
-
-
 def parse_key(key: str) -> tuple[str, str, str]:
     """Split a state key into (kind, name, part): ('lora', module, 'A'|'B') or ('head', param, '')."""
     if key.startswith(HEAD_PREFIX):

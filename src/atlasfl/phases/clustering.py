@@ -19,7 +19,7 @@ DISPERSION_THRESHOLD = 0.05  # mean ‖f_k − f̄‖ / ‖f̄‖ below it: raw 
 # A partition is "one task per cluster" when its within-cluster spread is at most this multiple of
 # what sampling noise alone gives. Measured with 64 fingerprint samples, 12 clients, seeds 42/123/456
 # (MiniLM on the offline tasks; tiny BERT/GPT-2/Qwen2 on the generated ones): true partitions
-# 0.69–1.45, the best partition with two tasks merged 1.54–9.4 (the margin grows with the samples).
+# 0.69–1.45, the best partition with two tasks merged 1.54–15 (the margin grows with the samples).
 NOISE_RATIO = 1.5
 
 
