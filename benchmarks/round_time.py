@@ -12,7 +12,7 @@ import tempfile
 import warnings
 
 from atlasfl.config import build_config
-from atlasfl.federation.simulation import run_experiment
+from atlasfl.engines.inprocess import run_experiment
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from atlasfl.cli import main as atlas_main
+from atlasfl.cli.app import main as atlas_main
 from atlasfl.config import METHODS
 
 

@@ -29,3 +29,10 @@ def tiny_config(tmp_path, model="tiny-bert", method="fedavg_cluster", seed=0, **
 @pytest.fixture
 def make_config(tmp_path):
     return lambda **kw: tiny_config(tmp_path, **kw)
+
+
+def pytest_collection_modifyitems(items):
+    """Every test under tests/integration runs tiny models end to end: mark it `e2e`."""
+    for item in items:
+        if item.nodeid.startswith("tests/integration/"):
+            item.add_marker(pytest.mark.e2e)

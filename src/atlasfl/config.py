@@ -1,62 +1,84 @@
 """One validated run configuration, built from the model's preset, the mode and the user's overrides."""
 from __future__ import annotations
 
+import types
+import typing
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from atlasfl.errors import AtlasError
+from atlasfl.federation.methods import METHOD_SPECS
 from atlasfl.presets import preset_for
 
-METHODS = ("atlas", "atlas_no_laplacian", "fedavg_cluster", "standard_fl", "local_only")
+METHODS = tuple(METHOD_SPECS)  # baselines first, atlas last (DESIGN §2)
 DEFAULT_ETA = 0.1
 LAMBDA_GRID = (0.0, 0.01, 0.05, 0.1, 0.2, 0.5, 1.0)
+FROM_PRESET = "model preset"
 
 # `--mode quick`: a smoke configuration that exercises every phase in seconds to minutes.
 # Fingerprints keep a realistic sample count: clustering needs it (phases/clustering.py) and it is cheap.
 QUICK = dict(rounds=2, max_samples=80, fingerprint_samples=64, max_test_samples=64, local_epochs=1)
 
 
+def setting(description: str, default=..., *, preset: bool = False, **constraints):
+    """A run setting: its help text lives on the field, and the CLI flags and the Flower run-config keys
+    are derived from it. `preset`: the default comes from the model's preset (`build_config`)."""
+    extra = {"preset": True} if preset else None
+    return Field(default, description=description, json_schema_extra=extra, **constraints)
+
+
 class RunConfig(BaseModel):
+    """Every setting of one run. Each field is one flag of `atlas run`/`atlas sweep` and one key of the
+    Flower app's run config, with the field's description as its help."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model: str
-    seed: int = Field(ge=0)
-    method: Literal["atlas", "atlas_no_laplacian", "fedavg_cluster", "standard_fl", "local_only"]
-    rounds: int = Field(gt=0)
-    batch_size: int = Field(gt=0)
-    lr: float = Field(gt=0)
-    local_epochs: int = Field(gt=0)
-    max_samples: int | None = Field(default=None, gt=0)
-    fingerprint_samples: int = Field(gt=0)
-    rank_candidates: tuple[int, ...]
-    tasks: tuple[str, ...]
-    clients_per_task: int = Field(gt=0)
-    mode: Literal["quick", "full"] = "full"
-    max_test_samples: int | None = Field(default=None, gt=0)
-    max_length: int = Field(default=128, gt=8)
-    dirichlet_alpha: float | None = Field(default=None, gt=0)
-    data_dir: str | None = None
-    init: Literal["pretrained", "random"] = "pretrained"
-    device: str = "auto"
-    lora_alpha: float = Field(default=16.0, gt=0)
-    lora_dropout: float = Field(default=0.05, ge=0, lt=1)
-    aggregation: Literal["svd", "fedavg"] | None = None  # None: the method's default
-    eta: float = Field(default=DEFAULT_ETA, ge=0, le=1)
-    lambda_sweep: bool = False
-    lambda_grid: tuple[float, ...] = LAMBDA_GRID
-    clusters: Literal["fingerprint", "oracle"] = "fingerprint"
-    fingerprint: Literal["representation", "gradient"] = "representation"
-    fingerprint_layers: int = Field(default=2, gt=0)
-    fingerprint_dim: int = Field(default=64, gt=0)
-    devices: tuple[str, ...] | None = None
-    engine: Literal["inprocess", "flower"] = "inprocess"
-    wire_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    output_dir: str = "results"
-    log_dir: str = "logs"
-    checkpoint_dir: str = "checkpoints"
-    keep_checkpoints: int = Field(default=2, gt=0)
+    model: str = setting("distilbert | gpt2 | gpt2-xl | qwen2.5 | minilm | tiny-* | Hugging Face id | folder")
+    seed: int = setting("Random seed (non-negative integer).", ge=0)
+    method: Literal[METHODS] = setting("The federated method.")
+    rounds: int = setting("Federated rounds.", preset=True, gt=0)
+    batch_size: int = setting("Training batch size.", preset=True, gt=0)
+    lr: float = setting("Learning rate (AdamW).", preset=True, gt=0)
+    local_epochs: int = setting("Local epochs per round.", preset=True, gt=0)
+    max_samples: int | None = setting("Max training examples per client (10% of them: local validation).",
+                                      preset=True, gt=0)
+    fingerprint_samples: int = setting("Examples per client for the fingerprint pass.", preset=True, gt=0)
+    rank_candidates: tuple[int, ...] = setting("LoRA ranks the allocation may choose from.", preset=True)
+    tasks: tuple[str, ...] = setting("Tasks or task sets (glue, offline, generated).", preset=True, min_length=1)
+    clients_per_task: int = setting("Clients per task.", preset=True, gt=0)
+    mode: Literal["quick", "full"] = setting("quick: smoke sizes (2 rounds, 80 examples per client).", "full")
+    max_test_samples: int | None = setting("Cut each task's test set (default: all of it).", None, gt=0)
+    max_length: int = setting("Max tokens per example.", 128, gt=8)
+    dirichlet_alpha: float | None = setting("Dirichlet label skew within a task (default: IID shards).", None, gt=0)
+    data_dir: str | None = setting("Local GLUE folder: DIR/<task>/train.* and validation.*", None, min_length=1)
+    init: Literal["pretrained", "random"] = setting(
+        "random: full-size random weights (speed and memory benchmarks).", "pretrained")
+    device: str = setting("auto | cpu | cuda | cuda:N.", "auto")
+    lora_alpha: float = setting("LoRA alpha (the scaling is alpha / rank).", 16.0, gt=0)
+    lora_dropout: float = setting("LoRA dropout.", 0.05, ge=0, lt=1)
+    aggregation: Literal["svd", "fedavg"] | None = setting(
+        "Aggregation of rank-heterogeneous adapters (default: the method's).", None)
+    eta: float = setting("Laplacian step size of atlas, in [0, 1].", DEFAULT_ETA, ge=0, le=1)
+    lambda_sweep: bool = setting("atlas: run the eta grid and pick eta on local validation.", False)
+    lambda_grid: tuple[float, ...] = setting("The etas of --lambda-sweep.", LAMBDA_GRID)
+    clusters: Literal["fingerprint", "oracle"] = setting(
+        "fingerprint: discovered clusters; oracle: the true task grouping.", "fingerprint")
+    fingerprint: Literal["representation", "gradient"] = setting("Which fingerprint clusters the clients.",
+                                                                 "representation")
+    fingerprint_layers: int = setting("Last blocks whose gradient forms the gradient fingerprint.", 2, gt=0)
+    fingerprint_dim: int = setting("Numbers per fingerprint after the count sketch.", 64, gt=0)
+    devices: tuple[str, ...] | None = setting(
+        "Device profiles to draw from (cpu_2gb tablet_4gb laptop_8gb gpu_16gb; default: all).", None, min_length=1)
+    engine: Literal["inprocess", "flower"] = setting(
+        "inprocess, or flower (the Flower app on Flower's Simulation Runtime).", "inprocess")
+    wire_dtype: Literal["float32", "float16", "bfloat16"] = setting("dtype of the tensors sent each round.",
+                                                                    "float32")
+    output_dir: str = setting("Folder for result JSONs.", "results")
+    log_dir: str = setting("Folder for run logs.", "logs")
+    checkpoint_dir: str = setting("Folder for per-round checkpoints.", "checkpoints")
+    keep_checkpoints: int = setting("Checkpoints kept per run (the newest).", 2, gt=0)
 
     @field_validator("rank_candidates")
     @classmethod
@@ -81,6 +103,9 @@ class RunConfig(BaseModel):
     def _check(self):
         if self.data_dir is not None and not Path(self.data_dir).is_dir():
             raise ValueError(f"--data-dir {self.data_dir} is not a folder")
+        if self.aggregation == "fedavg" and METHOD_SPECS[self.method].personalise:
+            raise ValueError(f"{self.method}'s Laplacian step always refactors by SVD, so --aggregation fedavg would "
+                             "be ignored; drop it, or use atlas_no_laplacian to compare the two aggregations")
         return self
 
     @property
@@ -105,9 +130,34 @@ class RunConfig(BaseModel):
         return Path(self.checkpoint_dir) / self.run_name
 
     @property
+    def eval_batch_size(self) -> int:
+        """Evaluation keeps no activations for a backward pass, so it affords twice the training batch."""
+        return self.batch_size * 2
+
+    @property
     def homogeneous_rank(self) -> int:
         """The preset's median rank candidate (lower middle), used where ranks are homogeneous."""
         return self.rank_candidates[(len(self.rank_candidates) - 1) // 2]
+
+
+POSITIONAL = ("model", "seed", "method")
+
+
+def overridable_settings() -> dict:
+    """The fields a user sets by flag or run-config key: all but the positional model, seed and method."""
+    return {name: f for name, f in RunConfig.model_fields.items() if name not in POSITIONAL}
+
+
+def setting_type(name: str):
+    """The field's type without its `| None`: int, float, str, bool, a Literal or a tuple."""
+    annotation = RunConfig.model_fields[name].annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        (annotation,) = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return annotation
+
+
+def from_preset(name: str) -> bool:
+    return bool((RunConfig.model_fields[name].json_schema_extra or {}).get("preset"))
 
 
 def build_config(model: str, seed: int, method: str, **overrides) -> RunConfig:
@@ -115,12 +165,8 @@ def build_config(model: str, seed: int, method: str, **overrides) -> RunConfig:
     if method not in METHODS:
         raise AtlasError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     preset = preset_for(model)
-    values = dict(
-        model=model, seed=seed, method=method, rounds=preset.rounds, batch_size=preset.batch_size, lr=preset.lr,
-        local_epochs=preset.local_epochs, max_samples=preset.max_samples,
-        fingerprint_samples=preset.fingerprint_samples, rank_candidates=preset.rank_candidates,
-        tasks=preset.tasks, clients_per_task=preset.clients_per_task,
-    )
+    values = dict(model=model, seed=seed, method=method,
+                  **{name: getattr(preset, name) for name in RunConfig.model_fields if from_preset(name)})
     if overrides.get("mode") == "quick":
         values.update(QUICK)
     values.update({k: v for k, v in overrides.items() if v is not None})

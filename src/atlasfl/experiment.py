@@ -105,8 +105,8 @@ def run_and_save(cfg: RunConfig, *, overwrite: bool = False, progress: bool = Tr
         raise AtlasError(f"{path} already holds a complete result; pass --overwrite to replace it")
     check_writable(path.parent)
     setup_logging(cfg)
-    from atlasfl.federation.engine_flower import run_flower
-    from atlasfl.federation.simulation import run_experiment
+    from atlasfl.engines.flower.simulation import run_flower
+    from atlasfl.engines.inprocess import run_experiment
 
     try:
         with interrupts_raise():

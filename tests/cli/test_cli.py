@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from atlasfl.cli import main
+from atlasfl.cli.app import main
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["--tasks", "gen_sentiment", "--tasks", "gen_pair", "--clients-per-task", "2", "--rounds", "1",

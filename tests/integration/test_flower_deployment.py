@@ -139,7 +139,8 @@ def test_loopback_federation_runs_fedavg_cluster_and_atlas(tmp_path):
                    "--node-config", f"partition-id={i} num-partitions={CLIENTS}")
         runs = {}
         for method in ("fedavg_cluster", "atlas"):  # submitted together: the SuperNodes serve both runs
-            config = {**RUN, "method": method, "output-dir": str(out), "overrides": json.dumps(OVERRIDES)}
+            config = {**RUN, "method": method, "output-dir": str(out),
+                      **{k.replace("_", "-"): v for k, v in OVERRIDES.items()}}
             run_config = tmp_path / f"{method}.toml"  # a TOML file: no quoting of JSON inside a shell string
             run_config.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in config.items()))
             runs[method] = launch(f"flwr-run-{method}", "flwr", "run", str(REPO), "loopback", "--run-config",

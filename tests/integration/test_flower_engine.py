@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from atlasfl.engines.flower.records import content_sizes, record_to_state, state_to_record
 from atlasfl.experiment import run_and_save
-from atlasfl.federation.flower_records import content_sizes, record_to_state, state_to_record
+from atlasfl.federation.client import wire
 from atlasfl.results.schema import validate_result
 
 
@@ -26,7 +27,6 @@ def test_states_travel_at_the_wire_dtype_and_sizes_match_our_accounting(wire_dty
     itemsize = 4 if wire_dtype == "float32" else 2
     assert nbytes == itemsize * sum(v.numel() for v in state.values())
     back = record_to_state(record, wire_dtype)
-    from atlasfl.federation.simulation import wire
     expected, expected_bytes = wire(state, wire_dtype)  # the in-process engine's trip
     assert expected_bytes == nbytes
     for key in state:
@@ -66,7 +66,8 @@ def test_flower_simulation_matches_the_inprocess_engine(make_config, tmp_path):
     assert rounds["up_payload"] == ours["total_bytes_up"] - ours["fingerprint_bytes_up"]
     assert rounds["down_payload"] == ours["total_bytes_down"]
     assert rounds["up_payload"] < rounds["up_arrays"] < rounds["up_message"]
-    assert len(flower["time_metrics"]["per_round_s"]) == 2 and np.all(np.array(flower["time_metrics"]["per_round_s"]) > 0)
+    per_round = np.array(flower["time_metrics"]["per_round_s"])
+    assert len(per_round) == 2 and np.all(per_round > 0)
 
 
 def test_pyproject_declares_the_flower_app_and_its_run_config_builds_a_run():
@@ -75,24 +76,54 @@ def test_pyproject_declares_the_flower_app_and_its_run_config_builds_a_run():
 
     from flwr.cli.config_utils import load_and_validate
 
-    from atlasfl.federation import flower_app
-    from atlasfl.federation.flower_server import config_from_run_config
+    from atlasfl.engines.flower import client_app, server_app
+    from atlasfl.engines.flower.server_app import config_from_run_config, run_config_defaults
 
     pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
     config, _ = load_and_validate(pyproject)
     app = config["tool"]["flwr"]["app"]
-    assert app["components"] == {"serverapp": "atlasfl.federation.flower_app:server_app",
-                                 "clientapp": "atlasfl.federation.flower_app:client_app"}
-    assert flower_app.server_app is not None and flower_app.client_app is not None
-    cfg = config_from_run_config(tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["config"])
+    assert app["components"] == {"serverapp": "atlasfl.engines.flower.server_app:app",
+                                 "clientapp": "atlasfl.engines.flower.client_app:app"}
+    assert server_app.app is not None and client_app.app is not None
+    table = tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["config"]
+    # The table mirrors RunConfig: one key per setting, of the setting's type.
+    derived = run_config_defaults()
+    assert list(table) == list(derived)
+    assert {k: type(v) for k, v in table.items()} == {k: type(v) for k, v in derived.items()}
+    cfg = config_from_run_config(table)
     assert cfg.engine == "flower" and cfg.model == "tiny-bert" and cfg.mode == "quick"
-    cfg = config_from_run_config(dict(model="gpt2", seed=42, method="atlas", mode="full", tasks="glue", rounds=10,
-                                      **{"output-dir": "out", "overrides": '{"eta": 0.2, "clients_per_task": 3}'}))
-    assert (cfg.run_name, cfg.eta, cfg.tasks, cfg.output_dir) == ("atlas_gpt2_atlas_seed42_r10_eta0.2", 0.2, ("glue",), "out")
+    cfg = config_from_run_config(dict(table, model="gpt2", seed=42, mode="full", tasks="glue", rounds=10, eta=0.2,
+                                      **{"output-dir": "out", "clients-per-task": 3, "devices": "cpu_2gb gpu_16gb"}))
+    assert (cfg.run_name, cfg.eta, cfg.tasks, cfg.output_dir) == (
+        "atlas_gpt2_atlas_seed42_r10_eta0.2", 0.2, ("glue",), "out")
+    assert cfg.devices == ("cpu_2gb", "gpu_16gb") and cfg.batch_size == 16  # 0 in the table: gpt2's preset
+    assert config_from_run_config(dict(table, eta=0.0)).eta == 0.0  # a real 0 where 0 is a real value
+
+
+def test_run_config_empty_values_mean_unset_only_where_no_real_value_is_empty():
+    from atlasfl.config import RunConfig, build_config
+    from atlasfl.engines.flower.server_app import run_config_defaults
+    from atlasfl.errors import AtlasError
+
+    for key, value in run_config_defaults().items():
+        name = key.replace("-", "_")
+        if value in (0, "") and not isinstance(value, bool) and name not in ("seed",):
+            field = RunConfig.model_fields[name]
+            empty = () if "tuple" in str(field.annotation) else value
+            with pytest.raises(AtlasError):
+                build_config("tiny-bert", 0, "atlas", **{name: empty})
+
+
+def test_unknown_run_config_key_is_one_clear_error():
+    from atlasfl.engines.flower.server_app import config_from_run_config, run_config_defaults
+    from atlasfl.errors import AtlasError
+
+    with pytest.raises(AtlasError, match="unknown run-config key 'overrides'"):
+        config_from_run_config(dict(run_config_defaults(), overrides='{"eta": 0.2}'))
 
 
 def test_cli_engine_option(capsys, tmp_path, monkeypatch):
-    from atlasfl.cli import main
+    from atlasfl.cli.app import main
 
     monkeypatch.chdir(tmp_path)  # logs/ of the refused run
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from atlasfl.cli import main
+from atlasfl.cli.app import main
 from atlasfl.experiment import run_and_save
 from atlasfl.report import schema_doc
 from atlasfl.report.load import load_results
@@ -140,7 +140,8 @@ def test_similarity_and_lambda_sweep_plots(results, tmp_path):
     path = tmp_path / "with_extras.json"
     path.write_text(json.dumps(data))
     written = {p.name: p for p in write_plots(load_results([path]), tmp_path / "plots")}
-    assert {"similarity_tiny-bert_fedavg_cluster_seed0.png", "lambda_tiny-bert_fedavg_cluster_seed0.png"} <= set(written)
+    expected = {"similarity_tiny-bert_fedavg_cluster_seed0.png", "lambda_tiny-bert_fedavg_cluster_seed0.png"}
+    assert expected <= set(written)
     assert all(_is_png(p) for p in written.values())
 
 

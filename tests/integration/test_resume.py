@@ -35,7 +35,7 @@ def _comparable(result: dict) -> dict:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """The uninterrupted run, in-process."""
-    from atlasfl.cli import main
+    from atlasfl.cli.app import main
 
     d = tmp_path_factory.mktemp("reference")
     assert main(["run", *ARGS, "--output-dir", str(d), "--checkpoint-dir", str(d / "ck")]) == 0
@@ -66,7 +66,7 @@ def run_name() -> str:
 
 
 def _resume(tmp_path: Path) -> dict:
-    from atlasfl.cli import main
+    from atlasfl.cli.app import main
 
     code = main(["run", *ARGS, "--output-dir", str(tmp_path / "results"), "--checkpoint-dir", str(tmp_path / "ck"),
                  "--resume"])
@@ -122,7 +122,7 @@ def test_a_checkpoint_write_cut_short_leaves_the_previous_one_and_resume_is_exac
 
 
 def test_resume_refuses_a_different_config_and_a_corrupt_checkpoint(tmp_path, capsys):
-    from atlasfl.cli import main
+    from atlasfl.cli.app import main
 
     base = ["run", *ARGS, "--output-dir", str(tmp_path / "results"), "--checkpoint-dir", str(tmp_path / "ck")]
     assert main(base) == 0

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 
 import atlasfl.sweep
-from atlasfl.cli import main
+from atlasfl.cli.app import main
+from atlasfl.cli.options import spread_list_options
 from atlasfl.experiment import is_complete
-from atlasfl.report.commands import spread_list_options
 
 SMALL = ["--tasks", "gen_sentiment", "gen_pair", "--clients-per-task", "2", "--rounds", "1", "--max-samples", "16",
          "--max-test-samples", "8", "--batch-size", "8", "--fingerprint-samples", "8"]
@@ -60,7 +60,8 @@ def test_failed_run_is_listed_and_the_rest_complete(tmp_path, runs, capsys):
     summary = printed.out.split("sweep: 2 runs:")[1]
     assert "1 ran, 0 already complete, 1 failed" in summary
     assert "FAILED atlas_no-such-model_local_only_seed0_r1: unknown model 'no-such-model'" in summary
-    assert printed.err.strip().splitlines()[-1] == ("atlas: error: 1 of 2 runs failed (listed above); fix them and run the same sweep "
+    assert printed.err.strip().splitlines()[-1] == (
+        "atlas: error: 1 of 2 runs failed (listed above); fix them and run the same sweep "
                                    "again: complete runs are skipped")
 
 
@@ -74,6 +75,23 @@ def test_invalid_grid_is_refused_before_anything_runs(runs, capsys):
 def test_list_options_take_every_value_up_to_the_next_option():
     args = ["--models", "minilm", "--methods", "atlas", "local_only", "standard_fl", "--seeds", "42", "123",
             "--rounds", "2", "--tasks", "offline", "--overwrite"]
-    assert spread_list_options(args) == [
+    assert spread_list_options(args, ("--models", "--methods", "--seeds", "--tasks")) == [
         "--models", "minilm", "--methods", "atlas", "--methods", "local_only", "--methods", "standard_fl",
         "--seeds", "42", "--seeds", "123", "--rounds", "2", "--tasks", "offline", "--overwrite"]
+
+
+def test_run_takes_space_separated_tasks_like_the_seed_and_sweep(capsys, tmp_path, monkeypatch):
+    """`atlas run ... --tasks sst2 mrpc cola qnli` (the seed's spelling) reaches the config as four tasks."""
+    import atlasfl.cli.run as run_command
+
+    seen = []
+
+    def record(cfg, **kw):
+        seen.append(cfg)
+        raise RuntimeError("recorded, not run")
+
+    monkeypatch.setattr(run_command, "run_and_save", record)
+    main(["run", "tiny-bert", "0", "local_only", "--tasks", "gen_sentiment", "gen_pair", "--rounds", "1",
+          "--devices", "cpu_2gb", "gpu_16gb"])
+    assert seen[0].tasks == ("gen_sentiment", "gen_pair") and seen[0].devices == ("cpu_2gb", "gpu_16gb")
+    assert seen[0].rounds == 1

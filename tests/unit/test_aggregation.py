@@ -119,7 +119,8 @@ def test_zero_pad_fedavg_by_hand():
 
 
 def state(A, B, head_w, head_b):
-    return {"lora::enc.0.q::A": A, "lora::enc.0.q::B": B, "head::classifier.weight": head_w, "head::classifier.bias": head_b}
+    return {"lora::enc.0.q::A": A, "lora::enc.0.q::B": B,
+            "head::classifier.weight": head_w, "head::classifier.bias": head_b}
 
 
 def test_fedavg_mode_by_hand():
@@ -142,7 +143,8 @@ def plain_fedavg(states, weights):
 def test_fedavg_mode_with_equal_ranks_is_plain_fedavg():
     g = torch.Generator().manual_seed(0)
     states = [
-        state(torch.randn(4, 6, generator=g), torch.randn(5, 4, generator=g), torch.randn(2, 5, generator=g), torch.randn(2, generator=g))
+        state(torch.randn(4, 6, generator=g), torch.randn(5, 4, generator=g), torch.randn(2, 5, generator=g),
+              torch.randn(2, generator=g))
         for _ in range(3)
     ]
     weights = [100, 250, 50]
@@ -154,12 +156,14 @@ def test_fedavg_mode_with_equal_ranks_is_plain_fedavg():
 
 def test_svd_mode_with_equal_ranks_gives_everyone_the_same_delta():
     g = torch.Generator().manual_seed(1)
-    states = [state(torch.randn(4, 6, generator=g), torch.randn(5, 4, generator=g), torch.zeros(2, 5), torch.zeros(2)) for _ in range(3)]
+    states = [state(torch.randn(4, 6, generator=g), torch.randn(5, 4, generator=g), torch.zeros(2, 5), torch.zeros(2))
+              for _ in range(3)]
     outs = aggregate_states(states, [1, 1, 1], alpha=ALPHA, mode="svd")
     deltas = [lora_delta(o["lora::enc.0.q::A"], o["lora::enc.0.q::B"], ALPHA / 4) for o in outs]
     for d in deltas[1:]:
         assert torch.allclose(d, deltas[0], atol=1e-5)
-    mean = sum(lora_delta(s["lora::enc.0.q::A"].double(), s["lora::enc.0.q::B"].double(), ALPHA / 4) for s in states) / 3
+    mean = sum(lora_delta(s["lora::enc.0.q::A"].double(), s["lora::enc.0.q::B"].double(), ALPHA / 4)
+               for s in states) / 3
     target = truncate(mean, 4)
     assert torch.allclose(deltas[0].double(), target, atol=1e-4)
 

@@ -23,7 +23,8 @@ def test_importance_decides_which_modules_get_larger_ranks():
     swapped = allocate_ranks(modules, {"q": 1, "k": 1, "v": 4, "o": 2}, cap=16, candidates=CANDIDATES, total_budget=40)
     assert swapped == {"q": 4, "k": 4, "v": 16, "o": 16}
     # Nearest-candidate rounding of the proportional share when nothing is left over (24 = 16 + 4 + 4).
-    assert allocate_ranks(["a", "b", "c"], {"a": 3, "b": 1, "c": 1}, cap=16, candidates=CANDIDATES, total_budget=24) == {"a": 16, "b": 4, "c": 4}
+    ranks = allocate_ranks(["a", "b", "c"], {"a": 3, "b": 1, "c": 1}, cap=16, candidates=CANDIDATES, total_budget=24)
+    assert ranks == {"a": 16, "b": 4, "c": 4}
 
 
 def test_ranks_are_candidates_within_cap_and_budget():

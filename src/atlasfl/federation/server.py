@@ -44,7 +44,7 @@ class Plan:
     fingerprint_bytes: dict[int, int] = field(default_factory=dict)
 
     @classmethod
-    def from_json(cls, d: dict) -> "Plan":
+    def from_json(cls, d: dict) -> Plan:
         """Inverse of dataclasses.asdict after a JSON trip (which turns int keys into strings)."""
         return cls(**dict(d, ranks={int(c): r for c, r in d["ranks"].items()},
                           fingerprint_bytes={int(c): b for c, b in d["fingerprint_bytes"].items()}))
@@ -83,7 +83,8 @@ class Server:
             fingerprint=self.cfg.fingerprint, k=chosen.k, labels=chosen.labels, silhouette=chosen.silhouette,
             ari=ari, method=chosen.method, silhouette_by_k={str(k): v for k, v in chosen.silhouette_by_k.items()},
             dispersion=chosen.dispersion, spread_to_noise=chosen.spread_to_noise,
-            tightness_by_k={str(k): v for k, v in chosen.tightness_by_k.items()}, similarity=chosen.similarity, fingerprints=F.tolist(),
+            tightness_by_k={str(k): v for k, v in chosen.tightness_by_k.items()}, similarity=chosen.similarity,
+            fingerprints=F.tolist(),
             true_tasks=[self.clients[c].task for c in cids],
             ari_by_fingerprint={k: v[2] for k, v in by_kind.items()},
             k_by_fingerprint={k: v[1].k for k, v in by_kind.items()},

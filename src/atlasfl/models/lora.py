@@ -164,7 +164,8 @@ class FederatedLoRAModel:
     # ---- forward ----------------------------------------------------------------------------
     def hidden_states(self, batch: dict[str, torch.Tensor], *, adapters: bool = True) -> torch.Tensor:
         """Last hidden states; with `adapters=False` (or before any client exists) the frozen base alone."""
-        inputs = dict(input_ids=batch["input_ids"].to(self.device), attention_mask=batch["attention_mask"].to(self.device))
+        inputs = dict(input_ids=batch["input_ids"].to(self.device),
+                      attention_mask=batch["attention_mask"].to(self.device))
         if self.peft is None:
             return self.backbone.model(**inputs).last_hidden_state
         if adapters:

@@ -124,6 +124,13 @@ def _ensure_pad(tokenizer, model: PreTrainedModel) -> None:
     model.config.pad_token_id = tokenizer.pad_token_id
 
 
+def resolve_device(device: str) -> str:
+    """`auto` is CUDA where there is one, else the CPU; anything else is taken as given."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
 def load_backbone(name: str, *, init: str = "pretrained", seed: int = 0, device: str = "cpu") -> Backbone:
     """Build the shared frozen backbone. Raises AtlasError with the fix when `name` cannot be loaded."""
     if init not in ("pretrained", "random"):

@@ -108,7 +108,8 @@ def cluster_fingerprints(
         # tighter partition than on the unit sphere, where normalising inflates clients near the centre.
         for k in list(partitions):
             if k > 1:
-                raw = canonical_labels(KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit_predict(F - F.mean(0)))
+                kmeans = KMeans(n_clusters=k, n_init=n_init, random_state=seed)
+                raw = canonical_labels(kmeans.fit_predict(F - F.mean(0)))
                 if within_cluster_spread(F, raw) < within_cluster_spread(F, partitions[k]):
                     partitions[k] = raw
             tightness[k] = within_cluster_spread(F, partitions[k]) / (noise * (num_clients - k) / num_clients)

@@ -110,7 +110,8 @@ def estimate_training_memory(
     per_hidden, per_intermediate, per_score = ACTIVATION_FACTORS[facts.family]
     tokens = batch_size * seq_len
     per_token_layer = (
-        per_hidden * facts.hidden_size + per_intermediate * facts.intermediate_size + per_score * facts.num_heads * seq_len
+        per_hidden * facts.hidden_size + per_intermediate * facts.intermediate_size
+        + per_score * facts.num_heads * seq_len
     )
     parts = {
         "frozen_weights": facts.total_params * facts.dtype_bytes,

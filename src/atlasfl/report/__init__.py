@@ -1,3 +1,4 @@
 """Reading result files (ours and the predecessor's) into tables, plots and statistics for publication.
 
-load → records → tables (+ stats) → render; plots; schema_doc; commands adds `atlas report` and `atlas sweep`."""
+A library with no command-line code: load → records → tables (+ stats) → render; plots; schema_doc.
+`atlas report` (atlasfl.cli.report) is its face."""

@@ -56,7 +56,8 @@ def from_atlas(data: dict, path: Path) -> RunRecord:
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(map(str, err["loc"]))
-        raise AtlasError(f"{path}: not a valid ATLAS result ({where}: {err['msg']}); rerun it or leave it out") from None
+        raise AtlasError(f"{path}: not a valid ATLAS result ({where}: {err['msg']}); "
+                         "rerun it or leave it out") from None
     fm = r.final_metrics
     return RunRecord(
         source=path, model=r.model, method=r.method, seed=r.seed, eta=eta_label(r.method, r.config),

@@ -111,5 +111,6 @@ def write_report(tables: list[Table], out: Path) -> list[Path]:
         for path, text in files.items():
             atomic_write_bytes(path, text.encode())
     except OSError as exc:
-        raise AtlasError(f"cannot write the report to {out} ({exc.strerror}); choose another folder with --out") from None
+        raise AtlasError(f"cannot write the report to {out} ({exc.strerror}); "
+                         "choose another folder with --out") from None
     return list(files)

@@ -25,7 +25,8 @@ NOTES = {
     "cluster_labels": "Cluster of each client (in client-id order) used as its aggregation group (predecessor key).",
     "cluster_source": "`fingerprint` (discovered in phase 1) or `oracle` (the true tasks).",
     "phase1_clustering": "Fingerprint clustering: `k`, `labels`, `silhouette`, `ari` against the true tasks, "
-                         "`similarity` (K×K cosine of centred fingerprints) and more; null when the method runs no phase 1.",
+                         "`similarity` (K×K cosine of centred fingerprints) and more; "
+                         "null when the method runs no phase 1.",
     "phase2_rank_allocation": "Device profiles, per-module rank allocation and the memory model (an ESTIMATE).",
     "ranks": "Client id → adapted module → LoRA rank actually applied.",
     "lambda_sweep": "With `--lambda-sweep`: `grid` (η values), `val_scores`, `test_scores` and `selected_eta`.",
@@ -34,7 +35,8 @@ NOTES = {
     "memory": "Measured peak memory, and the memory model's estimate labelled as such.",
     "environment": "Python, platform, device and package versions.",
     "RoundEntry.task_scores": "Task → the task's GLUE metric, mean of its clients, after this round.",
-    "RoundEntry.state_digests": "Client id → digest of its trainable state after aggregation: equal digests, equal weights.",
+    "RoundEntry.state_digests": "Client id → digest of its trainable state after aggregation: "
+                                "equal digests, equal weights.",
     "FinalMetrics.per_client": "Client id → task, accuracy, macro_f1, f1, mcc, score (GLUE metric), metric_name, loss.",
     "CommunicationCosts.total_bytes_up": "Client → server bytes over all rounds, fingerprints included.",
     "MemoryMetrics.peak_measured_bytes": "CUDA max allocated on GPU, peak RSS on CPU.",

@@ -14,7 +14,7 @@ from atlasfl.report.stats import Stat, mean_std, paired_test
 
 MB = 1e6
 METRIC_SHORT = {"accuracy": "acc", "f1": "F1", "mcc": "MCC"}
-METHOD_ORDER = METHODS[::-1]  # baselines first, atlas last, as in DESIGN §2
+METHOD_ORDER = METHODS  # baselines first, atlas last, as in DESIGN §2
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ def group_runs(records: list[RunRecord]) -> list[Group]:
     groups: dict[tuple, list[RunRecord]] = {}
     for r in records:
         groups.setdefault((r.model, r.method, r.eta), []).append(r)
-    for (model, method, _), runs in groups.items():
+    for (model, _method, _), runs in groups.items():
         seen: dict[int, RunRecord] = {}
         for r in runs:
             if r.seed in seen:
@@ -157,10 +157,12 @@ def paired_table(groups: list[Group], baseline: str) -> Table:
     for model in dict.fromkeys(g.model for g in groups):
         base = [g for g in groups if g.model == model and g.method == baseline]
         if not base:
-            notes.append(f"{model}: no {baseline} runs, so no paired comparisons (choose the baseline with --baseline).")
+            notes.append(f"{model}: no {baseline} runs, so no paired comparisons "
+                         "(choose the baseline with --baseline).")
             continue
         if len(base) > 1:
-            raise AtlasError(f"{model}: the baseline {baseline} has runs with several η ({', '.join(g.label for g in base)}); "
+            raise AtlasError(f"{model}: the baseline {baseline} has runs with several η "
+                             f"({', '.join(g.label for g in base)}); "
                              "report them separately or choose another --baseline")
         b = base[0]
         for g in (g for g in groups if g.model == model and g is not b):
@@ -170,7 +172,8 @@ def paired_table(groups: list[Group], baseline: str) -> Table:
                                  [ga[s].task_mean for s in seeds], [gb[s].task_mean for s in seeds]))
             pairs = [(s, c) for s in seeds for c in sorted(ga[s].client_scores.keys() & gb[s].client_scores.keys())]
             rows.append(_compare(model, g.label, b.label, "clients",
-                                 [ga[s].client_scores[c] for s, c in pairs], [gb[s].client_scores[c] for s, c in pairs]))
+                                 [ga[s].client_scores[c] for s, c in pairs],
+                                 [gb[s].client_scores[c] for s, c in pairs]))
     notes.append("Difference = method − baseline of the task-mean score (per seed) or of the client's GLUE metric "
                  "(per seed and client id); two-sided p-values; d_z = mean difference / sample std of differences. "
                  "Clients of one run are not independent samples: read the per-client row as descriptive.")

@@ -75,7 +75,8 @@ class CommunicationCosts(_Strict):
     per_client_bytes_down: dict[str, int]
     note: str = "bytes of the tensors actually sent (adapters, heads, fingerprints); frozen weights are never sent"
     transport: Optional[dict[str, Any]] = Field(
-        default=None, description="Flower engine only: the message sizes Flower carried, per phase, beside this accounting")
+        default=None,
+        description="Flower engine only: the message sizes Flower carried, per phase, beside this accounting")
 
 
 class TimeMetrics(_Strict):
@@ -88,7 +89,8 @@ class TimeMetrics(_Strict):
 class MemoryMetrics(_Strict):
     peak_measured_bytes: int
     measured_by: str
-    estimate: Optional[dict[str, Any]] = Field(default=None, description="memory model of §3.2: an ESTIMATE, not measured")
+    estimate: Optional[dict[str, Any]] = Field(default=None,
+                                               description="memory model of §3.2: an ESTIMATE, not measured")
 
 
 class Result(_Strict):

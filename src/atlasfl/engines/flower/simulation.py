@@ -6,7 +6,8 @@ import os
 
 from atlasfl.config import RunConfig
 from atlasfl.errors import AtlasError
-from atlasfl.federation.rounds import num_clients
+from atlasfl.federation.records import num_clients
+from atlasfl.models.registry import resolve_device
 
 
 def run_flower(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> dict:
@@ -19,9 +20,8 @@ def run_flower(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # a research run sends nothing home unless asked
     from flwr.simulation import run_simulation
 
-    from atlasfl.federation.flower_client import app as client_app
-    from atlasfl.federation.flower_server import make_server_app
-    from atlasfl.federation.simulation import resolve_device
+    from atlasfl.engines.flower.client_app import app as client_app
+    from atlasfl.engines.flower.server_app import make_server_app
 
     if resume:
         raise AtlasError("--resume is not available with --engine flower (a Flower run restarts from round 1); "

@@ -1,10 +1,14 @@
-"""Engine-independent pieces of a run that every engine assembles the same way: one client's data
-from its id alone, a client's round record, a round's summary, and the choice of eta after a sweep.
+"""The records every engine keeps of a run, assembled the same way: one client's data from its id
+alone, a client's round record, a round's summary and its log line, the eta grid, each eta's run and
+the choice of eta after a sweep.
 
-The in-process engine (simulation.py) and the Flower app (flower_server.py, flower_client.py) both
-call these, so a result JSON means the same whichever engine wrote it.
+The in-process engine and the Flower app both call these, so a result JSON means the same whichever
+engine wrote it.
 """
 from __future__ import annotations
+
+import logging
+import sys
 
 import numpy as np
 
@@ -12,6 +16,9 @@ from atlasfl.config import RunConfig
 from atlasfl.data.partition import ClientShard, task_shards
 from atlasfl.data.tasks import TaskData, expand_tasks, load_task
 from atlasfl.errors import AtlasError
+from atlasfl.federation.methods import METHOD_SPECS
+
+log = logging.getLogger("atlasfl")
 
 
 def num_clients(cfg: RunConfig) -> int:
@@ -40,13 +47,32 @@ def client_round(client_id: int, task: str, train_loss: float, ev: dict, bytes_u
 
 
 def round_summary(round_idx: int, clients: list[dict], task_names: list[str], time_s: float,
-                  digests: dict[str, str]) -> dict:
-    """A round's entry (schema RoundEntry): task scores are the mean over each task's clients."""
+                  digests: dict[str, str], eta: float | None = None) -> dict:
+    """A round's entry (schema RoundEntry): task scores are the mean over each task's clients; `eta`
+    (the Laplacian step of a personalising method) is recorded as `lambda_eta`."""
     task_scores = {t: float(np.mean([c["test_metric"] for c in clients if c["task"] == t])) for t in task_names}
-    return dict(round=round_idx, clients=clients, mean_accuracy=float(np.mean([c["test_accuracy"] for c in clients])),
-                task_scores=task_scores, mean_task_score=float(np.mean(list(task_scores.values()))), time_s=time_s,
-                bytes_up_total=sum(c["bytes_up"] for c in clients), bytes_down_total=sum(c["bytes_down"] for c in clients),
-                state_digests=digests)
+    entry = dict(round=round_idx, clients=clients, mean_accuracy=float(np.mean([c["test_accuracy"] for c in clients])),
+                 task_scores=task_scores, mean_task_score=float(np.mean(list(task_scores.values()))), time_s=time_s,
+                 bytes_up_total=sum(c["bytes_up"] for c in clients),
+                 bytes_down_total=sum(c["bytes_down"] for c in clients), state_digests=digests)
+    if eta is not None:
+        entry["lambda_eta"] = eta
+    return entry
+
+
+def eta_grid(cfg: RunConfig) -> tuple[float, ...]:
+    """The etas a run trains: the sweep's grid for a personalising method with --lambda-sweep, else one."""
+    return cfg.lambda_grid if (cfg.lambda_sweep and METHOD_SPECS[cfg.method].personalise) else (cfg.eta,)
+
+
+def log_round(eta: float, entry: dict) -> None:
+    log.info("eta %g round %d: mean task score %.4f, %.1fs", eta, entry["round"], entry["mean_task_score"],
+             entry["time_s"])
+
+
+def eta_run(eta: float, rounds: list[dict], val: dict[int, dict]) -> dict:
+    """One eta's run: its rounds and its clients' local-validation metrics, with their mean score."""
+    return dict(eta=eta, rounds=rounds, val=val, val_score=float(np.mean([v["score"] for v in val.values()])))
 
 
 def select_eta(runs: list[dict]) -> tuple[dict, dict | None]:
@@ -58,3 +84,15 @@ def select_eta(runs: list[dict]) -> tuple[dict, dict | None]:
     return chosen, dict(grid=[run["eta"] for run in runs], val_scores=[run["val_score"] for run in runs],
                         test_scores=[run["rounds"][-1]["mean_task_score"] for run in runs], selected_eta=chosen["eta"],
                         selection="mean local-validation score of the clients' task metric")
+
+
+def warn_infeasible(cfg: RunConfig, plan) -> None:
+    """Say loudly, in the log and on stderr, which clients the memory estimate says cannot train."""
+    for cid, info in plan.phase2["clients"].items():
+        if not info["feasible"]:
+            need = info["memory_estimate_bytes"]["total_estimate"] / 2**30
+            msg = (f"warning: client {cid} ({info['device']}, {info['memory_budget_bytes'] / 2**30:.0f} GiB) cannot "
+                   f"train {cfg.model} by the memory estimate ({need:.1f} GiB); it is trained in this simulation "
+                   "and flagged infeasible in the result JSON")
+            log.warning(msg)
+            print(msg, file=sys.stderr)

@@ -1,37 +1,43 @@
-"""The ATLAS `ServerApp`: a Flower strategy that drives `federation.server.Server`.
+"""The ATLAS Flower strategy: drives `federation.server.Server` over a Flower grid.
 
 Before round 1 the strategy queries every node for its fingerprint (phase 1) and plans clusters,
 devices and ranks with `Server.plan` (phase 2); round 1's messages bring each client its ranks. Each round is then
 Flower's train/evaluate cycle: the train replies carry the clients' trained states, which
 `Server.aggregate` turns into one new state per client (cluster mean, or the Laplacian step); the
 evaluate messages carry each client its new state, at its own ranks, and return its test metrics.
-The result dictionary is built by the same `build_result` as the in-process engine's.
+The result dictionary is built by the same `results.build.build_result` as the in-process engine's.
 """
 from __future__ import annotations
 
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
-from flwr.serverapp import Grid, ServerApp
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from atlasfl.config import RunConfig, build_config
+from atlasfl.config import RunConfig
 from atlasfl.data.tasks import TaskData, expand_tasks, task_metric
+from atlasfl.engines.flower.records import ATLAS, STATE, TRANSPORT, config_to_json, record_to_state, state_to_record
 from atlasfl.errors import AtlasError
-from atlasfl.federation.flower_records import (ATLAS, STATE, TRANSPORT, config_to_json, record_to_state,
-                                               state_to_record)
 from atlasfl.federation.methods import METHOD_SPECS
-from atlasfl.federation.rounds import client_round, num_clients, round_summary, select_eta
+from atlasfl.federation.records import (
+    client_round,
+    eta_grid,
+    eta_run,
+    log_round,
+    num_clients,
+    round_summary,
+    select_eta,
+    warn_infeasible,
+)
 from atlasfl.federation.server import ClientInfo, Plan, Server
-from atlasfl.federation.simulation import warn_infeasible, build_result
 from atlasfl.phases.devices import ModelFacts
-from atlasfl.results.io import atomic_write_json
-from atlasfl.results.schema import validate_result
+from atlasfl.results.build import build_result
 
 log = logging.getLogger("atlasfl")
 CONNECT_TIMEOUT_S = 300.0  # how long the ServerApp waits for every SuperNode to connect
@@ -157,12 +163,10 @@ class AtlasStrategy(Strategy):
             self.reports.note_client(ev["device"], ev["peak_bytes"], ev["peak_measured_by"])
             self.reports.add("rounds", cid, reply)
         entry = round_summary(server_round, [clients[c] for c in sorted(clients)], list(self.tasks),
-                              time.perf_counter() - r["t0"], {c: digests[c] for c in sorted(digests, key=int)})
-        if self.method.personalise:
-            entry["lambda_eta"] = self.eta
+                              time.perf_counter() - r["t0"], {c: digests[c] for c in sorted(digests, key=int)},
+                              eta=self.eta if self.method.personalise else None)
         self.rounds.append(entry)
-        log.info("eta %g round %d: mean task score %.4f, %.1fs", self.eta, server_round, entry["mean_task_score"],
-                 entry["time_s"])
+        log_round(self.eta, entry)
         return MetricRecord({"mean_task_score": entry["mean_task_score"]})
 
     def summary(self) -> None:
@@ -174,15 +178,13 @@ class AtlasStrategy(Strategy):
         t_start = time.perf_counter()
         phases_s = self.prepare(grid)
         setup_s = time.perf_counter() - t_start
-        etas = self.cfg.lambda_grid if (self.cfg.lambda_sweep and self.method.personalise) else (self.cfg.eta,)
         runs = []
-        for eta in etas:
+        for eta in eta_grid(self.cfg):
             self.eta = eta
             self._reset()
             self.reports.next_eta(eta)
             self.start(grid, ArrayRecord(), num_rounds=self.cfg.rounds, timeout=REPLY_TIMEOUT_S)
-            runs.append(dict(eta=eta, rounds=self.rounds, val=dict(self.val),
-                             val_score=float(np.mean([v["score"] for v in self.val.values()]))))
+            runs.append(eta_run(eta, self.rounds, dict(self.val)))
         chosen, sweep = select_eta(runs)
         result = build_result(self.cfg, self.shards, self.tasks, self.plan, chosen, sweep, setup_s, phases_s,
                               time.perf_counter() - t_start, "cpu")
@@ -270,33 +272,3 @@ def _checked(replies: Iterable[Message], expected: int, what: str) -> list[Messa
     if len(replies) != expected:
         raise AtlasError(f"{what}: {len(replies)} of {expected} clients replied within {REPLY_TIMEOUT_S:.0f}s")
     return replies
-
-
-def config_from_run_config(run_config: dict) -> RunConfig:
-    """The RunConfig of a `flwr run`: [tool.flwr.app.config] in pyproject.toml plus `--run-config`
-    overrides. `rounds` 0 keeps the preset; `overrides` is a JSON object of any other `atlas run` setting."""
-    extra = json.loads(run_config.get("overrides") or "{}")
-    values = dict(mode=run_config.get("mode") or None, tasks=tuple(str(run_config.get("tasks", "")).split()) or None,
-                  rounds=int(run_config.get("rounds", 0)) or None, output_dir=run_config.get("output-dir") or None,
-                  engine="flower")
-    return build_config(str(run_config["model"]), int(run_config["seed"]), str(run_config["method"]),
-                        **{**values, **extra})
-
-
-def make_server_app(cfg: RunConfig | None = None, sink: Callable[[dict], None] | None = None) -> ServerApp:
-    """A ServerApp for `cfg` (else the run config of `flwr run`); the result goes to `sink` (else it is
-    validated and written to the config's result path, as `atlas run` writes it)."""
-    app = ServerApp()
-
-    @app.main()
-    def main(grid: Grid, context: Context) -> None:
-        run_cfg = cfg or config_from_run_config(dict(context.run_config))
-        result = AtlasStrategy(run_cfg).run(grid)
-        validate_result(result)
-        if sink is not None:
-            sink(result)
-        else:
-            atomic_write_json(run_cfg.result_path, result)
-            log.info("wrote %s", run_cfg.result_path)
-
-    return app

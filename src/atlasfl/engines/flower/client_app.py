@@ -12,7 +12,6 @@ Every handler calls the same client functions as the in-process engine.
 from __future__ import annotations
 
 import json
-import resource
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -22,15 +21,23 @@ from flwr.clientapp import ClientApp
 
 from atlasfl.config import RunConfig
 from atlasfl.data.batching import encode
+from atlasfl.engines.flower.records import (
+    ATLAS,
+    STATE,
+    config_from_json,
+    plain_record,
+    plain_state,
+    record_to_state,
+    state_to_record,
+    transport_size_mod,
+)
 from atlasfl.errors import AtlasError
-from atlasfl.federation.client import client_seed, fingerprint, train_local
-from atlasfl.federation.flower_records import (ATLAS, STATE, config_from_json, plain_record, plain_state,
-                                               record_to_state, state_to_record, transport_size_mod)
+from atlasfl.federation.client import client_seed, evaluate_client, fingerprint, train_local
 from atlasfl.federation.methods import METHOD_SPECS
-from atlasfl.federation.rounds import load_client_data, num_clients
-from atlasfl.federation.simulation import evaluate_client, resolve_device
+from atlasfl.federation.records import load_client_data, num_clients
 from atlasfl.models.lora import FederatedLoRAModel, state_digest
-from atlasfl.models.registry import load_backbone
+from atlasfl.models.registry import load_backbone, resolve_device
+from atlasfl.results.build import peak_memory
 
 INITIAL = "initial"  # ArrayRecord in Context.state: the state before round 1, restored for each eta of a sweep
 
@@ -105,7 +112,8 @@ def fingerprint_phase(msg: Message, context: Context) -> Message:
         ("representation_noise", [up["representation_noise"]]),
         ("importance", [up["importance"][m] for m in fm.modules]))})
     info = dict(client_id=cid, task=shard.task, num_train=len(shard.train), num_val=len(shard.val),
-                num_labels=task.num_labels, modules=fm.modules, shapes={m: list(s) for m, s in fm.module_shapes().items()},
+                num_labels=task.num_labels, modules=fm.modules,
+                shapes={m: list(s) for m, s in fm.module_shapes().items()},
                 facts=asdict(fm.facts()))
     return Message(RecordDict({"fingerprint": arrays, ATLAS: ConfigRecord({"client": json.dumps(info)})}), reply_to=msg)
 
@@ -141,17 +149,13 @@ def evaluate(msg: Message, context: Context) -> Message:
         fm.set_state(cid, record_to_state(msg.content[STATE], cfg.wire_dtype))
         _keep_state(context, fm, cid)
     reply = dict(client_id=cid, digest=state_digest(fm.get_state(cid)),
-                 test=evaluate_client(fm, cid, test_enc, task, cfg.batch_size * 2), **_peak_memory(fm.device))
+                 test=evaluate_client(fm, cid, test_enc, task, cfg.eval_batch_size), **_peak_memory(fm.device))
     if msg.content[ATLAS]["validate"]:
-        reply["val"] = evaluate_client(fm, cid, val_enc, task, cfg.batch_size * 2)
+        reply["val"] = evaluate_client(fm, cid, val_enc, task, cfg.eval_batch_size)
     return Message(RecordDict({ATLAS: ConfigRecord({"eval": json.dumps(reply)})}), reply_to=msg)
-
 
 
 def _peak_memory(device: torch.device) -> dict:
     """This process's measured peak, as the in-process engine measures its own."""
-    if device.type == "cuda":
-        return dict(device=str(device), peak_bytes=int(torch.cuda.max_memory_allocated(device)),
-                    peak_measured_by="torch.cuda.max_memory_allocated")
-    return dict(device=str(device), peak_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-                peak_measured_by="peak RSS (ru_maxrss)")
+    peak, measured_by = peak_memory(device)
+    return dict(device=str(device), peak_bytes=peak, peak_measured_by=measured_by)

@@ -1,0 +1,36 @@
+"""`atlas report`: tables, paired tests and plots over result files (the `atlasfl.report` library)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+
+
+def report(
+    results: List[str] = typer.Argument(..., help="Result JSON files or folders of them (ours or the predecessor's)."),
+    out: str = typer.Option("reports", help="Folder for report.md, report.tex and the CSV tables."),
+    baseline: str = typer.Option("local_only", help="Method every other method is compared with, seed by seed."),
+    plots: Optional[str] = typer.Option(None, help="Also write PNG plots into this folder."),
+):
+    """Tables over result files: scores per task, costs, paired tests against a baseline; optional plots."""
+    from atlasfl.report.load import load_results
+    from atlasfl.report.render import to_rich, write_report
+    from atlasfl.report.tables import build_tables
+
+    records = load_results(results)
+    tables = build_tables(records, baseline)
+    console = Console()
+    for table in tables:
+        console.print(to_rich(table))
+        for note in table.notes:
+            console.print(note, style="dim", markup=False, highlight=False)
+        console.print()
+    written = write_report(tables, Path(out))
+    if plots:
+        from atlasfl.report.plots import write_plots
+
+        written += write_plots(records, Path(plots))
+    console.print(f"{len(records)} result file(s); wrote " + ", ".join(map(str, written)),
+                  markup=False, highlight=False)

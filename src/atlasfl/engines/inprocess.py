@@ -1,0 +1,274 @@
+"""The in-process engine: all clients share one frozen backbone in this process and the server logic
+is called directly. A run is three named steps: `set_up` (data, model, server), `plan_or_restore`
+(phases 1-2, or the plan of a checkpoint) and `train_etas` (the rounds of every eta of the run)."""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from atlasfl.config import RunConfig
+from atlasfl.data.batching import encode
+from atlasfl.data.partition import ClientShard, make_shards
+from atlasfl.data.tasks import TaskData, expand_tasks, load_task
+from atlasfl.errors import AtlasError
+from atlasfl.federation.client import client_seed, evaluate_client, fingerprint, train_local, wire
+from atlasfl.federation.methods import METHOD_SPECS, MethodSpec
+from atlasfl.federation.records import (
+    client_round,
+    eta_grid,
+    eta_run,
+    log_round,
+    round_summary,
+    select_eta,
+    warn_infeasible,
+)
+from atlasfl.federation.server import ClientInfo, Plan, Server
+from atlasfl.models.lora import FederatedLoRAModel, state_digest
+from atlasfl.models.registry import check_model_name, load_backbone, resolve_device
+from atlasfl.results.build import build_result
+from atlasfl.results.checkpoint import (
+    clear_checkpoints,
+    complete_checkpoints,
+    config_differences,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
+
+log = logging.getLogger("atlasfl")
+
+
+@dataclass
+class Federation:
+    """Everything one in-process run holds: its config, the shared model, the server, the clients'
+    shards and their encoded examples, and the seconds each phase took."""
+
+    cfg: RunConfig
+    method: MethodSpec
+    device: str
+    tasks: dict[str, TaskData]
+    shards: list[ClientShard]
+    fm: FederatedLoRAModel
+    server: Server
+    train_enc: dict[int, list[dict]]
+    val_enc: dict[int, list[dict]]
+    test_enc: dict[str, list[dict]]
+    phases_s: dict[str, float] = field(default_factory=dict)
+
+    def states(self) -> dict[int, dict[str, torch.Tensor]]:
+        return {s.client_id: self.fm.get_state(s.client_id) for s in self.shards}
+
+    def load_states(self, states: dict[int, dict[str, torch.Tensor]]) -> None:
+        for cid, state in states.items():
+            self.fm.set_state(cid, state)
+
+
+def run_experiment(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> dict:
+    """Run one federated experiment end to end and return its result dictionary.
+
+    A checkpoint is written after planning and after every round; with `resume` the run continues
+    from the newest complete one and ends with the same result as an uninterrupted run.
+    """
+    t_start = time.perf_counter()
+    fed = set_up(cfg)
+    checkpoint = _latest_checkpoint(cfg) if resume else None
+    plan = plan_or_restore(fed, checkpoint)
+    initial = fed.states()
+    setup_s = time.perf_counter() - t_start
+    log.info("%s: %d clients on %s, model %s (%s) on %s, clusters %s (%s), groups %s", cfg.run_name,
+             len(fed.shards), ", ".join(fed.tasks), cfg.model, fed.fm.backbone.source, fed.device,
+             plan.cluster_labels, plan.cluster_source, fed.server.groups())
+    if checkpoint is None:
+        clear_checkpoints(cfg.checkpoint_path)  # a fresh start must not mix with an older attempt's rounds
+        _save(fed, plan, 0, 0, [], [])
+    else:
+        restore_rng(checkpoint[0]["rng"])
+        print(f"resuming {cfg.run_name} from {checkpoint_label(checkpoint[0])}", file=sys.stderr)
+    runs = train_etas(fed, plan, initial, checkpoint, progress)
+    chosen, sweep = select_eta(runs)
+    return build_result(cfg, fed.shards, fed.tasks, plan, chosen, sweep, setup_s, fed.phases_s,
+                        time.perf_counter() - t_start, fed.device)
+
+
+def set_up(cfg: RunConfig) -> Federation:
+    """Load the tasks, cut the shards, build the shared model and encode every client's examples."""
+    check_model_name(cfg.model)
+    device = resolve_device(cfg.device)
+    tasks = {n: load_task(n, data_dir=cfg.data_dir, max_test=cfg.max_test_samples) for n in expand_tasks(cfg.tasks)}
+    shards = make_shards(list(tasks.values()), cfg.clients_per_task, seed=cfg.seed, max_samples=cfg.max_samples,
+                         dirichlet_alpha=cfg.dirichlet_alpha)
+    backbone = load_backbone(cfg.model, init=cfg.init, seed=cfg.seed, device=device)
+    tok = backbone.tokenizer
+    fm = FederatedLoRAModel(backbone, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, seed=cfg.seed)
+    server = Server(cfg, [ClientInfo(s.client_id, s.task, len(s.train), tasks[s.task].num_labels) for s in shards],
+                    modules=fm.modules, shapes=fm.module_shapes(), facts=fm.facts())
+    return Federation(
+        cfg=cfg, method=METHOD_SPECS[cfg.method], device=device, tasks=tasks, shards=shards, fm=fm, server=server,
+        train_enc={s.client_id: encode(tok, s.train, cfg.max_length) for s in shards},
+        val_enc={s.client_id: encode(tok, s.val, cfg.max_length) for s in shards},
+        test_enc={n: encode(tok, t.test, cfg.max_length) for n, t in tasks.items()},
+    )
+
+
+def plan_or_restore(fed: Federation, checkpoint: tuple | None) -> Plan:
+    """Phases 1-2 (fingerprints, clusters, devices, ranks), or the plan a checkpoint holds; then every
+    client's adapter is built at its planned ranks."""
+    cfg = fed.cfg
+    if checkpoint is None:
+        t0 = time.perf_counter()
+        uploads = {s.client_id: _guard_oom(cfg, s, "fingerprinting", lambda s=s: fingerprint(
+            fed.fm, fed.train_enc[s.client_id], num_labels=fed.tasks[s.task].num_labels,
+            samples=cfg.fingerprint_samples, batch_size=cfg.batch_size, layers=cfg.fingerprint_layers,
+            dim=cfg.fingerprint_dim, seed=cfg.seed)) for s in fed.shards}
+        fed.phases_s["fingerprint"] = time.perf_counter() - t0
+        plan = fed.server.plan(uploads)
+    else:
+        plan = Plan.from_json(checkpoint[0]["plan"])
+        fed.server.adopt(plan)
+    warn_infeasible(cfg, plan)
+    for s in fed.shards:
+        fed.fm.add_client(s.client_id, plan.ranks[s.client_id], fed.tasks[s.task].num_labels)
+    return plan
+
+
+def train_etas(fed: Federation, plan: Plan, initial: dict, checkpoint: tuple | None, progress: bool) -> list[dict]:
+    """The rounds of every eta of the run (one unless sweeping), each from the clients' initial states,
+    continuing a checkpoint's eta and round where there is one. Returns each eta's run."""
+    cfg, etas = fed.cfg, eta_grid(fed.cfg)
+    runs, start_eta, start_round, rounds = [], 0, 0, []
+    if checkpoint is not None:
+        meta, saved_states = checkpoint
+        runs, start_eta, start_round, rounds = meta["runs"], meta["eta_index"], meta["round"], meta["rounds"]
+        for run in runs:
+            run["val"] = {int(c): v for c, v in run["val"].items()}
+    with RunProgress(progress) as bars:
+        for eta_index in range(start_eta, len(etas)):
+            eta = fed.server.eta = etas[eta_index]
+            if eta_index == start_eta and checkpoint is not None:
+                fed.load_states(saved_states)
+            else:
+                start_round, rounds = 0, []
+                fed.load_states(initial)
+            bars.start_rounds(f"rounds (eta={eta:g})" if len(etas) > 1 else "rounds", cfg.rounds, start_round)
+            for r in range(start_round + 1, cfg.rounds + 1):
+                rounds.append(run_round(fed, r, bars))
+                bars.advance("round")
+                log_round(eta, rounds[-1])
+                _save(fed, plan, eta_index, r, rounds, runs)
+            val = {s.client_id: evaluate_client(fed.fm, s.client_id, fed.val_enc[s.client_id], fed.tasks[s.task],
+                                                cfg.eval_batch_size) for s in fed.shards}
+            runs.append(eta_run(eta, rounds, val))
+    return runs
+
+
+def run_round(fed: Federation, r: int, bars: RunProgress) -> dict:
+    """One round: every client trains, the server aggregates (if the method shares), every client is tested."""
+    cfg, fm = fed.cfg, fed.fm
+    t0 = time.perf_counter()
+    losses, up, down = {}, {}, {}
+    bars.start_clients(len(fed.shards))
+    for s in fed.shards:
+        losses[s.client_id] = _guard_oom(cfg, s, "training", lambda s=s: train_local(
+            fm, s.client_id, fed.train_enc[s.client_id], epochs=cfg.local_epochs, lr=cfg.lr,
+            batch_size=cfg.batch_size, seed=client_seed(cfg.seed, r, s.client_id)))
+        bars.advance("client")
+    if fed.method.communicates:
+        uploads = {}
+        for s in fed.shards:
+            uploads[s.client_id], up[s.client_id] = wire(fm.get_state(s.client_id), cfg.wire_dtype)
+        for cid, state in fed.server.aggregate(uploads).items():
+            received, down[cid] = wire(state, cfg.wire_dtype)
+            fm.set_state(cid, received)
+    clients, digests, evaluated = [], {}, {}
+    for s in fed.shards:
+        digest = digests[str(s.client_id)] = state_digest(fm.get_state(s.client_id))
+        if (digest, s.task) not in evaluated:  # clients holding identical weights score identically
+            evaluated[digest, s.task] = evaluate_client(fm, s.client_id, fed.test_enc[s.task], fed.tasks[s.task],
+                                                        cfg.eval_batch_size)
+        clients.append(client_round(s.client_id, s.task, losses[s.client_id], evaluated[digest, s.task],
+                                    up.get(s.client_id, 0), down.get(s.client_id, 0)))
+    return round_summary(r, clients, list(fed.tasks), time.perf_counter() - t0, digests,
+                         eta=fed.server.eta if fed.method.personalise else None)
+
+
+def checkpoint_label(meta: dict) -> str:
+    return f"round {meta['round']}" + (f" of eta #{meta['eta_index']}" if meta["eta_index"] else "")
+
+
+def _latest_checkpoint(cfg: RunConfig):
+    """The newest complete checkpoint of this run, or None (with a notice) when there is none."""
+    found = complete_checkpoints(cfg.checkpoint_path)
+    if not found:
+        print(f"no checkpoint of {cfg.run_name} under {cfg.checkpoint_dir}/: starting from the beginning",
+              file=sys.stderr)
+        return None
+    meta, states = load_checkpoint(found[-1])
+    differing = config_differences(meta["config"], cfg.model_dump(mode="json"))
+    if differing:
+        raise AtlasError(f"checkpoint {found[-1]} was made with a different config ({', '.join(differing)} "
+                         "differ); rerun with the same flags, or without --resume to start afresh")
+    return meta, states
+
+
+def _save(fed: Federation, plan: Plan, eta_index: int, round_idx: int, rounds: list, runs: list) -> None:
+    """Checkpoint the run; its seconds add up in phases_s['checkpoint'] and its size goes to the log."""
+    t0 = time.perf_counter()
+    cfg, states = fed.cfg, fed.states()
+    payload = dict(config=cfg.model_dump(mode="json"), plan=asdict(plan), rounds=rounds,
+                   runs=[dict(run, val={str(c): v for c, v in run["val"].items()}) for run in runs],
+                   digests={str(c): state_digest(st) for c, st in states.items()},
+                   optimizer="AdamW is created afresh each round: no moments to keep")
+    folder = save_checkpoint(cfg.checkpoint_path, eta_index=eta_index, round_idx=round_idx, states=states,
+                             payload=payload, keep=cfg.keep_checkpoints)
+    seconds = time.perf_counter() - t0
+    fed.phases_s["checkpoint"] = fed.phases_s.get("checkpoint", 0.0) + seconds
+    size = sum(f.stat().st_size for f in folder.iterdir())
+    log.info("checkpoint %s: %.2fs, %.2f MB", folder.name, seconds, size / 1e6)
+
+
+def _guard_oom(cfg: RunConfig, shard: ClientShard, what: str, step):
+    """Run one client step; a CUDA out-of-memory becomes one message naming the client and the remedies."""
+    try:
+        return step()
+    except torch.OutOfMemoryError:
+        raise AtlasError(
+            f"CUDA out of memory while {what} client {shard.client_id} ({shard.task}) of {cfg.model} at batch size "
+            f"{cfg.batch_size}; lower --batch-size or --fingerprint-samples, or use a smaller model "
+            "(distilbert, gpt2); the last checkpoint is kept, rerun with --resume") from None
+
+
+class RunProgress:
+    """Progress bars on rounds and on the clients of the current round; silent when disabled."""
+
+    def __init__(self, enabled: bool):
+        from rich.progress import Progress
+
+        self.bar = Progress(transient=False) if enabled else None
+        self.rounds = self.clients = None
+
+    def __enter__(self):
+        if self.bar is not None:
+            self.bar.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.stop()
+
+    def start_rounds(self, label: str, total: int, done: int) -> None:
+        if self.bar is not None:
+            self.rounds = self.bar.add_task(label, total=total, completed=done)
+
+    def start_clients(self, total: int) -> None:
+        if self.bar is not None:
+            if self.clients is None:
+                self.clients = self.bar.add_task("clients", total=total)
+            self.bar.reset(self.clients, total=total)
+
+    def advance(self, which: str) -> None:
+        if self.bar is not None:
+            self.bar.advance(self.rounds if which == "round" else self.clients)

@@ -1,0 +1,95 @@
+"""The result dictionary of one run (schema `results.schema`), built from what any engine collects:
+the rounds of the chosen eta, the clients' local validation, the plan and the clocks. Both engines
+call `build_result`, so a result JSON means the same whichever engine wrote it."""
+from __future__ import annotations
+
+import platform
+import resource
+import sys
+from importlib import metadata
+
+import numpy as np
+import torch
+
+from atlasfl.config import RunConfig
+from atlasfl.data.tasks import TaskData
+from atlasfl.federation.server import Plan
+from atlasfl.results.schema import SCHEMA_VERSION
+
+
+def build_result(cfg: RunConfig, shards: list, tasks: dict[str, TaskData], plan: Plan, run: dict,
+                 sweep: dict | None, setup_s: float, phases_s: dict, total_s: float, device: str) -> dict:
+    """The result dictionary of one run. `shards` need `client_id`, `task`, `train` and `val` (sized)."""
+    rounds = run["rounds"]
+    last = {c["client_id"]: c for c in rounds[-1]["clients"]}
+    per_client = {}
+    for s in shards:
+        c = last[s.client_id]
+        per_client[str(s.client_id)] = dict(task=s.task, accuracy=c["test_accuracy"], macro_f1=c["test_macro_f1"],
+                                            f1=c["test_f1"], mcc=c["test_mcc"], score=c["test_metric"],
+                                            metric_name=c["metric_name"], loss=c["test_loss"],
+                                            val_score=run["val"][s.client_id]["score"],
+                                            device=plan.devices[s.client_id])
+    up = {str(s.client_id): sum(r["clients"][i]["bytes_up"] for r in rounds)
+          + plan.fingerprint_bytes.get(s.client_id, 0) for i, s in enumerate(shards)}
+    down = {str(s.client_id): sum(r["clients"][i]["bytes_down"] for r in rounds) for i, s in enumerate(shards)}
+    return dict(
+        schema_version=SCHEMA_VERSION, status="complete", run_name=cfg.run_name, model=cfg.model, method=cfg.method,
+        seed=cfg.seed, config=cfg.model_dump(mode="json"),
+        clients=[dict(client_id=s.client_id, task=s.task, num_train=len(s.train), num_val=len(s.val)) for s in shards],
+        round_metrics=rounds,
+        final_accuracies={str(c): m["test_accuracy"] for c, m in last.items()},
+        final_metrics=final_metrics(tasks, per_client),
+        cluster_labels=plan.cluster_labels, cluster_source=plan.cluster_source, phase1_clustering=plan.phase1,
+        phase2_rank_allocation=plan.phase2, ranks={str(c): r for c, r in plan.ranks.items()}, lambda_sweep=sweep,
+        communication_costs=dict(wire_dtype=cfg.wire_dtype, total_bytes_up=sum(up.values()),
+                                 total_bytes_down=sum(down.values()),
+                                 fingerprint_bytes_up=sum(plan.fingerprint_bytes.values()),
+                                 per_client_bytes_up=up, per_client_bytes_down=down),
+        time_metrics=dict(total_s=total_s, setup_s=setup_s, per_round_s=[r["time_s"] for r in rounds],
+                          phases_s=phases_s),
+        memory=memory(device, plan),
+        environment=environment(device),
+    )
+
+
+def final_metrics(tasks: dict[str, TaskData], per_client: dict) -> dict:
+    """Per task the mean of its clients' last-round metrics, and the mean of the task scores."""
+    per_task = {}
+    for name, task in tasks.items():
+        ms = [m for m in per_client.values() if m["task"] == name]
+        f1s = [m["f1"] for m in ms if m["f1"] is not None]
+        per_task[name] = dict(metric_name=task.metric, score=float(np.mean([m["score"] for m in ms])),
+                              accuracy=float(np.mean([m["accuracy"] for m in ms])),
+                              macro_f1=float(np.mean([m["macro_f1"] for m in ms])),
+                              f1=float(np.mean(f1s)) if f1s else None, mcc=float(np.mean([m["mcc"] for m in ms])),
+                              num_clients=len(ms))
+    return dict(per_client=per_client, per_task=per_task,
+                task_mean=float(np.mean([t["score"] for t in per_task.values()])))
+
+
+def peak_memory(device: str | torch.device) -> tuple[int, str]:
+    """This process's measured peak memory: CUDA max allocated on a GPU, else the peak RSS."""
+    if str(device).startswith("cuda"):
+        return int(torch.cuda.max_memory_allocated(device)), "torch.cuda.max_memory_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak RSS of the process (ru_maxrss)"
+
+
+def memory(device: str, plan: Plan) -> dict:
+    """Measured peak, with the memory model's largest per-client figure beside it, labelled an estimate."""
+    biggest = max((c["memory_estimate_bytes"] for c in plan.phase2["clients"].values()),
+                  key=lambda e: e["total_estimate"])
+    peak, measured_by = peak_memory(device)
+    return dict(peak_measured_bytes=peak, measured_by=measured_by,
+                estimate=dict(kind="ESTIMATE (memory model of DESIGN §3.2), largest client", **biggest))
+
+
+def environment(device: str) -> dict:
+    versions = {}
+    for pkg in ("atlasfl", "torch", "transformers", "peft", "datasets", "numpy", "scikit-learn", "flwr"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return dict(python=sys.version.split()[0], platform=platform.platform(), device=device,
+                cuda=torch.cuda.get_device_name() if device.startswith("cuda") else None, versions=versions)
