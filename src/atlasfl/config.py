@@ -84,6 +84,8 @@ class RunConfig(BaseModel):
     log_dir: str = setting("Folder for run logs.", "logs")
     checkpoint_dir: str = setting("Folder for per-round checkpoints.", "checkpoints")
     keep_checkpoints: int = setting("Checkpoints kept per run (the newest).", 2, gt=0)
+    save_adapters: str | None = setting(
+        "Write each client's final adapter (PEFT format) and head to DIR/<run name>/c<k>/.", None, min_length=1)
 
     @field_validator("rank_candidates")
     @classmethod
@@ -111,6 +113,9 @@ class RunConfig(BaseModel):
         if self.aggregation == "fedavg" and METHOD_SPECS[self.method].personalise:
             raise ValueError(f"{self.method}'s Laplacian step always refactors by SVD, so --aggregation fedavg would "
                              "be ignored; drop it, or use atlas_no_laplacian to compare the two aggregations")
+        if self.save_adapters is not None and self.engine == "flower":
+            raise ValueError("the Flower engine's adapters live on its SuperNodes; --save-adapters needs "
+                             "--engine inprocess")
         return self
 
     @property

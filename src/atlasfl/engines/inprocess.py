@@ -29,6 +29,7 @@ from atlasfl.federation.records import (
 from atlasfl.federation.server import ClientInfo, Plan, Server
 from atlasfl.models.lora import FederatedLoRAModel, state_digest
 from atlasfl.models.registry import check_model_name, load_backbone, resolve_device
+from atlasfl.results import adapters
 from atlasfl.results.build import build_result
 from atlasfl.results.checkpoint import (
     clear_checkpoints,
@@ -90,6 +91,9 @@ def run_experiment(cfg: RunConfig, *, progress: bool = True, resume: bool = Fals
         print(f"resuming {cfg.run_name} from {checkpoint_label(checkpoint[0])}", file=sys.stderr)
     runs = train_etas(fed, plan, initial, checkpoint, progress)
     chosen, sweep = select_eta(runs)
+    if cfg.save_adapters:
+        log.info("adapters of eta %g: %s", chosen["eta"], adapters.publish(cfg, fed.fm, runs.index(chosen),
+                                                                          chosen["eta"]))
     return build_result(cfg, fed.shards, fed.tasks, plan, chosen, sweep, setup_s, fed.phases_s,
                         time.perf_counter() - t_start, fed.device)
 
@@ -161,6 +165,9 @@ def train_etas(fed: Federation, plan: Plan, initial: dict, checkpoint: tuple | N
                 _save(fed, plan, eta_index, r, rounds, runs)
             val = {s.client_id: evaluate_client(fed.fm, s.client_id, fed.val_enc[s.client_id], fed.tasks[s.task],
                                                 cfg.eval_batch_size) for s in fed.shards}
+            if cfg.save_adapters:  # staged until the run has chosen its eta
+                adapters.save_eta(cfg, fed.fm, {s.client_id: (s.task, fed.tasks[s.task].metric) for s in fed.shards},
+                                  eta_index)
             runs.append(eta_run(eta, rounds, val))
     return runs
 
