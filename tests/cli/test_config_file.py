@@ -148,3 +148,19 @@ def test_config_of_a_non_result_is_one_line(tmp_path, capsys):
     bad.write_text('{"rounds": 3}')
     assert main(["config", str(bad)]) == 2
     assert "no ATLAS `config` block" in _error_line(capsys)
+
+
+def test_divergence_is_flagged_in_the_json_and_on_stderr(tmp_path, capsys):
+    """--lr 1000 used to finish silently with losses in the thousands and near-chance scores."""
+    args = ["run", "tiny-bert", "0", "local_only", "--lr", "1000", "--output-dir", str(tmp_path),
+            "--log-dir", str(tmp_path / "logs"), "--checkpoint-dir", str(tmp_path / "ck")]
+    for key, value in dict(SMALL, rounds=1).items():
+        args += ["--" + key.replace("_", "-"), *(value if isinstance(value, list) else [str(value)])]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    (path,) = tmp_path.glob("*.json")
+    result = json.loads(path.read_text())
+    assert result["diverged_clients"] == [0, 1, 2, 3]
+    assert all(m["diverged"] for m in result["final_metrics"]["per_client"].values())
+    assert captured.err.count("diverged in round 1") == 4 and "DIVERGED" in captured.out
+    assert "diverged in round 1" in next((tmp_path / "logs").glob("*.log")).read_text()

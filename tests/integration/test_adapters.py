@@ -50,6 +50,7 @@ def test_saved_adapters_load_in_peft_and_predict_as_the_run(tmp_path, model):
     root = tmp_path / "adapters" / cfg.run_name
     assert sorted(p.name for p in root.iterdir()) == ["README.md", "c0", "c1", "c2", "c3", "tokenizer"]
     assert "PeftModel.from_pretrained" in (root / "README.md").read_text()
+    assert result["diverged_clients"] == [] and not result["final_metrics"]["per_client"]["0"]["diverged"]
     # The run's own final clients: its last checkpoint holds the states it evaluated last.
     meta, states = load_checkpoint(complete_checkpoints(cfg.checkpoint_path)[-1])
     plan = Plan.from_json(meta["plan"])

@@ -73,4 +73,7 @@ def print_summary(result: dict, path) -> None:
     console.print(table)
     console.print(f"clusters: {result['cluster_labels']} ({result['cluster_source']}); "
                   f"time {result['time_metrics']['total_s']:.1f}s")
+    if result.get("diverged_clients"):
+        console.print(f"DIVERGED: clients {result['diverged_clients']} (training loss blew up; see the warnings "
+                      "above and lower --lr)", style="bold red", markup=False, highlight=False)
     console.print(f"result: {path}")

@@ -24,6 +24,7 @@ from atlasfl.federation.records import (
     log_round,
     round_summary,
     select_eta,
+    warn_diverged,
     warn_infeasible,
 )
 from atlasfl.federation.server import ClientInfo, Plan, Server
@@ -162,6 +163,7 @@ def train_etas(fed: Federation, plan: Plan, initial: dict, checkpoint: tuple | N
                 rounds.append(run_round(fed, r, bars))
                 bars.advance("round")
                 log_round(eta, rounds[-1])
+                warn_diverged(eta, rounds, {n: t.num_labels for n, t in fed.tasks.items()})
                 _save(fed, plan, eta_index, r, rounds, runs)
             val = {s.client_id: evaluate_client(fed.fm, s.client_id, fed.val_enc[s.client_id], fed.tasks[s.task],
                                                 cfg.eval_batch_size) for s in fed.shards}

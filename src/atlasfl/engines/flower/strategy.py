@@ -33,6 +33,7 @@ from atlasfl.federation.records import (
     num_clients,
     round_summary,
     select_eta,
+    warn_diverged,
     warn_infeasible,
 )
 from atlasfl.federation.server import ClientInfo, Plan, Server
@@ -167,6 +168,7 @@ class AtlasStrategy(Strategy):
                               eta=self.eta if self.method.personalise else None)
         self.rounds.append(entry)
         log_round(self.eta, entry)
+        warn_diverged(self.eta, self.rounds, {n: t.num_labels for n, t in self.tasks.items()})
         return MetricRecord({"mean_task_score": entry["mean_task_score"]})
 
     def summary(self) -> None:
