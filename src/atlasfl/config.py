@@ -86,6 +86,8 @@ class RunConfig(BaseModel):
     keep_checkpoints: int = setting("Checkpoints kept per run (the newest).", 2, gt=0)
     save_adapters: str | None = setting(
         "Write each client's final adapter (PEFT format) and head to DIR/<run name>/c<k>/.", None, min_length=1)
+    tensorboard: str | None = setting(
+        "Write live TensorBoard curves (per round, client and task) to DIR/<run name>/.", None, min_length=1)
 
     @field_validator("rank_candidates")
     @classmethod
