@@ -33,7 +33,7 @@ def split_values(values: List[str] | None) -> list[str]:
     return [v for item in values or () for v in item.split(",") if v]
 
 
-CONFIG_HELP = ("TOML file of settings: {keys} and any option above by its name (batch_size or batch-size); "
+CONFIG_HELP = ("TOML file of settings: {keys} and any option of this command by its name (batch_size or batch-size); "
                "flags given on the command line win. `atlas config RESULT.json` writes one from a result.")
 
 

@@ -18,8 +18,10 @@ With `--lambda-sweep` every eta's final clients are written to a staging folder 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -28,6 +30,7 @@ from atlasfl.config import RunConfig
 from atlasfl.models.lora import FederatedLoRAModel, _name
 from atlasfl.models.registry import HUB_ALIASES
 
+log = logging.getLogger("atlasfl")
 POOLING = {
     "encoder": ("mean", "mean of the last hidden state over the tokens whose attention_mask is 1"),
     "decoder": ("last", "the last hidden state at the last token whose attention_mask is 1 (right padding)"),
@@ -91,10 +94,18 @@ def save_eta(cfg: RunConfig, fm: FederatedLoRAModel, clients: dict[int, tuple[st
     save_client_adapters(cfg, fm, clients, _staging(cfg, eta_index))
 
 
-def publish(cfg: RunConfig, fm: FederatedLoRAModel, chosen_index: int, eta: float) -> Path:
-    """Move the chosen eta's clients into place, with the tokenizer and a README; drop the other etas."""
+def publish(cfg: RunConfig, fm: FederatedLoRAModel, chosen_index: int, eta: float) -> Path | None:
+    """Move the chosen eta's clients into place, with the tokenizer and a README; drop the other etas.
+    A missing stage (a resumed run whose chosen eta finished before --save-adapters was given) is a warning:
+    the run's result still gets written."""
     root = adapters_folder(cfg)
     staged = _staging(cfg, chosen_index)
+    if not staged.is_dir():
+        msg = (f"warning: the adapters of eta {eta:g} were not saved (that eta finished in an earlier attempt "
+               "without --save-adapters); rerun without --resume to save them")
+        log.warning(msg)
+        print(msg, file=sys.stderr)
+        return None
     for old in root.iterdir():  # a previous run's clients, and the etas not chosen
         if old != staged:
             shutil.rmtree(old) if old.is_dir() else old.unlink()
