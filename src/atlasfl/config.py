@@ -1,6 +1,7 @@
 """One validated run configuration, built from the model's preset, the mode and the user's overrides."""
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import re
@@ -234,7 +235,11 @@ def read_config_file(path: str | Path, keys: Iterable[str]) -> dict:
     for key, value in data.items():
         name = key.replace("-", "_")
         if name not in allowed:
-            raise AtlasError(f"unknown key {key!r} in config file {path}; its keys are {', '.join(allowed)}")
+            close = difflib.get_close_matches(name, allowed, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            own = [k for k in allowed if k not in RunConfig.model_fields or k in POSITIONAL]
+            raise AtlasError(f"unknown key {key!r} in config file {path}; {hint}the keys are {', '.join(own)} and "
+                             "the command's options under their names (batch_size or batch-size)")
         if name in out:
             raise AtlasError(f"config file {path} sets {name!r} twice (as {name.replace('_', '-')!r} too)")
         out[name] = _file_value(name, value) if name in RunConfig.model_fields and name not in POSITIONAL else value

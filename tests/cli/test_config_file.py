@@ -60,7 +60,7 @@ def test_unknown_key_is_one_line_naming_it(tmp_path, capsys, captured):
     path = _toml(tmp_path / "exp.toml", 'model = "tiny-bert"\nseed = 1\nmethod = "atlas"\nnum_rounds = 3\n')
     assert main(["run", "--config", path]) == 2
     err = _error_line(capsys)
-    assert "unknown key 'num_rounds'" in err and "exp.toml" in err
+    assert "unknown key 'num_rounds'" in err and "exp.toml" in err and "did you mean 'rounds'?" in err
     assert not captured
 
 
