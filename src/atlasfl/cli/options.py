@@ -10,7 +10,7 @@ from typing import Annotated, List, Literal, Optional
 import typer
 from typer.core import TyperCommand
 
-from atlasfl.config import FROM_PRESET, RunConfig, from_preset, overridable_settings, setting_type
+from atlasfl.config import FROM_PRESET, RunConfig, from_preset, overridable_settings, read_config_file, setting_type
 from atlasfl.errors import AtlasError
 
 
@@ -31,6 +31,18 @@ def parse_seed(value: str) -> int:
 def split_values(values: List[str] | None) -> list[str]:
     """Values given space-separated, repeated or comma-separated, in order."""
     return [v for item in values or () for v in item.split(",") if v]
+
+
+CONFIG_HELP = ("TOML file of settings: {keys} and any option of this command by its name (batch_size or batch-size); "
+               "flags given on the command line win. `atlas config RESULT.json` writes one from a result.")
+
+
+def merge_config_file(path: str | None, keys, given: dict) -> dict:
+    """The settings of config file `path` (if any) overridden by every value given on the command line
+    (None: not given)."""
+    settings = read_config_file(path, keys) if path else {}
+    settings.update({k: v for k, v in given.items() if v is not None})
+    return settings
 
 
 def option_for(name: str) -> tuple[object, object]:

@@ -1,12 +1,15 @@
 """`atlas run`, `atlas demo` and `atlas presets`: one experiment, the embedded offline default, the presets."""
 from __future__ import annotations
 
+from typing import Optional
+
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from atlasfl.cli.options import parse_seed, with_overrides
-from atlasfl.config import METHODS, build_config
+from atlasfl.cli.options import CONFIG_HELP, merge_config_file, parse_seed, with_overrides
+from atlasfl.config import METHODS, POSITIONAL, build_config, overridable_settings
+from atlasfl.errors import AtlasError
 from atlasfl.experiment import run_and_save
 from atlasfl.presets import PRESETS
 
@@ -17,15 +20,24 @@ DEMO = dict(model="minilm", seed=42, method="atlas", tasks=("offline",), rounds=
 
 @with_overrides()
 def run(
-    model: str = typer.Argument(..., help="distilbert | gpt2 | gpt2-xl | qwen2.5 | minilm | tiny-* | HF id | folder"),
-    seed: str = typer.Argument(..., help="Random seed (non-negative integer)."),
-    method: str = typer.Argument(..., help=" | ".join(METHODS)),
+    model: Optional[str] = typer.Argument(
+        None, help="distilbert | gpt2 | gpt2-xl | qwen2.5 | minilm | tiny-* | HF id | folder", show_default=False),
+    seed: Optional[str] = typer.Argument(None, help="Random seed (non-negative integer).", show_default=False),
+    method: Optional[str] = typer.Argument(None, help=" | ".join(METHODS), show_default=False),
+    config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP.format(keys="model, seed, method")),
     resume: bool = typer.Option(False, "--resume", help="Continue from the run's last complete checkpoint."),
     overwrite: bool = typer.Option(False, help="Replace an existing complete result JSON."),
     overrides: dict | None = None,
 ):
-    """Run one experiment: MODEL SEED METHOD."""
-    cfg = build_config(model, parse_seed(seed), method, **overrides)
+    """Run one experiment: MODEL SEED METHOD (or from --config FILE)."""
+    given = dict(model=model, seed=seed, method=method)
+    settings = merge_config_file(config, [*POSITIONAL, *overridable_settings()], given | overrides)
+    for name in POSITIONAL:
+        if settings.get(name) is None:
+            raise AtlasError(f"Missing argument '{name.upper()}': give MODEL SEED METHOD on the command line "
+                             f"or `{name} = ...` in a --config file")
+    cfg = build_config(str(settings.pop("model")), parse_seed(str(settings.pop("seed"))), str(settings.pop("method")),
+                       **settings)
     result, path = run_and_save(cfg, overwrite=overwrite, resume=resume)
     print_summary(result, path)
 
@@ -61,4 +73,7 @@ def print_summary(result: dict, path) -> None:
     console.print(table)
     console.print(f"clusters: {result['cluster_labels']} ({result['cluster_source']}); "
                   f"time {result['time_metrics']['total_s']:.1f}s")
+    if result.get("diverged_clients"):
+        console.print(f"DIVERGED: clients {result['diverged_clients']} (training loss blew up; see the warnings "
+                      "above and lower --lr)", style="bold red", markup=False, highlight=False)
     console.print(f"result: {path}")

@@ -1,13 +1,13 @@
 """`atlas sweep`: a grid of MODELS × METHODS × SEEDS over the one run implementation."""
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 import typer
 from rich.console import Console
 
-from atlasfl.cli.options import parse_seed, split_values, with_overrides
-from atlasfl.config import METHODS
+from atlasfl.cli.options import CONFIG_HELP, merge_config_file, parse_seed, split_values, with_overrides
+from atlasfl.config import METHODS, overridable_settings
 from atlasfl.errors import AtlasError
 from atlasfl.sweep import grid_configs, run_sweep
 
@@ -18,17 +18,41 @@ class SweepFailed(AtlasError):
     exit_code = 1
 
 
+GRID = ("models", "methods", "seeds")
+
+
+def _grid_values(value) -> list[str]:
+    """A grid axis from a flag (a list of strings) or a config file (a TOML array, or one string or number)."""
+    if value is None:
+        return []
+    items = value if isinstance(value, (list, tuple)) else [value]
+    return split_values([part for item in items for part in str(item).split()])
+
+
 @with_overrides(exclude=("engine",))
 def sweep(
-    models: List[str] = typer.Option(..., help="Models: space- or comma-separated, or repeat the flag."),
-    methods: List[str] = typer.Option(..., help=f"Methods ({' | '.join(METHODS)}): space- or comma-separated."),
-    seeds: List[str] = typer.Option(..., help="Seeds: space- or comma-separated non-negative integers."),
+    models: Optional[List[str]] = typer.Option(None, help="Models: space- or comma-separated, or repeat the flag.",
+                                               show_default=False),
+    methods: Optional[List[str]] = typer.Option(
+        None, help=f"Methods ({' | '.join(METHODS)}): space- or comma-separated.", show_default=False),
+    seeds: Optional[List[str]] = typer.Option(None, help="Seeds: space- or comma-separated non-negative integers.",
+                                              show_default=False),
+    config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP.format(keys="models, methods, seeds")),
     overwrite: bool = typer.Option(False, help="Re-run and replace results that are already complete."),
     overrides: dict | None = None,
 ):
     """Run a grid of MODELS × METHODS × SEEDS, skipping complete results; failed runs are listed at the end."""
-    configs = grid_configs(split_values(models), split_values(methods), [parse_seed(s) for s in split_values(seeds)],
-                           **overrides)
+    keys = [*GRID, *(n for n in overridable_settings() if n != "engine")]
+    settings = merge_config_file(config, keys, dict(models=models or None, methods=methods or None,
+                                                    seeds=seeds or None) | overrides)
+    grid = {}
+    for name in GRID:
+        values = _grid_values(settings.pop(name, None))
+        if not values:
+            raise AtlasError(f"Missing option '--{name}': give it on the command line or as `{name} = [...]` "
+                             "in a --config file")
+        grid[name] = values
+    configs = grid_configs(grid["models"], grid["methods"], [parse_seed(s) for s in grid["seeds"]], **settings)
     console = Console(soft_wrap=True)  # one line per run, whatever the terminal width
     outcome = run_sweep(configs, overwrite=overwrite,
                         say=lambda line: console.print(line, markup=False, highlight=False))

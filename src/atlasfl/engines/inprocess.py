@@ -24,11 +24,13 @@ from atlasfl.federation.records import (
     log_round,
     round_summary,
     select_eta,
+    warn_diverged,
     warn_infeasible,
 )
 from atlasfl.federation.server import ClientInfo, Plan, Server
 from atlasfl.models.lora import FederatedLoRAModel, state_digest
 from atlasfl.models.registry import check_model_name, load_backbone, resolve_device
+from atlasfl.results import adapters
 from atlasfl.results.build import build_result
 from atlasfl.results.checkpoint import (
     clear_checkpoints,
@@ -38,6 +40,7 @@ from atlasfl.results.checkpoint import (
     restore_rng,
     save_checkpoint,
 )
+from atlasfl.tracking import Tracker, open_tracker
 
 log = logging.getLogger("atlasfl")
 
@@ -58,6 +61,7 @@ class Federation:
     val_enc: dict[int, list[dict]]
     test_enc: dict[str, list[dict]]
     phases_s: dict[str, float] = field(default_factory=dict)
+    tracker: Tracker = field(default_factory=Tracker)  # live curves (--tensorboard); records nothing by default
 
     def states(self) -> dict[int, dict[str, torch.Tensor]]:
         return {s.client_id: self.fm.get_state(s.client_id) for s in self.shards}
@@ -74,7 +78,9 @@ def run_experiment(cfg: RunConfig, *, progress: bool = True, resume: bool = Fals
     from the newest complete one and ends with the same result as an uninterrupted run.
     """
     t_start = time.perf_counter()
+    tracker = open_tracker(cfg, eta_grid(cfg))  # before set-up: a missing tensorboard package fails fast
     fed = set_up(cfg)
+    fed.tracker = tracker
     checkpoint = _latest_checkpoint(cfg) if resume else None
     plan = plan_or_restore(fed, checkpoint)
     initial = fed.states()
@@ -88,8 +94,14 @@ def run_experiment(cfg: RunConfig, *, progress: bool = True, resume: bool = Fals
     else:
         restore_rng(checkpoint[0]["rng"])
         print(f"resuming {cfg.run_name} from {checkpoint_label(checkpoint[0])}", file=sys.stderr)
-    runs = train_etas(fed, plan, initial, checkpoint, progress)
+    try:
+        runs = train_etas(fed, plan, initial, checkpoint, progress)
+    finally:
+        tracker.close()
     chosen, sweep = select_eta(runs)
+    if cfg.save_adapters:
+        log.info("adapters of eta %g: %s", chosen["eta"], adapters.publish(cfg, fed.fm, runs.index(chosen),
+                                                                          chosen["eta"]))
     return build_result(cfg, fed.shards, fed.tasks, plan, chosen, sweep, setup_s, fed.phases_s,
                         time.perf_counter() - t_start, fed.device)
 
@@ -158,9 +170,14 @@ def train_etas(fed: Federation, plan: Plan, initial: dict, checkpoint: tuple | N
                 rounds.append(run_round(fed, r, bars))
                 bars.advance("round")
                 log_round(eta, rounds[-1])
+                warn_diverged(eta, rounds, {n: t.num_labels for n, t in fed.tasks.items()})
+                fed.tracker.round(eta, rounds[-1], fed.phases_s)
                 _save(fed, plan, eta_index, r, rounds, runs)
             val = {s.client_id: evaluate_client(fed.fm, s.client_id, fed.val_enc[s.client_id], fed.tasks[s.task],
                                                 cfg.eval_batch_size) for s in fed.shards}
+            if cfg.save_adapters:  # staged until the run has chosen its eta
+                adapters.save_eta(cfg, fed.fm, {s.client_id: (s.task, fed.tasks[s.task].metric) for s in fed.shards},
+                                  eta_index)
             runs.append(eta_run(eta, rounds, val))
     return runs
 

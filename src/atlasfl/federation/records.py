@@ -1,6 +1,6 @@
 """The records every engine keeps of a run, assembled the same way: one client's data from its id
-alone, a client's round record, a round's summary and its log line, the eta grid, each eta's run and
-the choice of eta after a sweep.
+alone, a client's round record, a round's summary and its log line, the eta grid, each eta's run,
+the choice of eta after a sweep, and which clients diverged.
 
 The in-process engine and the Flower app both call these, so a result JSON means the same whichever
 engine wrote it.
@@ -8,6 +8,7 @@ engine wrote it.
 from __future__ import annotations
 
 import logging
+import math
 import sys
 
 import numpy as np
@@ -96,3 +97,43 @@ def warn_infeasible(cfg: RunConfig, plan) -> None:
                    "and flagged infeasible in the result JSON")
             log.warning(msg)
             print(msg, file=sys.stderr)
+
+
+# ---- divergence --------------------------------------------------------------------------------
+DIVERGENCE_FACTOR = 10.0
+DIVERGENCE_RULE = ("a client has diverged when its mean training loss in some round is not finite, or exceeds "
+                   f"{DIVERGENCE_FACTOR:g} x the smaller of its first-round loss and ln(number of labels) (the loss "
+                   "of a uniform guess, where every fresh head starts)")
+
+
+def divergence(rounds: list[dict], num_labels: dict[str, int]) -> dict[int, dict]:
+    """The clients that diverged (DIVERGENCE_RULE), each with the first round it happened in, that round's
+    training loss and the limit it crossed. The ln(labels) term catches a run that blows up within its first
+    round (e.g. --lr 1000: round-1 losses in the thousands), which a limit relative to round 1 alone would miss."""
+    if not rounds:
+        return {}
+    first = {c["client_id"]: c["train_loss"] for c in rounds[0]["clients"]}
+    found: dict[int, dict] = {}
+    for entry in rounds:
+        for c in entry["clients"]:
+            cid, loss = c["client_id"], c["train_loss"]
+            if cid in found:
+                continue
+            chance = math.log(max(num_labels[c["task"]], 2))
+            reference = min(first[cid], chance) if math.isfinite(first[cid]) else chance
+            limit = DIVERGENCE_FACTOR * reference
+            if not math.isfinite(loss) or loss > limit:
+                found[cid] = dict(round=entry["round"], train_loss=loss, limit=limit, task=c["task"])
+    return found
+
+
+def warn_diverged(eta: float, rounds: list[dict], num_labels: dict[str, int]) -> None:
+    """After each round: say loudly, in the log and on stderr, which clients diverged in this round."""
+    for cid, info in divergence(rounds, num_labels).items():
+        if info["round"] != rounds[-1]["round"]:
+            continue
+        msg = (f"warning: client {cid} ({info['task']}) diverged in round {info['round']} (eta {eta:g}): training "
+               f"loss {info['train_loss']:.4g} > {info['limit']:.3g} ({DIVERGENCE_FACTOR:g} x the smaller of its "
+               "first-round loss and ln(labels)); lower --lr. It is flagged `diverged` in the result JSON")
+        log.warning(msg)
+        print(msg, file=sys.stderr)

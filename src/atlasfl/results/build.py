@@ -13,6 +13,7 @@ import torch
 
 from atlasfl.config import RunConfig
 from atlasfl.data.tasks import TaskData
+from atlasfl.federation.records import divergence
 from atlasfl.federation.server import Plan
 from atlasfl.results.schema import SCHEMA_VERSION
 
@@ -22,6 +23,7 @@ def build_result(cfg: RunConfig, shards: list, tasks: dict[str, TaskData], plan:
     """The result dictionary of one run. `shards` need `client_id`, `task`, `train` and `val` (sized)."""
     rounds = run["rounds"]
     last = {c["client_id"]: c for c in rounds[-1]["clients"]}
+    diverged = divergence(rounds, {name: task.num_labels for name, task in tasks.items()})
     per_client = {}
     for s in shards:
         c = last[s.client_id]
@@ -29,7 +31,7 @@ def build_result(cfg: RunConfig, shards: list, tasks: dict[str, TaskData], plan:
                                             f1=c["test_f1"], mcc=c["test_mcc"], score=c["test_metric"],
                                             metric_name=c["metric_name"], loss=c["test_loss"],
                                             val_score=run["val"][s.client_id]["score"],
-                                            device=plan.devices[s.client_id])
+                                            device=plan.devices[s.client_id], diverged=s.client_id in diverged)
     up = {str(s.client_id): sum(r["clients"][i]["bytes_up"] for r in rounds)
           + plan.fingerprint_bytes.get(s.client_id, 0) for i, s in enumerate(shards)}
     down = {str(s.client_id): sum(r["clients"][i]["bytes_down"] for r in rounds) for i, s in enumerate(shards)}
@@ -40,6 +42,7 @@ def build_result(cfg: RunConfig, shards: list, tasks: dict[str, TaskData], plan:
         round_metrics=rounds,
         final_accuracies={str(c): m["test_accuracy"] for c, m in last.items()},
         final_metrics=final_metrics(tasks, per_client),
+        diverged_clients=sorted(diverged),
         cluster_labels=plan.cluster_labels, cluster_source=plan.cluster_source, phase1_clustering=plan.phase1,
         phase2_rank_allocation=plan.phase2, ranks={str(c): r for c, r in plan.ranks.items()}, lambda_sweep=sweep,
         communication_costs=dict(wire_dtype=cfg.wire_dtype, total_bytes_up=sum(up.values()),

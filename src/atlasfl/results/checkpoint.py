@@ -25,7 +25,8 @@ from atlasfl.errors import AtlasError
 KEEP_LAST = 2
 TORCH_RNG_KEY = "__rng__/torch"
 # Config keys that say where files go or how many to keep, not what is computed: a resume may change them.
-NON_RESULT_KEYS = ("output_dir", "log_dir", "checkpoint_dir", "keep_checkpoints")
+NON_RESULT_KEYS = ("output_dir", "log_dir", "checkpoint_dir", "keep_checkpoints", "save_adapters",
+                   "tensorboard")
 
 
 def _folder_name(eta_index: int, round_idx: int) -> str:

@@ -105,6 +105,11 @@ class Result(_Strict):
     round_metrics: list[RoundEntry]
     final_accuracies: dict[str, float]
     final_metrics: FinalMetrics
+    diverged_clients: list[int] = Field(
+        default_factory=list,
+        description="clients whose training diverged (federation.records.DIVERGENCE_RULE: a round's mean training "
+                    "loss not finite, or above 10 x the smaller of its first-round loss and ln(labels)); each is "
+                    "also flagged `diverged` in final_metrics.per_client")
     cluster_labels: list[int]
     cluster_source: str
     phase1_clustering: Optional[dict[str, Any]] = None

@@ -33,11 +33,13 @@ from atlasfl.federation.records import (
     num_clients,
     round_summary,
     select_eta,
+    warn_diverged,
     warn_infeasible,
 )
 from atlasfl.federation.server import ClientInfo, Plan, Server
 from atlasfl.phases.devices import ModelFacts
 from atlasfl.results.build import build_result
+from atlasfl.tracking import Tracker, open_tracker
 
 log = logging.getLogger("atlasfl")
 CONNECT_TIMEOUT_S = 300.0  # how long the ServerApp waits for every SuperNode to connect
@@ -65,6 +67,8 @@ class AtlasStrategy(Strategy):
         self.shards: list[RemoteShard] = []
         self.eta = cfg.eta
         self.reports = _Reports()
+        self.tracker = Tracker()  # live curves (--tensorboard), from this server process
+        self.phases_s: dict[str, float] = {}
         self._reset()
 
     def _reset(self) -> None:
@@ -167,6 +171,8 @@ class AtlasStrategy(Strategy):
                               eta=self.eta if self.method.personalise else None)
         self.rounds.append(entry)
         log_round(self.eta, entry)
+        warn_diverged(self.eta, self.rounds, {n: t.num_labels for n, t in self.tasks.items()})
+        self.tracker.round(self.eta, entry, self.phases_s)
         return MetricRecord({"mean_task_score": entry["mean_task_score"]})
 
     def summary(self) -> None:
@@ -176,15 +182,19 @@ class AtlasStrategy(Strategy):
     def run(self, grid: Grid) -> dict:
         """Phases 1-2, then the rounds for every eta (one unless sweeping), then the result dictionary."""
         t_start = time.perf_counter()
-        phases_s = self.prepare(grid)
+        self.tracker = open_tracker(self.cfg, eta_grid(self.cfg))
+        phases_s = self.phases_s = self.prepare(grid)
         setup_s = time.perf_counter() - t_start
         runs = []
-        for eta in eta_grid(self.cfg):
-            self.eta = eta
-            self._reset()
-            self.reports.next_eta(eta)
-            self.start(grid, ArrayRecord(), num_rounds=self.cfg.rounds, timeout=REPLY_TIMEOUT_S)
-            runs.append(eta_run(eta, self.rounds, dict(self.val)))
+        try:
+            for eta in eta_grid(self.cfg):
+                self.eta = eta
+                self._reset()
+                self.reports.next_eta(eta)
+                self.start(grid, ArrayRecord(), num_rounds=self.cfg.rounds, timeout=REPLY_TIMEOUT_S)
+                runs.append(eta_run(eta, self.rounds, dict(self.val)))
+        finally:
+            self.tracker.close()
         chosen, sweep = select_eta(runs)
         result = build_result(self.cfg, self.shards, self.tasks, self.plan, chosen, sweep, setup_s, phases_s,
                               time.perf_counter() - t_start, "cpu")
