@@ -36,3 +36,30 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if item.nodeid.startswith("tests/integration/"):
             item.add_marker(pytest.mark.e2e)
+
+
+def force_clusters(monkeypatch, labels):
+    """Make the server aggregate by `labels` (client-id order) whatever phase 1 found, in both engines
+    (the Flower ServerApp runs in this process). Ranks are still planned from the discovered clusters."""
+    from atlasfl.federation.server import Server
+
+    adopt = Server.adopt
+
+    def forced(self, plan):
+        plan.cluster_labels = list(labels)
+        adopt(self, plan)
+
+    monkeypatch.setattr(Server, "adopt", forced)
+
+
+def state_floats(model: str, ranks: dict[str, int], num_labels: int) -> int:
+    """Numbers in one client's trainable state, counted from the model itself: Σ_m r_m·(d_in + d_out)
+    over the adapted projections, plus the head's weight (and bias, on encoders)."""
+    from atlasfl.models.lora import FederatedLoRAModel
+    from atlasfl.models.registry import load_backbone
+
+    fm = FederatedLoRAModel(load_backbone(model, init="random"), alpha=16.0, dropout=0.0, seed=0)
+    shapes = fm.module_shapes()
+    assert set(ranks) == set(shapes)
+    head = sum(p.numel() for p in fm.new_head(num_labels).parameters())
+    return sum(r * (shapes[m][0] + shapes[m][1]) for m, r in ranks.items()) + head

@@ -1,16 +1,27 @@
 """End to end on tiny models: the atlas methods do what they claim to the weights."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
+import torch
 
+from atlasfl.engines import inprocess
 from atlasfl.experiment import run_and_save
+from atlasfl.federation.client import wire
+from atlasfl.federation.server import Server
+from atlasfl.models.lora import state_digest
+from atlasfl.phases.clustering import centred_unit_rows
 from atlasfl.results.schema import validate_result
-from tests.conftest import TINY_MODELS
+from tests.conftest import TINY_MODELS, force_clusters, state_floats
 
 
 def _digests(result, r=-1):
     d = result["round_metrics"][r]["state_digests"]
     return [d[str(c["client_id"])] for c in result["clients"]]
+
+
+def _bytes(result, r, direction):
+    return [c[f"bytes_{direction}"] for c in result["round_metrics"][r]["clients"]]
 
 
 def _run(make_config, **kw):
@@ -19,18 +30,48 @@ def _run(make_config, **kw):
     return result
 
 
+@pytest.fixture
+def spy(monkeypatch):
+    """What the in-process engine ran: its Federation (model, server), and per aggregation the states the
+    server received and the states it returned."""
+    seen = dict(fed=None, exchanges=[])
+    set_up, aggregate = inprocess.set_up, Server.aggregate
+
+    def spy_set_up(cfg):
+        seen["fed"] = set_up(cfg)
+        return seen["fed"]
+
+    def spy_aggregate(self, uploads):
+        out = aggregate(self, uploads)
+        seen["exchanges"].append((uploads, out))
+        return out
+
+    monkeypatch.setattr(inprocess, "set_up", spy_set_up)
+    monkeypatch.setattr(Server, "aggregate", spy_aggregate)
+    return seen
+
+
+def _delta(state, module, alpha):
+    A, B = state[f"lora::{module}::A"].double(), state[f"lora::{module}::B"].double()
+    return alpha / A.shape[0] * B @ A
+
+
 @pytest.mark.parametrize("model", TINY_MODELS)
-def test_atlas_eta_zero_reproduces_local_only_and_eta_positive_differs(make_config, model, tmp_path):
+def test_atlas_eta_zero_reproduces_local_only_and_eta_positive_differs(make_config, model):
+    # Oracle clusters: every client has cluster mates, so η > 0 must move every one of them. (Whether the
+    # tiny config's fingerprints find the tasks is phase 1's business: tests/integration/test_fingerprints.py.)
     local = _run(make_config, model=model, method="local_only")
-    eta0 = _run(make_config, model=model, method="atlas", eta=0.0)
-    eta_pos = _run(make_config, model=model, method="atlas", eta=0.5)
+    eta0 = _run(make_config, model=model, method="atlas", eta=0.0, clusters="oracle")
+    eta_pos = _run(make_config, model=model, method="atlas", eta=0.5, clusters="oracle")
     assert local["ranks"] == eta0["ranks"] == eta_pos["ranks"]
     for r in range(len(local["round_metrics"])):
         assert _digests(local, r) == _digests(eta0, r)
+        assert _bytes(eta0, r, "up") == _bytes(eta0, r, "down") == [0] * len(local["clients"])
     assert local["final_metrics"] == eta0["final_metrics"]
-    assert _digests(eta_pos, 0) != _digests(local, 0)
-    # personalised: clients of one cluster hold different states, unlike the cluster mean
+    # every client moved away from its own local training, and each holds its own personalised state
+    assert all(a != b for a, b in zip(_digests(eta_pos, 0), _digests(local, 0)))
     assert len(set(_digests(eta_pos))) == len(eta_pos["clients"])
+    assert all(b > 0 for b in _bytes(eta_pos, 0, "up") + _bytes(eta_pos, 0, "down"))
 
 
 def test_atlas_no_laplacian_shares_the_cluster_mean_at_equal_ranks(make_config):
@@ -48,18 +89,106 @@ def test_atlas_no_laplacian_shares_the_cluster_mean_at_equal_ranks(make_config):
     assert result["phase1_clustering"]["ari"] == 1.0
 
 
-def test_heterogeneous_ranks_are_applied_and_reported(make_config):
-    result = _run(make_config, model="tiny-bert", method="atlas", devices=("cpu_2gb", "gpu_16gb"), clients_per_task=3)
+@pytest.mark.parametrize("wire_dtype", ["float16", "bfloat16"])
+def test_eta_zero_is_local_only_at_every_wire_dtype(make_config, wire_dtype):
+    """At η = 0 nothing travels, so no quantised round trip can change a client's state."""
+    local = _run(make_config, model="tiny-bert", method="local_only", wire_dtype=wire_dtype)
+    eta0 = _run(make_config, model="tiny-bert", method="atlas", eta=0.0, wire_dtype=wire_dtype)
+    for r in range(len(local["round_metrics"])):
+        assert _digests(eta0, r) == _digests(local, r)
+        assert eta0["round_metrics"][r]["bytes_up_total"] == eta0["round_metrics"][r]["bytes_down_total"] == 0
+    assert eta0["final_metrics"] == local["final_metrics"]
+
+
+def test_a_client_alone_in_its_cluster_is_untouched_and_sends_nothing(make_config, monkeypatch):
+    """Clusters {0, 1}, {2}, {3}: clients 2 and 3 have nobody to share with. They keep exactly their local
+    training (digest for digest with local_only) and count 0 bytes; 0 and 1 share at the exact float32 size."""
+    local = _run(make_config, model="tiny-bert", method="local_only")
+    force_clusters(monkeypatch, [0, 0, 1, 2])
+    shared = _run(make_config, model="tiny-bert", method="atlas_no_laplacian")
+    assert shared["cluster_labels"] == [0, 0, 1, 2] and shared["ranks"] == local["ranks"]
+    for r in range(len(shared["round_metrics"])):
+        ours, theirs = _digests(shared, r), _digests(local, r)
+        assert ours[2:] == theirs[2:] and ours[0] != theirs[0] and ours[1] != theirs[1]
+        for direction in ("up", "down"):
+            sent = _bytes(shared, r, direction)
+            assert sent[2:] == [0, 0]
+            assert sent[:2] == [4 * state_floats("tiny-bert", shared["ranks"][str(c)], 2) for c in (0, 1)]
+
+
+def test_heterogeneous_ranks_are_applied_to_the_model_and_travel_at_those_shapes(make_config, spy):
+    """The plan's per-module ranks are the shapes of the PEFT adapters (lora_A r×d_in, lora_B d_out×r), their
+    scaling α/r acts in the forward pass, and they are the shapes that travel, both ways."""
+    cfg = make_config(model="tiny-bert", method="atlas", eta=0.5, devices=("cpu_2gb", "gpu_16gb"), clients_per_task=3,
+                      clusters="oracle")
+    result, _ = run_and_save(cfg, progress=False)
+    fm, plan_ranks = spy["fed"].fm, {int(c): r for c, r in result["ranks"].items()}
     alloc = result["phase2_rank_allocation"]["clients"]
     assert {c["device"] for c in alloc.values()} == {"cpu_2gb", "gpu_16gb"}
+    assert all(info["ranks"] == result["ranks"][cid] and info["feasible"] for cid, info in alloc.items())
+    assert any(len(set(r.values())) >= 2 for r in plan_ranks.values())  # two ranks within one client
+    assert len({tuple(sorted(r.items())) for r in plan_ranks.values()}) >= 2  # and different maps across clients
+    shapes = fm.module_shapes()
+    torch.manual_seed(0)
+    for cid, ranks in plan_ranks.items():
+        fm.activate(cid, train=False)
+        for m, r in ranks.items():
+            layer = fm.peft.base_model.model.get_submodule(m)
+            A, B = layer.lora_A[f"c{cid}"].weight, layer.lora_B[f"c{cid}"].weight
+            d_out, d_in = shapes[m]
+            assert A.shape == (r, d_in) and B.shape == (d_out, r)
+            assert layer.scaling[f"c{cid}"] == pytest.approx(cfg.lora_alpha / r)
+            x = torch.randn(3, d_in)
+            with torch.no_grad():  # what the adapter adds in the forward pass is (α/r)·B·A
+                added = layer(x) - layer.base_layer(x)
+            assert torch.allclose(added, x @ (cfg.lora_alpha / r * B @ A).T, atol=1e-6)
+    assert len(spy["exchanges"]) == cfg.rounds
+    for r, (uploads, returned) in enumerate(spy["exchanges"]):
+        for states in (uploads, returned):
+            assert sorted(states) == sorted(plan_ranks)
+            for cid, state in states.items():
+                for m, rank in plan_ranks[cid].items():
+                    assert state[f"lora::{m}::A"].shape == (rank, shapes[m][1])
+                    assert state[f"lora::{m}::B"].shape == (shapes[m][0], rank)
+        # float32 on the wire: 4 bytes a number, each client at its own ranks, both directions
+        expected = [4 * state_floats("tiny-bert", plan_ranks[c], 2) for c in sorted(plan_ranks)]
+        assert _bytes(result, r, "up") == _bytes(result, r, "down") == expected
     by_device = {}
-    for cid, info in alloc.items():
-        assert info["ranks"] == result["ranks"][cid]
-        assert info["feasible"] is True
+    for info in alloc.values():
         by_device.setdefault(info["device"], set()).add(info["total_rank"])
     assert max(by_device["cpu_2gb"]) < min(by_device["gpu_16gb"])
     assert "ESTIMATE" in result["phase2_rank_allocation"]["memory_model"]
     assert "ESTIMATE" in result["memory"]["estimate"]["kind"]
+
+
+def test_laplacian_step_of_a_run_is_the_formula_on_each_clients_own_update(make_config, spy):
+    """In a real run, what the server returns is, per client and module, the rank-r_k truncation of
+    ΔW_k − η Σ_l a_kl (ΔW_k − ΔW_l) over the clients' uploaded (own, locally trained) updates, with a from
+    the run's fingerprints; and it is what each client then holds."""
+    eta = 0.5
+    cfg = make_config(model="tiny-bert", method="atlas", eta=eta, devices=("cpu_2gb", "gpu_16gb"), clusters="oracle",
+                      rounds=1)
+    result, _ = run_and_save(cfg, progress=False)
+    (uploads, returned), = spy["exchanges"]
+    labels = result["cluster_labels"]
+    space = centred_unit_rows(np.asarray(result["phase1_clustering"]["fingerprints"], dtype=np.float64))
+    for label in set(labels):
+        group = [c for c in range(len(labels)) if labels[c] == label]
+        f = space[group]
+        sq = ((f[:, None] - f[None]) ** 2).sum(-1)
+        a = np.exp(-sq / np.median(sq[~np.eye(len(group), dtype=bool)]))
+        a /= a.sum(1, keepdims=True)
+        for i, k in enumerate(group):
+            for m, r in result["ranks"][str(k)].items():
+                own = _delta(uploads[k], m, cfg.lora_alpha)
+                target = own - eta * sum(a[i, j] * (own - _delta(uploads[n], m, cfg.lora_alpha))
+                                         for j, n in enumerate(group))
+                U, S, Vh = torch.linalg.svd(target, full_matrices=False)
+                expected = U[:, :r] @ torch.diag(S[:r]) @ Vh[:r]
+                got = _delta(returned[k], m, cfg.lora_alpha)
+                assert torch.allclose(got, expected, atol=1e-5 * float(expected.abs().max()) + 1e-9)
+    for cid, state in returned.items():
+        assert result["round_metrics"][0]["state_digests"][str(cid)] == state_digest(wire(state, "float32")[0])
 
 
 def test_oracle_clusters_flag(make_config):
@@ -68,13 +197,23 @@ def test_oracle_clusters_flag(make_config):
     assert result["cluster_labels"] == [0, 0, 1, 1]
 
 
-def test_lambda_sweep_reports_every_eta_and_selects_by_validation(make_config):
+def test_lambda_sweep_selects_eta_on_local_validation_not_on_test(make_config, monkeypatch, spy):
+    """Scores are rigged so local validation prefers the largest η and the test set the smallest: the run
+    must choose, and report, the validation one."""
     grid = (0.0, 0.5, 1.0)
+    evaluate = inprocess.evaluate_client
+
+    def rigged(fm, cid, encoded, task, batch_size):
+        metrics = evaluate(fm, cid, encoded, task, batch_size)
+        eta = spy["fed"].server.eta
+        is_val = encoded is spy["fed"].val_enc[cid]
+        return dict(metrics, score=eta if is_val else 1.0 - eta)
+
+    monkeypatch.setattr(inprocess, "evaluate_client", rigged)
     result = _run(make_config, model="tiny-bert", method="atlas", lambda_sweep=True, lambda_grid=grid, rounds=1)
     sweep = result["lambda_sweep"]
     assert sweep["grid"] == list(grid)
-    assert len(sweep["val_scores"]) == len(sweep["test_scores"]) == 3
-    best = max(range(3), key=lambda i: sweep["val_scores"][i])
-    assert sweep["selected_eta"] == grid[best]
-    assert result["round_metrics"][-1]["lambda_eta"] == grid[best]
-    assert result["round_metrics"][-1]["mean_task_score"] == sweep["test_scores"][best]
+    assert sweep["val_scores"] == pytest.approx(list(grid)) and sweep["test_scores"] == pytest.approx([1, 0.5, 0])
+    assert sweep["selected_eta"] == grid[int(np.argmax(sweep["val_scores"]))] == 1.0
+    assert result["round_metrics"][-1]["lambda_eta"] == 1.0
+    assert result["round_metrics"][-1]["mean_task_score"] == sweep["test_scores"][2]

@@ -12,6 +12,7 @@ from atlasfl.engines.flower.records import content_sizes, record_to_state, state
 from atlasfl.experiment import run_and_save
 from atlasfl.federation.client import wire
 from atlasfl.results.schema import validate_result
+from tests.conftest import force_clusters
 
 
 def _digests(result, r):
@@ -36,13 +37,17 @@ def test_states_travel_at_the_wire_dtype_and_sizes_match_our_accounting(wire_dty
     assert nbytes < sizes["arrays"] <= sizes["message"]  # Flower adds NumPy headers and array names
 
 
-def test_flower_simulation_matches_the_inprocess_engine(make_config, tmp_path):
+def test_flower_simulation_matches_the_inprocess_engine(make_config, tmp_path, monkeypatch):
     """Same config and seed: identical clusters, ranks, per-round state digests and metrics.
 
     Both engines train with one intra-op thread here (conftest; Ray gives each 1-CPU actor one), so
     the states are bit-identical. With different thread counts float32 sums are ordered differently
-    and the weights differ at rounding level, which can flip single predictions (see README)."""
-    kw = dict(model="tiny-bert", method="atlas", lambda_sweep=True, lambda_grid=(0.0, 0.5), rounds=2)
+    and the weights differ at rounding level, which can flip single predictions (see README).
+    Clusters are forced to {0, 1}, {2}, {3}: the engines must agree that clients alone in their cluster,
+    and every client at η = 0, send nothing (at float16, where a round trip would change the state)."""
+    force_clusters(monkeypatch, [0, 0, 1, 2])
+    kw = dict(model="tiny-bert", method="atlas", lambda_sweep=True, lambda_grid=(0.0, 0.5), rounds=2,
+              wire_dtype="float16")
     inproc, _ = run_and_save(make_config(**kw, output_dir=str(tmp_path / "a")), progress=False)
     flower, path = run_and_save(make_config(**kw, output_dir=str(tmp_path / "b"), engine="flower"), progress=False)
     on_disk = json.loads(path.read_text())
@@ -58,14 +63,31 @@ def test_flower_simulation_matches_the_inprocess_engine(make_config, tmp_path):
         assert flower["final_metrics"]["per_task"][task]["score"] == pytest.approx(m["score"], abs=1e-9)
     assert flower["final_metrics"]["task_mean"] == pytest.approx(inproc["final_metrics"]["task_mean"], abs=1e-9)
     ours, theirs = inproc["communication_costs"], flower["communication_costs"]
-    for key in ("total_bytes_up", "total_bytes_down", "fingerprint_bytes_up", "per_client_bytes_up"):
+    for key in ("total_bytes_up", "total_bytes_down", "fingerprint_bytes_up", "per_client_bytes_up",
+                "per_client_bytes_down"):
         assert theirs[key] == ours[key]
+    for result in (inproc, flower):
+        assert result["cluster_labels"] == [0, 0, 1, 2]
+        for entry in result["round_metrics"]:
+            sent = [(c["bytes_up"], c["bytes_down"]) for c in entry["clients"]]
+            assert sent[2:] == [(0, 0), (0, 0)]
+            assert all(b > 0 for b in sent[0] + sent[1]) == (result["lambda_sweep"]["selected_eta"] > 0)
     transport = theirs["transport"]
+    # Over every message of every eta, clients 2 and 3 carried their fingerprint and no state at all.
+    fingerprint_each = transport["phases"]["fingerprint"]["up_payload"] // 4
+    for cid in ("2", "3"):
+        assert transport["per_client"][cid]["up_payload"] == fingerprint_each
+        assert transport["per_client"][cid]["down_payload"] == 0
+    first = transport["per_client"]["0"]  # its messages of both etas: η = 0.5 carried states
+    assert fingerprint_each < first["up_payload"] < first["up_arrays"] < first["up_message"]
     assert transport["rounds_payload_matches_accounting"] is True
     rounds = transport["phases"]["rounds"]
     assert rounds["up_payload"] == ours["total_bytes_up"] - ours["fingerprint_bytes_up"]
     assert rounds["down_payload"] == ours["total_bytes_down"]
-    assert rounds["up_payload"] < rounds["up_arrays"] < rounds["up_message"]
+    if flower["lambda_sweep"]["selected_eta"] > 0:
+        assert 0 < rounds["up_payload"] < rounds["up_arrays"] < rounds["up_message"]
+    else:  # at η = 0 the train replies carry control values and metrics, no arrays
+        assert rounds["up_payload"] == rounds["up_arrays"] == 0 < rounds["up_message"]
     per_round = np.array(flower["time_metrics"]["per_round_s"])
     assert len(per_round) == 2 and np.all(per_round > 0)
 

@@ -12,7 +12,7 @@ QWEN = ModelFacts(494_032_768, 896, 24, 4864, 14, 151936, "llama", 4)
 
 
 def test_profiles():
-    caps = {name: p.rank_cap for name, p in PROFILES.items()}
+    caps = {name: p.mean_rank_cap for name, p in PROFILES.items()}
     assert caps == {"cpu_2gb": 8, "tablet_4gb": 16, "laptop_8gb": 32, "gpu_16gb": 64}
     assert [p.memory_gb for p in PROFILES.values()] == [2, 4, 8, 16]
     assert PROFILES["cpu_2gb"].memory_bytes == 2 * 1024**3

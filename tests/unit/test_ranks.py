@@ -73,3 +73,32 @@ def test_adapter_params_and_memory_budget():
     assert budget == 12
     assert adapter_params({"a": 6, "b": 6}, shapes) * 16 <= 30 * 16 * 12
     assert rank_budget_for_memory(0, shapes) == 0
+
+
+def test_server_mode_the_device_caps_the_mean_rank_not_each_module():
+    """As `Server._allocate` calls it: per-module cap = the largest candidate, budget = mean cap × modules."""
+    cands = (4, 8, 16, 32, 64)
+    importance = dict(zip(MODULES, (8.0, 4.0, 1.0, 1.0, 1.0, 1.0)))
+    mean_cap = 16
+    ranks = allocate_ranks(MODULES, importance, cap=max(cands), candidates=cands, total_budget=mean_cap * len(MODULES))
+    # Shares 1/2, 1/4 and 1/16 of 96 are 48, 24 and 6: rounded to candidates within the budget.
+    assert ranks == {"l0.q": 64, "l0.v": 16, "l1.q": 4, "l1.v": 4, "l2.q": 4, "l2.v": 4}
+    assert max(ranks.values()) > mean_cap >= sum(ranks.values()) / len(MODULES)  # one module above the mean cap
+    # Were the cap a per-module maximum, that budget would give every module the cap: importance would not count.
+    as_maximum = allocate_ranks(MODULES, importance, cap=mean_cap, candidates=cands,
+                                total_budget=mean_cap * len(MODULES))
+    assert set(as_maximum.values()) == {mean_cap}
+
+
+def test_server_mode_properties_hold_for_random_importances():
+    rng = np.random.default_rng(2)
+    cands = (4, 8, 16, 32, 64)
+    for _ in range(200):
+        mean_cap = int(rng.choice([8, 16, 32, 64]))
+        importance = {m: float(v) for m, v in zip(MODULES, rng.exponential(size=len(MODULES)))}
+        ranks = allocate_ranks(MODULES, importance, cap=max(cands), candidates=cands,
+                               total_budget=mean_cap * len(MODULES))
+        assert all(r in cands for r in ranks.values())
+        assert sum(ranks.values()) <= mean_cap * len(MODULES)
+        order = sorted(MODULES, key=importance.get)
+        assert [ranks[m] for m in order] == sorted(ranks[m] for m in order)  # more important, never smaller

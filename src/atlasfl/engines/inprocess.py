@@ -193,10 +193,11 @@ def run_round(fed: Federation, r: int, bars: RunProgress) -> dict:
             fm, s.client_id, fed.train_enc[s.client_id], epochs=cfg.local_epochs, lr=cfg.lr,
             batch_size=cfg.batch_size, seed=client_seed(cfg.seed, r, s.client_id)))
         bars.advance("client")
-    if fed.method.communicates:
+    sharing = fed.server.sharing_clients()  # clients of a singleton group, or at eta 0, send nothing
+    if sharing:
         uploads = {}
-        for s in fed.shards:
-            uploads[s.client_id], up[s.client_id] = wire(fm.get_state(s.client_id), cfg.wire_dtype)
+        for cid in sharing:
+            uploads[cid], up[cid] = wire(fm.get_state(cid), cfg.wire_dtype)
         for cid, state in fed.server.aggregate(uploads).items():
             received, down[cid] = wire(state, cfg.wire_dtype)
             fm.set_state(cid, received)

@@ -79,7 +79,7 @@ def eta_run(eta: float, rounds: list[dict], val: dict[int, dict]) -> dict:
 def select_eta(runs: list[dict]) -> tuple[dict, dict | None]:
     """The run whose eta has the best mean local-validation score (the smaller eta on ties), and the
     sweep report when more than one eta ran."""
-    chosen = max(runs, key=lambda run: run["val_score"])  # first maximum: the smaller eta on ties
+    chosen = max(runs, key=lambda run: (run["val_score"], -run["eta"]))  # the smaller eta on ties, in any grid order
     if len(runs) == 1:
         return chosen, None
     return chosen, dict(grid=[run["eta"] for run in runs], val_scores=[run["val_score"] for run in runs],

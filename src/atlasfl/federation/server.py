@@ -137,18 +137,21 @@ class Server:
                                         lora_params=0, head_params=head)
         feasible = fits(self.facts, profile, batch_size=self.cfg.batch_size, seq_len=self.cfg.max_length)
         if self.method.heterogeneous_ranks:
-            cap = max([c for c in cands if c <= profile.rank_cap], default=cands[0])
-            budget = min(cap * len(self.modules),
+            # The device caps the mean rank over modules (budget = mean cap × modules); a single module
+            # may go up to the largest candidate, so important layers get more than unimportant ones.
+            mean_cap = max([c for c in cands if c <= profile.mean_rank_cap], default=cands[0])
+            max_rank = max(cands)
+            budget = min(mean_cap * len(self.modules),
                          rank_budget_for_memory(profile.memory_bytes - base["total_estimate"], self.shapes))
-            ranks = allocate_ranks(self.modules, importance, cap=max(cands), candidates=cands, total_budget=budget)
+            ranks = allocate_ranks(self.modules, importance, cap=max_rank, candidates=cands, total_budget=budget)
         else:
-            cap = budget = None
+            mean_cap = max_rank = budget = None
             ranks = {m: self.cfg.homogeneous_rank for m in self.modules}
         estimate = estimate_training_memory(self.facts, batch_size=self.cfg.batch_size, seq_len=self.cfg.max_length,
                                             lora_params=adapter_params(ranks, self.shapes), head_params=head)
-        info = dict(device=device, feasible=feasible, rank_cap=cap, rank_budget=budget, ranks=ranks,
-                    total_rank=sum(ranks.values()), memory_budget_bytes=profile.memory_bytes,
-                    memory_estimate_bytes=estimate)
+        info = dict(device=device, feasible=feasible, mean_rank_cap=mean_cap, max_module_rank=max_rank,
+                    rank_budget=budget, ranks=ranks, total_rank=sum(ranks.values()),
+                    memory_budget_bytes=profile.memory_bytes, memory_estimate_bytes=estimate)
         return ranks, info
 
     # ---- phases 3 and 4: after each round -------------------------------------------------------
@@ -164,10 +167,29 @@ class Server:
             by_label.setdefault(self.cluster_labels[cid], []).append(cid)
         return list(by_label.values())
 
+    def sharing_groups(self) -> list[list[int]]:
+        """The groups in which anything changes hands this round: those of two clients or more, and none
+        for a personalising method at η = 0 (its step is the identity). A client outside them has nobody
+        to share with: it uploads nothing, receives nothing and keeps its own state untouched, so
+        `atlas --eta 0` is `local_only` at every wire dtype."""
+        if self.method.personalise and self.eta == 0:
+            return []
+        return [group for group in self.groups() if len(group) >= 2]
+
+    def sharing_clients(self) -> list[int]:
+        """Client ids that upload their trained state this round (the members of `sharing_groups`)."""
+        return sorted(c for group in self.sharing_groups() for c in group)
+
     def aggregate(self, uploads: dict[int, State]) -> dict[int, State]:
-        """New trainable state for every client of every group, at each client's own shapes."""
+        """New trainable state for every client of every sharing group, at each client's own shapes.
+
+        `uploads` must hold the state of every client in `sharing_clients()`; others are not used and
+        get nothing back."""
+        missing = [c for c in self.sharing_clients() if c not in uploads]
+        if missing:
+            raise ValueError(f"no upload from sharing client(s) {missing}")
         out: dict[int, State] = {}
-        for group in self.groups():
+        for group in self.sharing_groups():
             states = [uploads[c] for c in group]
             if self.method.personalise:
                 new = personalise_states(states, affinity(self.affinity_space[group]), self.eta,

@@ -20,13 +20,19 @@ TRAINABLE_BYTES_PER_PARAM = 4 + 4 + 4 + 4
 
 @dataclass(frozen=True)
 class DeviceProfile:
-    """A simulated client device. compute_ratio is throughput relative to gpu_16gb (= 1.0)."""
+    """A simulated client device. compute_ratio is throughput relative to gpu_16gb (= 1.0).
+
+    mean_rank_cap caps the client's *mean* LoRA rank over its adapted modules: its total rank budget
+    is mean_rank_cap × modules (DESIGN §3.2), spread by layer importance, so an important module may
+    get a rank above it while unimportant ones get less. No single module is capped by it; a module's
+    rank is bounded only by the preset's largest rank candidate.
+    """
 
     name: str
     memory_gb: float
     compute_ratio: float
     bandwidth_mbps: float
-    rank_cap: int
+    mean_rank_cap: int
 
     @property
     def memory_bytes(self) -> int:

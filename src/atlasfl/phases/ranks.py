@@ -34,6 +34,10 @@ def allocate_ranks(
 ) -> dict[str, int]:
     """Rank per module, each a candidate ≤ cap, summing to at most the budget (cap × modules by default).
 
+    `cap` bounds every single module. The server calls it with cap = the largest candidate and
+    total_budget = the device's `mean_rank_cap` × modules: the device caps the mean rank, and
+    importance decides which modules get more than that mean and which less.
+
     Missing or None importances count as 0; all zero means uniform. Every module gets at least the
     smallest candidate, even if that alone exceeds the budget.
     """

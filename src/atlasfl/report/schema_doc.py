@@ -27,7 +27,11 @@ NOTES = {
     "phase1_clustering": "Fingerprint clustering: `k`, `labels`, `silhouette`, `ari` against the true tasks, "
                          "`similarity` (K×K cosine of centred fingerprints) and more; "
                          "null when the method runs no phase 1.",
-    "phase2_rank_allocation": "Device profiles, per-module rank allocation and the memory model (an ESTIMATE).",
+    "phase2_rank_allocation": "Device profiles, per-module rank allocation and the memory model (an ESTIMATE). "
+                              "Per client: `device`, `feasible`, `mean_rank_cap` (the device's cap on the *mean* "
+                              "rank over modules; `rank_cap` in files written before it was renamed), "
+                              "`max_module_rank` (largest rank one module may get), `rank_budget` (total rank: "
+                              "mean cap × modules, or less if memory binds), `ranks`, `total_rank`.",
     "ranks": "Client id → adapted module → LoRA rank actually applied.",
     "lambda_sweep": "With `--lambda-sweep`: `grid` (η values), `val_scores`, `test_scores` and `selected_eta`.",
     "communication_costs": "Bytes of the tensors actually sent; frozen weights are never sent.",

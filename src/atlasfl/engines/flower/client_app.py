@@ -33,7 +33,6 @@ from atlasfl.engines.flower.records import (
 )
 from atlasfl.errors import AtlasError
 from atlasfl.federation.client import client_seed, evaluate_client, fingerprint, train_local
-from atlasfl.federation.methods import METHOD_SPECS
 from atlasfl.federation.records import load_client_data, num_clients
 from atlasfl.models.lora import FederatedLoRAModel, state_digest
 from atlasfl.models.registry import load_backbone, resolve_device
@@ -120,7 +119,8 @@ def fingerprint_phase(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Local training from the client's current state; the trained state is uploaded if the method shares.
+    """Local training from the client's current state; the trained state is uploaded if the server asks
+    (the client shares with somebody this round: `Server.sharing_clients`).
     The first round's message brings the client's ranks (phase 2's outcome)."""
     conf = msg.content[ATLAS]
     if conf["reset"]:  # first round of an eta: build the adapter at the planned ranks, or restore its start
@@ -134,7 +134,7 @@ def train(msg: Message, context: Context) -> Message:
                        seed=client_seed(cfg.seed, int(conf["round"]), cid))
     _keep_state(context, fm, cid)
     content = RecordDict({ATLAS: ConfigRecord({"client_id": cid}), "metrics": MetricRecord({"train_loss": loss})})
-    if METHOD_SPECS[cfg.method].communicates:
+    if conf["upload"]:
         content[STATE], nbytes = state_to_record(fm.get_state(cid), cfg.wire_dtype)
         content["metrics"]["bytes_up"] = nbytes
     return Message(content, reply_to=msg)

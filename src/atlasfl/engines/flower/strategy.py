@@ -2,9 +2,11 @@
 
 Before round 1 the strategy queries every node for its fingerprint (phase 1) and plans clusters,
 devices and ranks with `Server.plan` (phase 2); round 1's messages bring each client its ranks. Each round is then
-Flower's train/evaluate cycle: the train replies carry the clients' trained states, which
-`Server.aggregate` turns into one new state per client (cluster mean, or the Laplacian step); the
-evaluate messages carry each client its new state, at its own ranks, and return its test metrics.
+Flower's train/evaluate cycle: the train replies of the clients that share this round
+(`Server.sharing_clients`; a client alone in its group, or any client at η = 0, sends nothing) carry their
+trained states, which `Server.aggregate` turns into one new state per sharing client (cluster mean, or the
+Laplacian step); the evaluate messages carry each of them its new state, at its own ranks, and return
+every client's test metrics.
 The result dictionary is built by the same `results.build.build_result` as the in-process engine's.
 """
 from __future__ import annotations
@@ -120,9 +122,11 @@ class AtlasStrategy(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self._round = dict(t0=time.perf_counter(), losses={}, up={}, down={})
+        self.server.eta = self.eta
+        sharing = set(self.server.sharing_clients())  # the others have nobody to share with: they upload nothing
         messages = []
         for cid in sorted(self.node_of):
-            conf = {"round": server_round, "reset": server_round == 1}
+            conf = {"round": server_round, "reset": server_round == 1, "upload": cid in sharing}
             if server_round == 1:
                 conf["ranks"] = json.dumps(self.plan.ranks[cid])
             messages.append(_message(RecordDict({ATLAS: ConfigRecord(conf)}), self.node_of[cid], MessageType.TRAIN,
@@ -134,12 +138,11 @@ class AtlasStrategy(Strategy):
         for reply in _checked(replies, len(self.node_of), "train"):
             cid = int(reply.content[ATLAS]["client_id"])
             self._round["losses"][cid] = float(reply.content["metrics"]["train_loss"])
-            if self.method.communicates:
+            if STATE in reply.content.array_records:
                 uploads[cid] = record_to_state(reply.content[STATE], self.cfg.wire_dtype)
                 self._round["up"][cid] = int(reply.content["metrics"]["bytes_up"])
             self.reports.add("rounds", cid, reply)
-        self.server.eta = self.eta
-        for cid, state in self.server.aggregate(uploads).items() if uploads else ():
+        for cid, state in self.server.aggregate(uploads).items():
             self.pending[cid], self._round["down"][cid] = state_to_record(state, self.cfg.wire_dtype)
         return None, MetricRecord({"train_loss": float(np.mean(list(self._round["losses"].values())))})
 
