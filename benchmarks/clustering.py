@@ -25,7 +25,8 @@ from atlasfl.config import build_config
 from atlasfl.data.batching import encode
 from atlasfl.data.partition import make_shards
 from atlasfl.data.tasks import expand_tasks, load_task
-from atlasfl.federation.client import REPRESENTATION_SAMPLES, fingerprint
+from atlasfl.federation import client
+from atlasfl.federation.client import fingerprint
 from atlasfl.federation.server import ClientInfo, Server
 from atlasfl.models.lora import FederatedLoRAModel
 from atlasfl.models.registry import TINY_CONFIGS, load_backbone
@@ -54,7 +55,8 @@ def phase1(model: str, seed: int, a, cache: dict) -> dict:
         cache[key] = load_backbone(cfg.model, init=cfg.init, seed=cfg.seed, device="cpu")
     backbone = cache[key]
     # A run encodes whole shards; the fingerprint reads only the first examples, so encoding those is the same work.
-    needed = max(REPRESENTATION_SAMPLES, cfg.fingerprint_samples)
+    # (getattr: the script also runs against versions before the limit existed, for before/after figures)
+    needed = max(getattr(client, "REPRESENTATION_SAMPLES", 0), cfg.fingerprint_samples)
     train_enc = {s.client_id: encode(backbone.tokenizer, s.train[:needed], cfg.max_length) for s in shards}
     fm = FederatedLoRAModel(backbone, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, seed=cfg.seed)
     server = Server(cfg, [ClientInfo(s.client_id, s.task, len(s.train), tasks[s.task].num_labels) for s in shards],
