@@ -149,7 +149,7 @@ def test_silhouette_by_k_describes_the_reported_partitions():
     # With noise, k-means in the fingerprints' own space may replace the unit-sphere partition; the scores
     # must belong to the partitions finally kept (they did not: audit finding 5).
     replaced = 0
-    for seed in range(6):
+    for seed in range(2):
         rng = np.random.default_rng(seed)
         F = _noisy_groups(rng, rng.normal(size=(4, 16)) * 0.1, 3, 0.01)
         r = cluster_fingerprints(F, seed=seed, noise=0.01)
