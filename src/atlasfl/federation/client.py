@@ -118,8 +118,8 @@ def representation_pass(fm: FederatedLoRAModel, encoded: list[dict], *, batch_si
 
 def gradient_pass(fm: FederatedLoRAModel, encoded: list[dict], *, num_labels: int, batch_size: int) -> dict[str, torch.Tensor]:
     """Mean loss gradient w.r.t. every adapted module's frozen base weight over `encoded`, under a head
-    initialised from the run seed shared by all clients (eval mode, no adapters). The weights get their
-    `requires_grad` and `.grad` back exactly as they were: the base is never changed."""
+    initialised from the run seed shared by all clients (eval mode, no adapters). The base weights are left
+    frozen as they came (requires_grad off, no .grad) and are never changed (tested bit for bit)."""
     head = fm.new_head(num_labels)
     weights = {m: fm.base_weight(m) for m in fm.modules}
     for w in weights.values():
