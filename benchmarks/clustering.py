@@ -5,16 +5,20 @@
     python benchmarks/clustering.py minilm --tasks offline --seeds 0-49 --max-samples 80
     python benchmarks/clustering.py tiny-bert tiny-gpt2 tiny-qwen2 tiny-llama --tasks generated --seeds 0-49
     python benchmarks/clustering.py distilbert gpt2 --init random --tasks offline --seeds 0-4
+    python benchmarks/clustering.py minilm --tasks offline --seeds 0 --versus old/src/atlasfl/federation/client.py
 
 For every model and seed it does what a run does before round 1 (federation.simulation.run_experiment):
 the run's shards, backbone and encodings, `client.fingerprint` on every client, `Server.plan`. It prints
 one line per seed (k, ARI against the true tasks, the margin of the choice in the rule's own units, the
 spread-to-noise ratios that decided it, the gradient fingerprint's k and ARI, seconds of fingerprinting
 per client) and a summary per model. Nothing is trained; figures are printed, never asserted.
+`--versus FILE` times another version's `client.py` (e.g. from `git archive`) against this one side by side
+instead: same clients (one per task), calls interleaved, median seconds per client.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
 import time
 import warnings
@@ -77,6 +81,33 @@ def phase1(model: str, seed: int, a, cache: dict) -> dict:
                 train=sorted({len(s.train) for s in shards}), fingerprint_samples=cfg.fingerprint_samples)
 
 
+def versus(model: str, path: str, a) -> None:
+    """Median seconds per client of this fingerprint and of the one in `path`, called alternately."""
+    spec = importlib.util.spec_from_file_location("other_client", path)
+    other = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(other)
+    cfg = build_config(model, seed_list(a.seeds)[0], a.method, tasks=tuple(a.tasks), init=a.init,
+                       max_samples=a.max_samples, clients_per_task=a.clients_per_task,
+                       fingerprint_samples=a.fingerprint_samples, batch_size=a.batch_size, device="cpu")
+    tasks = {n: load_task(n, data_dir=cfg.data_dir) for n in expand_tasks(cfg.tasks)}
+    shards = make_shards(list(tasks.values()), cfg.clients_per_task, seed=cfg.seed, max_samples=cfg.max_samples)
+    backbone = load_backbone(cfg.model, init=cfg.init, seed=cfg.seed, device="cpu")
+    fm = FederatedLoRAModel(backbone, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, seed=cfg.seed)
+    times = {"this": [], "other": []}
+    for s in shards[::cfg.clients_per_task]:
+        enc = encode(backbone.tokenizer, s.train[:max(client.REPRESENTATION_SAMPLES, cfg.fingerprint_samples)],
+                     cfg.max_length)
+        kw = dict(num_labels=tasks[s.task].num_labels, samples=cfg.fingerprint_samples, batch_size=cfg.batch_size,
+                  layers=cfg.fingerprint_layers, dim=cfg.fingerprint_dim, seed=cfg.seed)
+        for name, fn in [("other", other.fingerprint), ("this", fingerprint)] * 2:
+            t0 = time.perf_counter()
+            fn(fm, enc, **kw)
+            times[name].append(time.perf_counter() - t0)
+    mine, theirs = statistics.median(times["this"]), statistics.median(times["other"])
+    print(f"{model}: {len(shards[0].train)} training examples/client, {cfg.fingerprint_samples} gradient samples: "
+          f"{path} {theirs:.2f} s/client, this {mine:.2f} s/client, ratio {mine / theirs:.2f}")
+
+
 def fmt(x, spec=".3f"):
     return "-" if x is None else format(x, spec)
 
@@ -94,11 +125,16 @@ def main() -> None:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--method", default="atlas")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--versus", metavar="CLIENT_PY", help="time another version's federation/client.py side by side")
     a = p.parse_args()
     warnings.simplefilter("ignore", FutureWarning)
     warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.versus:
+        for model in a.models:
+            versus(model, a.versus, a)
+        return
     print(f"{'model':<12} {'seed':>4} {'k':>2} {'ARI':>6} {'margin':>7} {'T_k':>6} {'T_k-1':>7} "
           f"{'grad k':>6} {'grad ARI':>8} {'s/client':>8}", flush=True)
     summary = []
