@@ -20,11 +20,11 @@ Why 2 and not the former 1.5: what moves T is the sampling noise. With 64 exampl
 state a merge of two offline tasks sat at T = 1.47 (seed 4) while right partitions reached 1.45, so no
 threshold was safe. The representation now pools the output of block ⌈L/3⌉ over up to 512 training
 examples (`federation.client`). Measured on seeds 0–49 (docs/clustering.md, `benchmarks/clustering.py`):
-right partitions stay at T ≤ 1.24 (MiniLM, offline tasks) and ≤ 1.61 (tiny models, generated tasks);
+right partitions stay at T ≤ 1.34 (MiniLM, offline tasks) and ≤ 1.61 (tiny models, generated tasks);
 the nearest merge sits at T ≥ 2.36 for MiniLM with only 72 examples per client, ≥ 4.5 for the tiny
-models, and above 10 for MiniLM at the preset sizes. 2 sits between with room on both sides, and the
+models, and ≥ 10.5 for MiniLM at the preset sizes (seeds 0–37). 2 sits between with room on both sides, and the
 merge side grows with the examples. Still fragile: very few clients with few examples (4 clients of 22
-examples on 32-wide random models: a right partition's T reached 2.24–2.43 on 3 of 60 cases).
+examples on 32-wide random models: a right partition's T exceeded 2 on 4 of 60 cases, 3 of them split).
 
 Without a noise figure (gradient fingerprints), k is the best cosine silhouette, with k = 1 when the raw
 fingerprints hardly differ (dispersion) or no partition is convincing; its margin is in silhouette units.
