@@ -1,21 +1,29 @@
-"""Phase 1 on real (tiny) models: fingerprints separate tasks for every family, and k=1 for one task."""
+"""Phase 1 on real (tiny) models: fingerprints separate tasks for every family, k=1 for one task, the base
+model is untouched, only training examples are read, and the fingerprint bytes are what is uploaded."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
+from atlasfl.config import build_config
 from atlasfl.data.batching import encode
 from atlasfl.data.partition import make_shards
 from atlasfl.data.tasks import TASK_SETS, load_task
+from atlasfl.engines import inprocess
 from atlasfl.federation.client import fingerprint
+from atlasfl.federation.server import ClientInfo, Server
 from atlasfl.models.lora import FederatedLoRAModel
 from atlasfl.models.registry import load_backbone
 from atlasfl.phases.clustering import adjusted_rand, cluster_fingerprints
 
+# Not the seeds the former threshold was calibrated on (42/123/456); 4 is the seed that merged two tasks.
+SEEDS = (0, 4, 31)
 
-def _fingerprints(model, task_names, clients_per_task, seed, samples=64):
+
+def _fingerprints(model, task_names, clients_per_task, seed, samples=64, max_samples=None):
     tasks = [load_task(t) for t in task_names]
-    shards = make_shards(tasks, clients_per_task, seed=seed, max_samples=samples + 16)
+    shards = make_shards(tasks, clients_per_task, seed=seed, max_samples=max_samples or samples + 16)
     fm = FederatedLoRAModel(load_backbone(model, seed=seed), alpha=16, dropout=0.0, seed=seed)
     labels = {t.name: t.num_labels for t in tasks}
     ups = [fingerprint(fm, encode(fm.backbone.tokenizer, s.train), num_labels=labels[s.task], samples=samples,
@@ -24,30 +32,112 @@ def _fingerprints(model, task_names, clients_per_task, seed, samples=64):
     return ups, truth, fm
 
 
+def _cluster(ups, seed):
+    F = np.stack([u["representation"] for u in ups])
+    return cluster_fingerprints(F, seed=seed, noise=[u["representation_noise"] for u in ups])
+
+
 @pytest.mark.parametrize("model", ["tiny-bert", "tiny-gpt2", "tiny-qwen2", "tiny-llama"])
 def test_representation_fingerprints_recover_the_tasks(model):
-    for seed in (42, 123, 456):
-        ups, truth, _ = _fingerprints(model, list(TASK_SETS["generated"]), 3, seed)
-        F = np.stack([u["representation"] for u in ups])
-        result = cluster_fingerprints(F, seed=seed, noise=float(np.mean([u["representation_noise"] for u in ups])))
+    for seed in SEEDS:
+        ups, truth, _ = _fingerprints(model, list(TASK_SETS["generated"]), 3, seed, samples=8, max_samples=133)
+        result = _cluster(ups, seed)
         assert result.k == 4 and adjusted_rand(result.labels, truth) == 1.0, (model, seed, result)
+        assert result.margin > 0.1, (model, seed, result.margin, result.tightness_by_k)
+
+
+def test_minilm_recovers_the_offline_tasks_on_the_seed_that_merged_two():
+    # Seed 4 with 72 training examples per client: sms_spam and reply_match merged at T = 1.47 before.
+    ups, truth, _ = _fingerprints("minilm", list(TASK_SETS["offline"]), 3, 4, samples=4, max_samples=80)
+    result = _cluster(ups, 4)
+    assert result.k == 4 and adjusted_rand(result.labels, truth) == 1.0, result
+    assert result.margin > 0.1
 
 
 @pytest.mark.parametrize("model", ["tiny-bert", "tiny-qwen2"])
 def test_one_task_gives_one_cluster(model):
     ups, _, _ = _fingerprints(model, ["gen_topic"], 6, seed=7)
-    noise = float(np.mean([u["representation_noise"] for u in ups]))
-    result = cluster_fingerprints(np.stack([u["representation"] for u in ups]), seed=7, noise=noise)
-    assert result.k == 1 and set(result.labels) == {0}, result
+    result = _cluster(ups, 7)
+    assert result.k == 1 and set(result.labels) == {0} and result.margin > 0, result
 
 
-def test_fingerprint_leaves_the_base_frozen_and_untouched():
-    ups, _, fm = _fingerprints("tiny-gpt2", ["gen_topic", "gen_pair"], 2, seed=3)
-    assert not any(p.requires_grad for p in fm.backbone.model.parameters())
+def test_fingerprint_leaves_the_base_bit_identical():
+    tasks = [load_task("gen_topic"), load_task("gen_pair")]
+    fm = FederatedLoRAModel(load_backbone("tiny-gpt2", seed=3), alpha=16, dropout=0.0, seed=3)
+    before = {k: v.clone() for k, v in fm.backbone.model.state_dict().items()}
+    mode = fm.backbone.model.training
+    flags = {n: p.requires_grad for n, p in fm.backbone.model.named_parameters()}
+    ups = []
+    for s in make_shards(tasks, 2, seed=3, max_samples=40):
+        ups.append(fingerprint(fm, encode(fm.backbone.tokenizer, s.train), num_labels=4, samples=16, batch_size=8,
+                               layers=2, dim=64, seed=3))
+    after = fm.backbone.model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert {n: p.requires_grad for n, p in fm.backbone.model.named_parameters()} == flags
     assert all(p.grad is None for p in fm.backbone.model.parameters())
+    assert fm.backbone.model.training == mode  # left in the mode it was found in
     for u in ups:
         assert u["representation"].shape == (64,) and u["gradient"].shape == (64,)
         assert set(u["importance"]) == set(fm.modules) and all(v > 0 for v in u["importance"].values())
-    # same client, same seed: the same numbers (eval mode, no dropout)
-    again, _, _ = _fingerprints("tiny-gpt2", ["gen_topic", "gen_pair"], 2, seed=3)
-    assert np.array_equal(ups[0]["gradient"], again[0]["gradient"])
+        assert u["representation_noise"] > 0
+
+
+class Poison(dict):
+    """An encoded example that must never be read."""
+
+    def __getitem__(self, key):
+        raise AssertionError("the fingerprint read an example it must not read")
+
+
+def test_fingerprint_reads_only_the_examples_it_is_given_up_to_its_limits():
+    fm = FederatedLoRAModel(load_backbone("tiny-bert", seed=1), alpha=16, dropout=0.0, seed=1)
+    train = encode(fm.backbone.tokenizer, load_task("gen_topic").train[:20])
+    kw = dict(num_labels=4, batch_size=8, layers=2, dim=64, seed=1)
+    up = fingerprint(fm, train + [Poison()] * 3, samples=12, representation_samples=20, **kw)
+    again = fingerprint(fm, train, samples=12, representation_samples=20, **kw)
+    assert np.array_equal(up["representation"], again["representation"])
+    assert np.array_equal(up["gradient"], again["gradient"])
+    with pytest.raises(AssertionError, match="must not read"):  # the poison does bite when reached
+        fingerprint(fm, train + [Poison()], samples=12, representation_samples=21, **kw)
+    with pytest.raises(AssertionError, match="must not read"):
+        fingerprint(fm, train + [Poison()], samples=21, representation_samples=20, **kw)
+
+
+def test_the_engine_fingerprints_each_client_on_its_training_examples_only(make_config, monkeypatch):
+    cfg = make_config(method="fedavg_cluster", rounds=1)
+    seen = {}
+
+    def spy(fm, encoded, **kw):
+        seen[len(seen)] = [e["input_ids"] for e in encoded]
+        return fingerprint(fm, encoded, **kw)
+
+    monkeypatch.setattr(inprocess, "fingerprint", spy)
+    inprocess.run_experiment(cfg, progress=False)
+    tasks = [load_task(t) for t in cfg.tasks]
+    shards = make_shards(tasks, cfg.clients_per_task, seed=cfg.seed, max_samples=cfg.max_samples)
+    tok = load_backbone(cfg.model, seed=cfg.seed).tokenizer
+    assert len(seen) == len(shards)
+    for i, s in enumerate(shards):
+        assert seen[i] == [e["input_ids"] for e in encode(tok, s.train, cfg.max_length)]  # its shard, in order
+        held_out = encode(tok, s.val + tasks[i // cfg.clients_per_task].test, cfg.max_length)
+        assert not {tuple(e["input_ids"]) for e in held_out} & {tuple(ids) for ids in seen[i]}
+
+
+@pytest.mark.parametrize("kind", ["representation", "gradient"])
+@pytest.mark.parametrize("method", ["atlas", "fedavg_cluster", "standard_fl"])
+def test_fingerprint_bytes_are_what_the_configured_kind_uploads(kind, method):
+    ups, truth, fm = _fingerprints("tiny-bert", ["gen_topic", "gen_pair"], 2, 0, samples=8)
+    cfg = build_config("tiny-bert", 0, method, tasks=("gen_topic", "gen_pair"), clients_per_task=2, fingerprint=kind)
+    server = Server(cfg, [ClientInfo(c, ["gen_topic", "gen_pair"][t], 10, 2) for c, t in enumerate(truth)],
+                    modules=fm.modules, shapes=fm.module_shapes(), facts=fm.facts())
+    plan = server.plan(dict(enumerate(ups)))
+    sent = ["representation", "representation_noise"] if kind == "representation" else ["gradient"]
+    if method == "atlas":  # ranks follow importance: one number per adapted module
+        sent.append("importance")
+    floats = sum(np.asarray(list(ups[0][key].values()) if key == "importance" else ups[0][key]).size for key in sent)
+    expected = {"atlas": 4 * floats, "fedavg_cluster": 4 * floats, "standard_fl": 0}[method]
+    assert plan.fingerprint_bytes == {c: expected for c in range(4)}
+    # the figure itself, for the tiny BERT's 4 adapted modules (2 blocks × query, value) and 64-number sketches
+    assert expected == {("atlas", "representation"): 4 * 69, ("atlas", "gradient"): 4 * 68,
+                        ("fedavg_cluster", "representation"): 4 * 65, ("fedavg_cluster", "gradient"): 4 * 64,
+                        ("standard_fl", "representation"): 0, ("standard_fl", "gradient"): 0}[method, kind]

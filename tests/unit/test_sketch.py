@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from atlasfl.phases.sketch import count_sketch
+from atlasfl.phases.sketch import count_sketch, count_sketch_rows
 
 
 def test_linear():
@@ -56,3 +56,13 @@ def test_three_million_coordinates_quickly():
 def test_rejects_non_vectors():
     with pytest.raises(ValueError):
         count_sketch(torch.zeros(3, 3))
+
+
+def test_rows_sketched_like_vectors():
+    rows = torch.randn(5, 3000, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    out = count_sketch_rows(rows, dim=16, seed=9, chunk=1024)
+    assert out.shape == (5, 16) and out.dtype == torch.float64
+    for i in range(5):
+        assert torch.allclose(out[i].float(), count_sketch(rows[i], dim=16, seed=9, chunk=1024), atol=1e-5)
+    with pytest.raises(ValueError):
+        count_sketch_rows(torch.zeros(3))

@@ -5,6 +5,9 @@ Both engines call these functions; they only need the model, the client id and e
 """
 from __future__ import annotations
 
+import math
+from contextlib import nullcontext
+
 import numpy as np
 import torch
 from torch.nn.functional import cross_entropy
@@ -12,8 +15,8 @@ from torch.nn.functional import cross_entropy
 from atlasfl.data.batching import batches
 from atlasfl.data.tasks import TaskData
 from atlasfl.metrics import classification_metrics, task_score
-from atlasfl.models.lora import FederatedLoRAModel, layer_index
-from atlasfl.phases.sketch import count_sketch
+from atlasfl.models.lora import FederatedLoRAModel, layer_index, transformer_blocks
+from atlasfl.phases.sketch import count_sketch, count_sketch_rows
 
 WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -79,18 +82,66 @@ def predict(fm: FederatedLoRAModel, cid: int, encoded: list[dict], *,
     return y_true, y_pred, loss_sum / max(len(y_true), 1)
 
 
-def fingerprint(fm: FederatedLoRAModel, encoded: list[dict], *, num_labels: int, samples: int, batch_size: int,
-                layers: int, dim: int, seed: int) -> dict:
-    """Phase 1 on the client: one pass of `samples` examples through the frozen base (eval mode, no adapters).
+# Forward-only passes are cheap next to training (a round runs forward and backward over the whole shard), so
+# the representation fingerprint reads up to this many of the client's training examples; the gradient pass,
+# which needs a backward, keeps `--fingerprint-samples`. docs/clustering.md has the measurements behind both.
+REPRESENTATION_SAMPLES = 512
 
-    Returns the representation fingerprint (mean over examples of the mean-pooled last hidden state),
-    the gradient fingerprint (mean loss gradient w.r.t. the adapted attention projections of the
-    last `layers` blocks, under a head initialised from the run seed shared by all clients), both
-    count-sketched to `dim` numbers with the shared seed, the sampling variance of the representation
-    mean (one number), and each adapted module's gradient norm as its importance. Only these numbers
-    leave the client.
-    """
-    examples = encoded[:samples]
+
+def representation_layer(num_layers: int) -> int:
+    """How many blocks the representation fingerprint runs: it pools the output of block ⌈L/3⌉ (1-based).
+    Early-middle blocks still carry the lexical and stylistic cues that tell one task's text from another's;
+    a sentence-embedding model's last block maps text of similar meaning together across tasks
+    (docs/clustering.md), and the forward pass can stop there, at a third of the cost."""
+    return max(1, math.ceil(num_layers / 3))
+
+
+class _Stop(Exception):
+    """Raised by a forward hook once the pooled block has run: the blocks above it are not needed."""
+
+
+def representation_pass(fm: FederatedLoRAModel, encoded: list[dict], *, batch_size: int,
+                        max_examples: int = REPRESENTATION_SAMPLES) -> torch.Tensor:
+    """Forward passes only (frozen base, eval mode, adapters off, inference mode): the mean-pooled output of
+    block `representation_layer` for each of the first `max_examples` training examples, as an n×hidden
+    float64 matrix. Examples go through in length order so that batches carry little padding (the order
+    does not matter for a mean and a variance), and each pass stops after that block."""
+    examples = sorted(encoded[:max_examples], key=lambda e: len(e["input_ids"]))
+    _, blocks = transformer_blocks(fm.backbone.model)
+    captured = []
+
+    def keep_and_stop(module, args, output):
+        captured.append(output[0] if isinstance(output, tuple) else output)
+        raise _Stop
+
+    model = fm.peft if fm.peft is not None else fm.backbone.model
+    was_training = model.training
+    model.eval()
+    handle = blocks[representation_layer(len(blocks)) - 1].register_forward_hook(keep_and_stop)
+    pooled = []
+    try:
+        with torch.inference_mode(), (fm.peft.disable_adapter() if fm.peft is not None else nullcontext()):
+            for batch in batches(examples, batch_size, shuffle=False, seed=None,
+                                 pad_token_id=fm.backbone.tokenizer.pad_token_id):
+                mask = batch["attention_mask"].to(fm.device)
+                try:
+                    model(input_ids=batch["input_ids"].to(fm.device), attention_mask=mask)
+                except _Stop:
+                    pass
+                hidden = captured.pop()
+                m = mask.unsqueeze(-1).to(hidden.dtype)
+                pooled.append(((hidden * m).sum(1) / m.sum(1)).double().cpu())
+    finally:
+        handle.remove()
+        model.train(was_training)
+    return torch.cat(pooled)
+
+
+def gradient_pass(fm: FederatedLoRAModel, encoded: list[dict], *, num_labels: int,
+                  batch_size: int) -> dict[str, torch.Tensor]:
+    """Mean loss gradient w.r.t. every adapted module's frozen base weight over `encoded`, under a head
+    initialised from the run seed shared by all clients (eval mode, no adapters). The base weights are left
+    frozen as they came (requires_grad off, no .grad) and are never changed (tested bit for bit)."""
     head = fm.new_head(num_labels)
     weights = {m: fm.base_weight(m) for m in fm.modules}
     for w in weights.values():
@@ -98,29 +149,37 @@ def fingerprint(fm: FederatedLoRAModel, encoded: list[dict], *, num_labels: int,
     model = fm.peft if fm.peft is not None else fm.backbone.model
     was_training = model.training
     model.eval()
-    pooled = []
     try:
-        for batch in batches(examples, batch_size, shuffle=False, seed=None,
+        for batch in batches(encoded, batch_size, shuffle=False, seed=None,
                              pad_token_id=fm.backbone.tokenizer.pad_token_id):
             hidden = fm.hidden_states(batch, adapters=False)
-            mask = batch["attention_mask"].to(hidden.device).unsqueeze(-1).to(hidden.dtype)
-            pooled.append(((hidden * mask).sum(1) / mask.sum(1)).detach().double().cpu())
             logits = head(fm.pool(hidden, batch["attention_mask"]))
-            loss = cross_entropy(logits, batch["labels"].to(logits.device), reduction="sum") / len(examples)
+            loss = cross_entropy(logits, batch["labels"].to(logits.device), reduction="sum") / len(encoded)
             loss.backward()
-        grads = {m: w.grad.detach().double().cpu() for m, w in weights.items()}
+        return {m: w.grad.detach().double().cpu() for m, w in weights.items()}
     finally:
         for w in weights.values():
             w.requires_grad_(False)
             w.grad = None
         model.train(was_training)
-    last_blocks = sorted({layer_index(m) for m in fm.modules})[-layers:]
-    grad_vec = torch.cat([grads[m].flatten() for m in fm.modules if layer_index(m) in last_blocks])
-    # Each example sketched on its own (the sketch is linear): the mean and its sampling variance
-    # (trace), in the very space the server compares clients in.
-    sketched = torch.stack([count_sketch(p, dim, seed) for p in torch.cat(pooled)]).double()
+
+
+def package_fingerprint(pooled: torch.Tensor, grads: dict[str, torch.Tensor], modules: list[str], *, layers: int,
+                        dim: int, seed: int) -> dict:
+    """What leaves the client, all float32 aggregates (never one example's numbers):
+
+    - `representation`: the count sketch (shared seed) of the mean pooled representation, `dim` numbers;
+    - `representation_noise`: the sampling variance of that mean, tr Cov / n, measured on the sketched
+      examples (the sketch is linear), so in the very space the server compares clients in; one number;
+    - `gradient`: the count sketch of the gradient on the last `layers` blocks' adapted modules;
+    - `importance`: each adapted module's gradient norm.
+    """
+    sketched = count_sketch_rows(pooled, dim, seed)
+    n = len(sketched)
     mean = sketched.mean(0)
-    noise = float(((sketched - mean) ** 2).sum(1).sum()) / max(len(sketched) - 1, 1) / len(sketched)
+    noise = float(((sketched - mean) ** 2).sum()) / max(n - 1, 1) / n
+    last_blocks = sorted({layer_index(m) for m in modules})[-layers:]
+    grad_vec = torch.cat([grads[m].flatten() for m in modules if layer_index(m) in last_blocks])
     # Every number is float32, as uploaded and as counted, so both engines plan from identical values.
     return {
         "representation": mean.float().numpy(),
@@ -128,3 +187,15 @@ def fingerprint(fm: FederatedLoRAModel, encoded: list[dict], *, num_labels: int,
         "gradient": count_sketch(grad_vec, dim, seed).float().numpy(),
         "importance": {m: float(np.float32(g.norm())) for m, g in grads.items()},
     }
+
+
+def fingerprint(fm: FederatedLoRAModel, encoded: list[dict], *, num_labels: int, samples: int, batch_size: int,
+                layers: int, dim: int, seed: int, representation_samples: int = REPRESENTATION_SAMPLES) -> dict:
+    """Phase 1 on the client (DESIGN §3.1), from its training examples only: forward passes over up to
+    `representation_samples` of them for the representation fingerprint, a forward and backward pass over
+    `samples` of them for the gradient fingerprint and the importances; see `package_fingerprint` for
+    what is uploaded."""
+    forward_batch = max(4 * batch_size, 32)  # no activations kept for a backward: larger batches fit
+    pooled = representation_pass(fm, encoded, batch_size=forward_batch, max_examples=representation_samples)
+    grads = gradient_pass(fm, encoded[:samples], num_labels=num_labels, batch_size=batch_size)
+    return package_fingerprint(pooled, grads, fm.modules, layers=layers, dim=dim, seed=seed)

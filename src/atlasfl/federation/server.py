@@ -14,7 +14,7 @@ import torch
 from atlasfl.config import RunConfig
 from atlasfl.federation.methods import METHOD_SPECS
 from atlasfl.phases.aggregation import aggregate_states
-from atlasfl.phases.clustering import adjusted_rand, centred_unit_rows, cluster_fingerprints
+from atlasfl.phases.clustering import NOISE_RATIO, adjusted_rand, centred_unit_rows, cluster_fingerprints
 from atlasfl.phases.devices import PROFILES, ModelFacts, draw_devices, estimate_training_memory, fits
 from atlasfl.phases.laplacian import affinity, personalise_states
 from atlasfl.phases.ranks import adapter_params, allocate_ranks, rank_budget_for_memory
@@ -73,8 +73,7 @@ class Server:
         by_kind = {}
         for kind in FINGERPRINT_KINDS:
             F = np.stack([np.asarray(uploads[c][kind], dtype=np.float64) for c in cids])
-            noise = float(np.mean([uploads[c]["representation_noise"] for c in cids])) \
-                if kind == "representation" else None
+            noise = [float(uploads[c]["representation_noise"]) for c in cids] if kind == "representation" else None
             result = cluster_fingerprints(F, seed=self.cfg.seed, noise=noise)
             by_kind[kind] = (F, result, adjusted_rand(result.labels, truth))
         F, chosen, ari = by_kind[self.cfg.fingerprint]
@@ -83,11 +82,13 @@ class Server:
             fingerprint=self.cfg.fingerprint, k=chosen.k, labels=chosen.labels, silhouette=chosen.silhouette,
             ari=ari, method=chosen.method, silhouette_by_k={str(k): v for k, v in chosen.silhouette_by_k.items()},
             dispersion=chosen.dispersion, spread_to_noise=chosen.spread_to_noise,
-            tightness_by_k={str(k): v for k, v in chosen.tightness_by_k.items()}, similarity=chosen.similarity,
-            fingerprints=F.tolist(),
+            tightness_by_k={str(k): v for k, v in chosen.tightness_by_k.items()}, margin=chosen.margin,
+            margin_units=chosen.margin_units, noise_ratio=NOISE_RATIO if chosen.tightness_by_k else None,
+            similarity=chosen.similarity, fingerprints=F.tolist(),
             true_tasks=[self.clients[c].task for c in cids],
             ari_by_fingerprint={k: v[2] for k, v in by_kind.items()},
             k_by_fingerprint={k: v[1].k for k, v in by_kind.items()},
+            margin_by_fingerprint={k: v[1].margin for k, v in by_kind.items()},
         )
         devices = draw_devices(len(cids), self.cfg.seed, self.cfg.devices)
         importance = self._cluster_importance(uploads, labels)
@@ -110,11 +111,14 @@ class Server:
         self.affinity_space = centred_unit_rows(np.asarray(plan.phase1["fingerprints"], dtype=np.float64))
 
     def _fingerprint_bytes(self) -> int:
-        """Fingerprint traffic counts only where the method uses it (clusters or importance-driven ranks)."""
+        """Float32 bytes one client uploads for the configured fingerprint kind: its `fingerprint_dim` sketch,
+        plus the sampling-noise number the representation rule needs, plus one importance per module where
+        ranks follow importance. Counted only where the method uses it (clusters or importance-driven ranks)."""
         m = self.method
         if not m.communicates or not (m.group == "cluster" or m.heterogeneous_ranks):
             return 0
-        floats = self.cfg.fingerprint_dim + 1 + (len(self.modules) if m.heterogeneous_ranks else 0)
+        floats = self.cfg.fingerprint_dim + (self.cfg.fingerprint == "representation") \
+            + (len(self.modules) if m.heterogeneous_ranks else 0)
         return floats * 4
 
     def _cluster_importance(self, uploads, labels) -> dict[int, dict[str, float]]:

@@ -1,0 +1,163 @@
+#!/usr/bin/env python
+"""Phase 1 alone, over many seeds: does fingerprint clustering recover the tasks, and with what margin?
+
+    python benchmarks/clustering.py minilm --tasks offline --seeds 0-49
+    python benchmarks/clustering.py minilm --tasks offline --seeds 0-49 --max-samples 80
+    python benchmarks/clustering.py tiny-bert tiny-gpt2 tiny-qwen2 tiny-llama --tasks generated --seeds 0-49
+    python benchmarks/clustering.py distilbert gpt2 --init random --tasks offline --seeds 0-4
+    python benchmarks/clustering.py minilm --tasks offline --seeds 0 --versus old/src/atlasfl/federation/client.py
+
+For every model and seed it does what a run does before round 1 (engines.inprocess: set_up, plan_or_restore):
+the run's shards, backbone and encodings, `client.fingerprint` on every client, `Server.plan`. It prints
+one line per seed (k, ARI against the true tasks, the margin of the choice in the rule's own units, the
+spread-to-noise ratios that decided it, the gradient fingerprint's k and ARI, seconds of fingerprinting
+per client) and a summary per model. Nothing is trained; figures are printed, never asserted.
+`--versus FILE` times another version's `client.py` (e.g. from `git archive`) against this one side by side
+instead: same clients (one per task), calls interleaved, median seconds per client.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import time
+import warnings
+
+import torch
+
+from atlasfl.config import build_config
+from atlasfl.data.batching import encode
+from atlasfl.data.partition import make_shards
+from atlasfl.data.tasks import expand_tasks, load_task
+from atlasfl.federation import client
+from atlasfl.federation.client import fingerprint
+from atlasfl.federation.server import ClientInfo, Server
+from atlasfl.models.lora import FederatedLoRAModel
+from atlasfl.models.registry import TINY_CONFIGS, load_backbone
+
+
+def seed_list(text: str) -> list[int]:
+    """'0-49' or '1,4,7' or '0-3,9'."""
+    out = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        out += list(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+def phase1(model: str, seed: int, a, cache: dict) -> dict:
+    cfg = build_config(model, seed, a.method, tasks=tuple(a.tasks), init=a.init, max_samples=a.max_samples,
+                       clients_per_task=a.clients_per_task, fingerprint_samples=a.fingerprint_samples,
+                       fingerprint=a.fingerprint, batch_size=a.batch_size, device="cpu")
+    tasks = {n: load_task(n, data_dir=cfg.data_dir) for n in expand_tasks(cfg.tasks)}
+    shards = make_shards(list(tasks.values()), cfg.clients_per_task, seed=cfg.seed, max_samples=cfg.max_samples,
+                         dirichlet_alpha=cfg.dirichlet_alpha)
+    # Pretrained weights do not depend on the seed: load them once. Random ones are drawn from the seed.
+    key = (model, seed if (cfg.init == "random" or model in TINY_CONFIGS) else None)
+    if key not in cache:
+        cache.clear()
+        cache[key] = load_backbone(cfg.model, init=cfg.init, seed=cfg.seed, device="cpu")
+    backbone = cache[key]
+    # A run encodes whole shards; the fingerprint reads only the first examples, so encoding those is the same work.
+    # (getattr: the script also runs against versions before the limit existed, for before/after figures)
+    needed = max(getattr(client, "REPRESENTATION_SAMPLES", 0), cfg.fingerprint_samples)
+    train_enc = {s.client_id: encode(backbone.tokenizer, s.train[:needed], cfg.max_length) for s in shards}
+    fm = FederatedLoRAModel(backbone, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, seed=cfg.seed)
+    server = Server(cfg, [ClientInfo(s.client_id, s.task, len(s.train), tasks[s.task].num_labels) for s in shards],
+                    modules=fm.modules, shapes=fm.module_shapes(), facts=fm.facts())
+    t0 = time.perf_counter()
+    uploads = {s.client_id: fingerprint(fm, train_enc[s.client_id], num_labels=tasks[s.task].num_labels,
+                                        samples=cfg.fingerprint_samples, batch_size=cfg.batch_size,
+                                        layers=cfg.fingerprint_layers, dim=cfg.fingerprint_dim, seed=cfg.seed)
+               for s in shards}
+    seconds = (time.perf_counter() - t0) / len(shards)
+    plan = server.plan(uploads)
+    p = plan.phase1
+    k = p["k"]
+    t = p.get("tightness_by_k") or {}
+    return dict(seed=seed, k=k, ari=p["ari"], margin=p.get("margin"), t_k=t.get(str(k)), t_prev=t.get(str(k - 1)),
+                grad_k=p["k_by_fingerprint"]["gradient"], grad_ari=p["ari_by_fingerprint"]["gradient"],
+                s_per_client=seconds, bytes=plan.fingerprint_bytes[0],
+                train=sorted({len(s.train) for s in shards}), fingerprint_samples=cfg.fingerprint_samples)
+
+
+def versus(model: str, path: str, a) -> None:
+    """Median seconds per client of this fingerprint and of the one in `path`, called alternately."""
+    spec = importlib.util.spec_from_file_location("other_client", path)
+    other = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(other)
+    cfg = build_config(model, seed_list(a.seeds)[0], a.method, tasks=tuple(a.tasks), init=a.init,
+                       max_samples=a.max_samples, clients_per_task=a.clients_per_task,
+                       fingerprint_samples=a.fingerprint_samples, batch_size=a.batch_size, device="cpu")
+    tasks = {n: load_task(n, data_dir=cfg.data_dir) for n in expand_tasks(cfg.tasks)}
+    shards = make_shards(list(tasks.values()), cfg.clients_per_task, seed=cfg.seed, max_samples=cfg.max_samples)
+    backbone = load_backbone(cfg.model, init=cfg.init, seed=cfg.seed, device="cpu")
+    fm = FederatedLoRAModel(backbone, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, seed=cfg.seed)
+    times = {"this": [], "other": []}
+    for s in shards[::cfg.clients_per_task]:
+        enc = encode(backbone.tokenizer, s.train[:max(client.REPRESENTATION_SAMPLES, cfg.fingerprint_samples)],
+                     cfg.max_length)
+        kw = dict(num_labels=tasks[s.task].num_labels, samples=cfg.fingerprint_samples, batch_size=cfg.batch_size,
+                  layers=cfg.fingerprint_layers, dim=cfg.fingerprint_dim, seed=cfg.seed)
+        for name, fn in [("other", other.fingerprint), ("this", fingerprint)] * 2:
+            t0 = time.perf_counter()
+            fn(fm, enc, **kw)
+            times[name].append(time.perf_counter() - t0)
+    mine, theirs = statistics.median(times["this"]), statistics.median(times["other"])
+    print(f"{model}: {len(shards[0].train)} training examples/client, {cfg.fingerprint_samples} gradient samples: "
+          f"{path} {theirs:.2f} s/client, this {mine:.2f} s/client, ratio {mine / theirs:.2f}")
+
+
+def fmt(x, spec=".3f"):
+    return "-" if x is None else format(x, spec)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("models", nargs="+")
+    p.add_argument("--seeds", default="0-49", help="e.g. 0-49 or 1,4,7")
+    p.add_argument("--tasks", nargs="+", default=["offline"])
+    p.add_argument("--init", default="pretrained", choices=("pretrained", "random"))
+    p.add_argument("--max-samples", type=int, help="per client (train + local validation); default: the preset's")
+    p.add_argument("--clients-per-task", type=int)
+    p.add_argument("--fingerprint-samples", type=int, help="gradient pass; default: the preset's")
+    p.add_argument("--fingerprint", default="representation", choices=("representation", "gradient"))
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--method", default="atlas")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--versus", metavar="CLIENT_PY", help="time another version's federation/client.py side by side")
+    a = p.parse_args()
+    warnings.simplefilter("ignore", FutureWarning)
+    warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if a.versus:
+        for model in a.models:
+            versus(model, a.versus, a)
+        return
+    print(f"{'model':<12} {'seed':>4} {'k':>2} {'ARI':>6} {'margin':>7} {'T_k':>6} {'T_k-1':>7} "
+          f"{'grad k':>6} {'grad ARI':>8} {'s/client':>8}", flush=True)
+    summary = []
+    for model in a.models:
+        cache, rows = {}, []
+        for seed in seed_list(a.seeds):
+            r = phase1(model, seed, a, cache)
+            rows.append(r)
+            print(f"{model:<12} {seed:>4} {r['k']:>2} {r['ari']:>6.3f} {fmt(r['margin']):>7} {fmt(r['t_k'], '.2f'):>6} "
+                  f"{fmt(r['t_prev'], '.2f'):>7} {r['grad_k']:>6} {r['grad_ari']:>8.3f} {r['s_per_client']:>8.2f}",
+                  flush=True)
+        margins = [r["margin"] for r in rows if r["margin"] is not None]
+        summary.append((model, rows, margins))
+    print(f"\n{'model':<12} {'seeds':>5} {'ARI=1':>5} {'worst margin':>12} {'median margin':>13} {'grad ARI=1':>10} "
+          f"{'grad ARI med':>12} {'s/client':>8} {'bytes':>6}  train examples/client, gradient samples")
+    for model, rows, margins in summary:
+        print(f"{model:<12} {len(rows):>5} {sum(r['ari'] == 1.0 for r in rows):>5} "
+              f"{fmt(min(margins) if margins else None):>12} "
+              f"{fmt(statistics.median(margins) if margins else None):>13} "
+              f"{sum(r['grad_ari'] == 1.0 for r in rows):>10} {statistics.median(r['grad_ari'] for r in rows):>12.3f} "
+              f"{statistics.mean(r['s_per_client'] for r in rows):>8.2f} {rows[0]['bytes']:>6}  "
+              f"{rows[0]['train']}, {rows[0]['fingerprint_samples']}")
+
+
+if __name__ == "__main__":
+    main()
