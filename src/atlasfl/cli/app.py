@@ -7,6 +7,7 @@ import sys
 
 import typer
 
+from atlasfl.cli.bench import bench
 from atlasfl.cli.options import ListOptionsCommand
 from atlasfl.cli.report import report
 from atlasfl.cli.run import demo, presets, run
@@ -21,6 +22,7 @@ app.command("demo")(demo)
 app.command("presets")(presets)
 app.command("sweep", cls=ListOptionsCommand)(sweep)
 app.command("report")(report)
+app.command("bench")(bench)
 _DEBUG = {"on": False}
 
 
