@@ -7,6 +7,7 @@ import platform
 import resource
 import sys
 from importlib import metadata
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -14,8 +15,10 @@ import torch
 from atlasfl.config import RunConfig
 from atlasfl.data.tasks import TaskData
 from atlasfl.federation.records import select_eta
-from atlasfl.federation.server import Plan
 from atlasfl.results.schema import SCHEMA_VERSION
+
+if TYPE_CHECKING:  # the ClientApp imports this module for `peak_memory`: it need not load the server (sklearn)
+    from atlasfl.federation.server import Plan
 
 
 def build_result(cfg: RunConfig, shards: list, tasks: dict[str, TaskData], plan: Plan, runs: list[dict],
