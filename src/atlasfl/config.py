@@ -57,6 +57,9 @@ class RunConfig(BaseModel):
     mode: Literal["quick", "full"] = setting("quick: smoke sizes (2 rounds, 80 examples per client).", "full")
     max_test_samples: int | None = setting("Cut each task's test set (default: all of it).", None, gt=0)
     max_length: int = setting("Max tokens per example.", 128, gt=8)
+    group_by_length: bool = setting(
+        "Training batches of similar lengths (seeded: shuffle, sort within groups of 50 batches, shuffle the "
+        "batches), so less padding is computed.", False)
     dirichlet_alpha: float | None = setting("Dirichlet label skew within a task (default: IID shards).", None, gt=0)
     data_dir: str | None = setting("Local GLUE folder: DIR/<task>/train.* and validation.*", None, min_length=1)
     init: Literal["pretrained", "random"] = setting(

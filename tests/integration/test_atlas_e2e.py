@@ -217,8 +217,8 @@ def test_lambda_sweep_selects_eta_on_local_validation_not_on_test(make_config, m
     grid = (0.0, 0.5, 1.0)
     evaluate = inprocess.evaluate_client
 
-    def rigged(fm, cid, encoded, task, batch_size):
-        metrics = evaluate(fm, cid, encoded, task, batch_size)
+    def rigged(fm, cid, encoded, task, batch_size, **kw):
+        metrics = evaluate(fm, cid, encoded, task, batch_size, **kw)
         eta = spy["fed"].server.eta
         is_val = encoded is spy["fed"].val_enc[cid]
         return dict(metrics, score=eta if is_val else 1.0 - eta)
@@ -231,3 +231,22 @@ def test_lambda_sweep_selects_eta_on_local_validation_not_on_test(make_config, m
     assert sweep["selected_eta"] == grid[int(np.argmax(sweep["val_scores"]))] == 1.0
     assert result["round_metrics"][-1]["lambda_eta"] == 1.0
     assert result["round_metrics"][-1]["mean_task_score"] == sweep["test_scores"][2]
+    # The sweep trained and sent every eta's federation: its costs say so, beside the chosen eta's.
+    comm, clock = result["communication_costs"], result["time_metrics"]
+    assert [e["eta"] for e in comm["per_eta"]] == list(grid)
+    assert comm["sweep_total_bytes_up"] == comm["fingerprint_bytes_up"] + sum(e["bytes_up"] for e in comm["per_eta"])
+    assert comm["sweep_total_bytes_down"] == sum(e["bytes_down"] for e in comm["per_eta"]) > comm["total_bytes_down"]
+    assert [(r["eta"], r["round"]) for r in clock["rounds"]] == [(eta, 1) for eta in grid]
+    assert clock["totals"]["rounds"] == 3
+    assert clock["totals"]["train"]["examples"] == 3 * sum(c["num_train"] for c in result["clients"])
+
+
+def test_round_costs_count_the_work(make_config):
+    result = _run(make_config, model="tiny-bert", method="fedavg_cluster")
+    comm, rounds = result["communication_costs"], result["time_metrics"]["rounds"]
+    assert comm.get("sweep_total_bytes_up") is None
+    assert [r["round"] for r in rounds] == [1, 2]
+    for r in rounds:
+        assert r["train"]["examples"] == sum(c["num_train"] for c in result["clients"])
+        assert 0 < r["train"]["real_tokens"] <= r["train"]["padded_tokens"]
+        assert 0 < r["evaluate"]["examples"] and r["checkpoint_s"] > 0

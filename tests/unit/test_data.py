@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from atlasfl.data import tasks
-from atlasfl.data.batching import batches, encode, pair_joiner
+from atlasfl.data.batching import Tally, batches, encode, pair_joiner
 from atlasfl.data.partition import make_shards, partition_task
 from atlasfl.data.tasks import Example, expand_tasks, load_task, task_metric
 from atlasfl.errors import AtlasError
@@ -290,3 +290,23 @@ def test_batches_seeded_order():
     assert order(4) != first and first != list(range(1, 41))
     with pytest.raises(ValueError, match="seed"):
         next(batches(enc, 8, shuffle=True, seed=None, pad_token_id=0))
+
+
+def test_group_by_length_is_seeded_keeps_every_row_and_pads_less():
+    lengths = [int(n) for n in np.random.default_rng(0).integers(5, 60, size=400)]
+    enc = _fake_encoded(lengths)
+
+    def run(seed, grouped):
+        tally = Tally()
+        rows = [n for b in batches(enc, 4, shuffle=True, seed=seed, pad_token_id=0, group_by_length=grouped,
+                                   tally=tally) for n in b["attention_mask"].sum(1).tolist()]
+        return rows, tally
+
+    grouped, tally = run(7, True)
+    assert run(7, True)[0] == grouped and run(8, True)[0] != grouped and sorted(grouped) == sorted(lengths)
+    plain_rows, plain_tally = run(7, False)
+    assert tally.examples == plain_tally.examples == 400
+    assert tally.real_tokens == plain_tally.real_tokens == sum(lengths)
+    assert tally.padded_tokens < 0.8 * plain_tally.padded_tokens  # a batch holds near-equal lengths
+    first_batch = grouped[:4]
+    assert max(first_batch) - min(first_batch) < 10 and grouped[:40] != sorted(grouped[:40], reverse=True)

@@ -7,6 +7,7 @@ import sys
 
 import typer
 
+from atlasfl.cli.bench import bench
 from atlasfl.cli.configfile import config
 from atlasfl.cli.options import ListOptionsCommand
 from atlasfl.cli.report import report
@@ -23,6 +24,7 @@ app.command("presets")(presets)
 app.command("sweep", cls=ListOptionsCommand)(sweep)
 app.command("report")(report)
 app.command("config")(config)
+app.command("bench")(bench)
 _DEBUG = {"on": False}
 
 

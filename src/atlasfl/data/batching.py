@@ -1,5 +1,6 @@
-"""Tokenise examples once, then yield dynamically padded batches in a seeded order."""
+"""Tokenise examples once, then yield dynamically padded batches in a seeded order, and count the work."""
 
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
@@ -48,6 +49,52 @@ def encode(tokenizer, examples: Sequence[Example], max_length: int = 128) -> lis
     return out
 
 
+@dataclass
+class Tally:
+    """Work done: examples, and token positions processed (`padded_tokens`) of which `real_tokens` are
+    not padding."""
+
+    examples: int = 0
+    real_tokens: int = 0
+    padded_tokens: int = 0
+
+    def add(self, batch: dict[str, torch.Tensor]) -> None:
+        mask = batch["attention_mask"]
+        self.examples += mask.shape[0]
+        self.real_tokens += int(mask.sum())
+        self.padded_tokens += mask.numel()
+
+    def __iadd__(self, other: "Tally") -> "Tally":
+        self.examples += other.examples
+        self.real_tokens += other.real_tokens
+        self.padded_tokens += other.padded_tokens
+        return self
+
+
+MEGA_BATCH = 50  # batches per length-sorted group, as Hugging Face's `group_by_length` sampler
+
+
+def batch_order(lengths: Sequence[int], batch_size: int, *, shuffle: bool, seed: int | None,
+                group_by_length: bool = False) -> list[list[int]]:
+    """The rows of each batch. With shuffle, a seeded permutation; with `group_by_length` too, the permutation
+    is cut into mega-batches of MEGA_BATCH batches, each sorted by length (longest first), and the batches
+    are then shuffled with the same generator, so similar lengths share a batch and padding shrinks."""
+    if shuffle and seed is None:
+        raise ValueError("shuffle=True needs a seed, so that the order is reproducible")
+    if not shuffle:
+        order = list(range(len(lengths)))
+        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    gen = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(lengths), generator=gen).tolist()
+    if not group_by_length:
+        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    mega = MEGA_BATCH * batch_size
+    order = [i for s in range(0, len(order), mega)
+             for i in sorted(order[s:s + mega], key=lambda i: -lengths[i])]
+    groups = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    return [groups[i] for i in torch.randperm(len(groups), generator=gen).tolist()]
+
+
 def batches(
     encoded: list[dict],
     batch_size: int,
@@ -56,18 +103,16 @@ def batches(
     seed: int | None,
     pad_token_id: int,
     padding_side: str = "right",
+    group_by_length: bool = False,
+    tally: Tally | None = None,
 ) -> Iterator[dict[str, torch.Tensor]]:
-    """Batches padded to their own longest sequence; with shuffle, the order depends only on `seed`."""
+    """Batches padded to their own longest sequence; with shuffle, the order depends only on `seed`
+    (see `batch_order`). Each batch yielded is added to `tally`."""
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-    if shuffle and seed is None:
-        raise ValueError("shuffle=True needs a seed, so that the order is reproducible")
-    if shuffle:
-        order = torch.randperm(len(encoded), generator=torch.Generator().manual_seed(seed)).tolist()
-    else:
-        order = list(range(len(encoded)))
-    for start in range(0, len(order), batch_size):
-        rows = [encoded[i] for i in order[start:start + batch_size]]
+    lengths = [len(r["input_ids"]) for r in encoded]
+    for group in batch_order(lengths, batch_size, shuffle=shuffle, seed=seed, group_by_length=group_by_length):
+        rows = [encoded[i] for i in group]
         width = max(len(r["input_ids"]) for r in rows)
         ids, mask = [], []
         for r in rows:
@@ -78,8 +123,11 @@ def batches(
             else:
                 ids.append([pad_token_id] * pad + r["input_ids"])
                 mask.append([0] * pad + r["attention_mask"])
-        yield {
+        batch = {
             "input_ids": torch.tensor(ids, dtype=torch.long),
             "attention_mask": torch.tensor(mask, dtype=torch.long),
             "labels": torch.tensor([r["labels"] for r in rows], dtype=torch.long),
         }
+        if tally is not None:
+            tally.add(batch)
+        yield batch

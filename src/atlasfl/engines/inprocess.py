@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from atlasfl.config import RunConfig
-from atlasfl.data.batching import encode
+from atlasfl.data.batching import Tally, encode
 from atlasfl.data.partition import ClientShard, make_shards
 from atlasfl.data.tasks import TaskData, expand_tasks, load_task
 from atlasfl.errors import AtlasError
@@ -22,6 +22,7 @@ from atlasfl.federation.records import (
     eta_grid,
     eta_run,
     log_round,
+    round_cost,
     round_summary,
     select_eta,
     warn_diverged,
@@ -43,6 +44,9 @@ from atlasfl.results.checkpoint import (
 from atlasfl.tracking import Tracker, open_tracker
 
 log = logging.getLogger("atlasfl")
+CLOCK_NOTE = ("in-process: every phase timed in this one process around all clients' work (train: local training; "
+              "aggregate: wire trips and the server's aggregation or Laplacian step; evaluate: test sets, "
+              "identical states scored once; checkpoint: writing the round's checkpoint)")
 
 
 @dataclass
@@ -98,12 +102,12 @@ def run_experiment(cfg: RunConfig, *, progress: bool = True, resume: bool = Fals
         runs = train_etas(fed, plan, initial, checkpoint, progress)
     finally:
         tracker.close()
-    chosen, sweep = select_eta(runs)
     if cfg.save_adapters:
+        chosen, _ = select_eta(runs)
         log.info("adapters of eta %g: %s", chosen["eta"], adapters.publish(cfg, fed.fm, runs.index(chosen),
                                                                           chosen["eta"]))
-    return build_result(cfg, fed.shards, fed.tasks, plan, chosen, sweep, setup_s, fed.phases_s,
-                        time.perf_counter() - t_start, fed.device)
+    return build_result(cfg, fed.shards, fed.tasks, plan, runs, setup_s, fed.phases_s, time.perf_counter() - t_start,
+                        fed.device, clock_note=CLOCK_NOTE)
 
 
 def set_up(cfg: RunConfig) -> Federation:
@@ -171,10 +175,12 @@ def train_etas(fed: Federation, plan: Plan, initial: dict, checkpoint: tuple | N
                 bars.advance("round")
                 log_round(eta, rounds[-1])
                 warn_diverged(eta, rounds, {n: t.num_labels for n, t in fed.tasks.items()})
+                rounds[-1]["cost"]["checkpoint_s"] = _save(fed, plan, eta_index, r, rounds, runs)
                 fed.tracker.round(eta, rounds[-1], fed.phases_s)
-                _save(fed, plan, eta_index, r, rounds, runs)
+            t0 = time.perf_counter()
             val = {s.client_id: evaluate_client(fed.fm, s.client_id, fed.val_enc[s.client_id], fed.tasks[s.task],
                                                 cfg.eval_batch_size) for s in fed.shards}
+            fed.phases_s["validation"] = fed.phases_s.get("validation", 0.0) + time.perf_counter() - t0
             if cfg.save_adapters:  # staged until the run has chosen its eta
                 adapters.save_eta(cfg, fed.fm, {s.client_id: (s.task, fed.tasks[s.task].metric) for s in fed.shards},
                                   eta_index)
@@ -183,16 +189,19 @@ def train_etas(fed: Federation, plan: Plan, initial: dict, checkpoint: tuple | N
 
 
 def run_round(fed: Federation, r: int, bars: RunProgress) -> dict:
-    """One round: every client trains, the server aggregates (if the method shares), every client is tested."""
+    """One round: every client trains, the server aggregates (if the method shares), every client is tested.
+    The round's entry carries its `cost`: seconds and work of each phase."""
     cfg, fm = fed.cfg, fed.fm
     t0 = time.perf_counter()
-    losses, up, down = {}, {}, {}
+    losses, up, down, work = {}, {}, {}, {"train": Tally(), "evaluate": Tally()}
     bars.start_clients(len(fed.shards))
     for s in fed.shards:
         losses[s.client_id] = _guard_oom(cfg, s, "training", lambda s=s: train_local(
             fm, s.client_id, fed.train_enc[s.client_id], epochs=cfg.local_epochs, lr=cfg.lr,
-            batch_size=cfg.batch_size, seed=client_seed(cfg.seed, r, s.client_id)))
+            batch_size=cfg.batch_size, seed=client_seed(cfg.seed, r, s.client_id),
+            group_by_length=cfg.group_by_length, tally=work["train"]))
         bars.advance("client")
+    t_train = time.perf_counter()
     sharing = fed.server.sharing_clients()  # clients of a singleton group, or at eta 0, send nothing
     if sharing:
         uploads = {}
@@ -201,16 +210,20 @@ def run_round(fed: Federation, r: int, bars: RunProgress) -> dict:
         for cid, state in fed.server.aggregate(uploads).items():
             received, down[cid] = wire(state, cfg.wire_dtype)
             fm.set_state(cid, received)
+    t_aggregate = time.perf_counter()
     clients, digests, evaluated = [], {}, {}
     for s in fed.shards:
         digest = digests[str(s.client_id)] = state_digest(fm.get_state(s.client_id))
         if (digest, s.task) not in evaluated:  # clients holding identical weights score identically
             evaluated[digest, s.task] = evaluate_client(fm, s.client_id, fed.test_enc[s.task], fed.tasks[s.task],
-                                                        cfg.eval_batch_size)
+                                                        cfg.eval_batch_size, tally=work["evaluate"])
         clients.append(client_round(s.client_id, s.task, losses[s.client_id], evaluated[digest, s.task],
                                     up.get(s.client_id, 0), down.get(s.client_id, 0)))
-    return round_summary(r, clients, list(fed.tasks), time.perf_counter() - t0, digests,
-                         eta=fed.server.eta if fed.method.personalise else None)
+    t_end = time.perf_counter()
+    cost = round_cost(train_s=t_train - t0, aggregate_s=t_aggregate - t_train, evaluate_s=t_end - t_aggregate,
+                      work=work)
+    return round_summary(r, clients, list(fed.tasks), t_end - t0, digests,
+                         eta=fed.server.eta if fed.method.personalise else None, cost=cost)
 
 
 def checkpoint_label(meta: dict) -> str:
@@ -232,8 +245,9 @@ def _latest_checkpoint(cfg: RunConfig):
     return meta, states
 
 
-def _save(fed: Federation, plan: Plan, eta_index: int, round_idx: int, rounds: list, runs: list) -> None:
-    """Checkpoint the run; its seconds add up in phases_s['checkpoint'] and its size goes to the log."""
+def _save(fed: Federation, plan: Plan, eta_index: int, round_idx: int, rounds: list, runs: list) -> float:
+    """Checkpoint the run; its seconds add up in phases_s['checkpoint'] and are returned, its size goes to
+    the log. (The saved copy of the round's cost has no checkpoint seconds yet: it is being measured.)"""
     t0 = time.perf_counter()
     cfg, states = fed.cfg, fed.states()
     payload = dict(config=cfg.model_dump(mode="json"), plan=asdict(plan), rounds=rounds,
@@ -246,6 +260,7 @@ def _save(fed: Federation, plan: Plan, eta_index: int, round_idx: int, rounds: l
     fed.phases_s["checkpoint"] = fed.phases_s.get("checkpoint", 0.0) + seconds
     size = sum(f.stat().st_size for f in folder.iterdir())
     log.info("checkpoint %s: %.2fs, %.2f MB", folder.name, seconds, size / 1e6)
+    return seconds
 
 
 def _guard_oom(cfg: RunConfig, shard: ClientShard, what: str, step):

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch.nn.functional import cross_entropy
 
-from atlasfl.data.batching import batches
+from atlasfl.data.batching import Tally, batches
 from atlasfl.data.tasks import TaskData
 from atlasfl.metrics import classification_metrics, task_score
 from atlasfl.models.lora import FederatedLoRAModel, layer_index, transformer_blocks
@@ -27,8 +27,10 @@ def client_seed(seed: int, round_idx: int, cid: int) -> int:
 
 
 def train_local(fm: FederatedLoRAModel, cid: int, encoded: list[dict], *, epochs: int, lr: float,
-                batch_size: int, seed: int, max_grad_norm: float = 1.0) -> float:
-    """`epochs` passes of AdamW over the client's shard; returns the mean training loss.
+                batch_size: int, seed: int, max_grad_norm: float = 1.0, group_by_length: bool = False,
+                tally: Tally | None = None) -> float:
+    """`epochs` passes of AdamW over the client's shard; returns the mean training loss. The batches
+    (see `batching.batch_order`) are counted into `tally`.
 
     The optimizer is created afresh each round: after aggregation the old moments describe weights
     the client no longer holds, and a fresh optimizer keeps resume exact without saving them.
@@ -39,8 +41,8 @@ def train_local(fm: FederatedLoRAModel, cid: int, encoded: list[dict], *, epochs
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     losses = []
     for epoch in range(epochs):
-        for batch in batches(encoded, batch_size, shuffle=True, seed=seed + epoch,
-                             pad_token_id=fm.backbone.tokenizer.pad_token_id):
+        for batch in batches(encoded, batch_size, shuffle=True, seed=seed + epoch, group_by_length=group_by_length,
+                             pad_token_id=fm.backbone.tokenizer.pad_token_id, tally=tally):
             loss = cross_entropy(fm.logits(cid, batch), batch["labels"].to(fm.device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -58,28 +60,31 @@ def wire(state: dict[str, torch.Tensor], dtype: str) -> tuple[dict[str, torch.Te
     return {k: v.to(state[k].dtype) for k, v in sent.items()}, nbytes
 
 
-def evaluate_client(fm: FederatedLoRAModel, cid: int, encoded: list[dict], task: TaskData, batch_size: int) -> dict:
+def evaluate_client(fm: FederatedLoRAModel, cid: int, encoded: list[dict], task: TaskData, batch_size: int,
+                    tally: Tally | None = None) -> dict:
     """The client's metrics on `encoded`: GLUE metric of its task (`score`), accuracy, F1s, MCC, loss."""
-    y_true, y_pred, loss = predict(fm, cid, encoded, batch_size=batch_size)
+    y_true, y_pred, loss = predict(fm, cid, encoded, batch_size=batch_size, tally=tally)
     m = classification_metrics(y_true, y_pred, task.num_labels)
     return {**m, "loss": loss, "score": task_score(task.metric, m), "metric_name": task.metric}
 
 
-@torch.no_grad()
-def predict(fm: FederatedLoRAModel, cid: int, encoded: list[dict], *,
-            batch_size: int) -> tuple[np.ndarray, np.ndarray, float]:
-    """Labels, predictions and mean loss of the client's model on `encoded` (eval mode, no dropout)."""
+@torch.inference_mode()
+def predict(fm: FederatedLoRAModel, cid: int, encoded: list[dict], *, batch_size: int,
+            tally: Tally | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+    """Labels, predictions and mean loss of the client's model on `encoded`, in the order of `encoded`
+    (eval mode, no dropout). Examples run sorted by length, so a batch holds little padding."""
     fm.activate(cid, train=False)
-    labels, preds, loss_sum = [], [], 0.0
-    for batch in batches(encoded, batch_size, shuffle=False, seed=None,
-                         pad_token_id=fm.backbone.tokenizer.pad_token_id):
+    by_length = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))
+    preds, losses = np.zeros(len(encoded), dtype=np.int64), []
+    for start, batch in zip(range(0, len(encoded), batch_size),
+                            batches([encoded[i] for i in by_length], batch_size, shuffle=False, seed=None,
+                                    pad_token_id=fm.backbone.tokenizer.pad_token_id, tally=tally)):
         logits = fm.logits(cid, batch)
-        y = batch["labels"].to(fm.device)
-        loss_sum += cross_entropy(logits, y, reduction="sum").item()
-        labels.append(y.cpu().numpy())
-        preds.append(logits.argmax(dim=-1).cpu().numpy())
-    y_true, y_pred = np.concatenate(labels), np.concatenate(preds)
-    return y_true, y_pred, loss_sum / max(len(y_true), 1)
+        losses.append(cross_entropy(logits, batch["labels"].to(fm.device), reduction="none").double().cpu())
+        preds[by_length[start:start + batch_size]] = logits.argmax(dim=-1).cpu().numpy()
+    y_true = np.array([r["labels"] for r in encoded], dtype=np.int64)
+    loss = float(torch.cat(losses).sum()) if losses else 0.0
+    return y_true, preds, loss / max(len(y_true), 1)
 
 
 # Forward-only passes are cheap next to training (a round runs forward and backward over the whole shard), so

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import sys
+from dataclasses import asdict
 
 import numpy as np
 
@@ -47,10 +48,21 @@ def client_round(client_id: int, task: str, train_loss: float, ev: dict, bytes_u
                 test_metric=ev["score"], metric_name=ev["metric_name"], bytes_up=bytes_up, bytes_down=bytes_down)
 
 
+def round_cost(*, train_s: float, aggregate_s: float, evaluate_s: float, work: dict, clients_s: dict | None = None,
+               ) -> dict:
+    """A round's clock and work (schema RoundCost): seconds of training, aggregation (or the Laplacian step)
+    and evaluation, the `Tally` of training and of evaluation, and, where clients time themselves apart
+    from the server's clock (Flower), the sum of their own seconds per phase. Checkpoint seconds are added
+    once the round is saved."""
+    return dict(train_s=train_s, aggregate_s=aggregate_s, evaluate_s=evaluate_s, checkpoint_s=None,
+                train=asdict(work["train"]), evaluate=asdict(work["evaluate"]), clients_s=clients_s)
+
+
 def round_summary(round_idx: int, clients: list[dict], task_names: list[str], time_s: float,
-                  digests: dict[str, str], eta: float | None = None) -> dict:
+                  digests: dict[str, str], eta: float | None = None, cost: dict | None = None) -> dict:
     """A round's entry (schema RoundEntry): task scores are the mean over each task's clients; `eta`
-    (the Laplacian step of a personalising method) is recorded as `lambda_eta`."""
+    (the Laplacian step of a personalising method) is recorded as `lambda_eta`. Its `cost` (`round_cost`)
+    travels with the round and moves to `time_metrics` in the result."""
     task_scores = {t: float(np.mean([c["test_metric"] for c in clients if c["task"] == t])) for t in task_names}
     entry = dict(round=round_idx, clients=clients, mean_accuracy=float(np.mean([c["test_accuracy"] for c in clients])),
                  task_scores=task_scores, mean_task_score=float(np.mean(list(task_scores.values()))), time_s=time_s,
@@ -58,6 +70,8 @@ def round_summary(round_idx: int, clients: list[dict], task_names: list[str], ti
                  bytes_down_total=sum(c["bytes_down"] for c in clients), state_digests=digests)
     if eta is not None:
         entry["lambda_eta"] = eta
+    if cost is not None:
+        entry["cost"] = cost
     return entry
 
 

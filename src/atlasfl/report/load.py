@@ -68,7 +68,22 @@ def from_atlas(data: dict, path: Path) -> RunRecord:
         rounds=[e.round for e in r.round_metrics],
         round_task_scores=[dict(e.task_scores) for e in r.round_metrics],
         round_client_scores=[{c.client_id: c.test_metric for c in e.clients} for e in r.round_metrics],
-        bytes_up=r.communication_costs.total_bytes_up, bytes_down=r.communication_costs.total_bytes_down,
-        time_s=r.time_metrics.total_s, peak_memory_bytes=r.memory.peak_measured_bytes,
+        **_costs(r), time_s=r.time_metrics.total_s, peak_memory_bytes=r.memory.peak_measured_bytes,
         clustering=r.phase1_clustering or {}, lambda_sweep=r.lambda_sweep,
     )
+
+
+def _costs(r) -> dict:
+    """Bytes (a lambda sweep's totals over every eta where it ran one), mean phase seconds per trained round
+    and the padding share of the computed token positions (schema 1.1 on)."""
+    comm, t = r.communication_costs, r.time_metrics
+    sweep = comm.sweep_total_bytes_up is not None
+    out = dict(bytes_up=comm.sweep_total_bytes_up if sweep else comm.total_bytes_up,
+               bytes_down=comm.sweep_total_bytes_down if sweep else comm.total_bytes_down, sweep_totals=sweep)
+    if t.totals and t.totals["rounds"]:
+        n = t.totals["rounds"]
+        out["round_phase_s"] = {p: t.totals[f"{p}_s"] / n for p in ("train", "aggregate", "evaluate")}
+        positions = sum(t.totals[p]["padded_tokens"] for p in ("train", "evaluate"))
+        real = sum(t.totals[p]["real_tokens"] for p in ("train", "evaluate"))
+        out["padding_share"] = 1 - real / positions if positions else None
+    return out

@@ -33,6 +33,9 @@ class RunRecord:
     bytes_up: int | None = None
     bytes_down: int | None = None
     time_s: float | None = None
+    round_phase_s: dict[str, float] | None = None  # mean seconds per trained round: train, aggregate, evaluate
+    padding_share: float | None = None  # of the token positions computed in training and evaluation
+    sweep_totals: bool = False  # bytes are the totals of every eta of a lambda sweep
     peak_memory_bytes: int | None = None
     clustering: dict[str, Any] = field(default_factory=dict)  # phase1_clustering ('ari', 'k', 'similarity', 'labels')
     lambda_sweep: dict[str, Any] | None = None

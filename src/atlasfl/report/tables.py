@@ -131,20 +131,33 @@ def _div(x: float | None, by: float) -> float | None:
     return None if x is None else x / by
 
 
+PHASE_COLUMNS = ("train", "aggregate", "evaluate")
+
+
 def costs_table(groups: list[Group]) -> Table:
     columns = [Column("model"), Column("method"), Column("n"), Column("up (MB)", "{:.3f}"),
-               Column("down (MB)", "{:.3f}"), Column("time (s)", "{:.1f}"), Column("peak mem (MB)", "{:.0f}"),
-               Column("ARI", "{:.2f}"), Column("k")]
+               Column("down (MB)", "{:.3f}"), Column("time (s)", "{:.1f}"),
+               *(Column(f"{p} s/round", "{:.2f}") for p in PHASE_COLUMNS),
+               Column("padding %", "{:.0f}"), Column("peak mem (MB)", "{:.0f}"), Column("ARI", "{:.2f}"), Column("k")]
     rows = []
     for g in groups:
         ks = sorted({r.clustering["k"] for r in g.runs if "k" in r.clustering})
         rows.append([g.model, g.label, len(g.runs),
                      _stat(_div(r.bytes_up, MB) for r in g.runs), _stat(_div(r.bytes_down, MB) for r in g.runs),
-                     _stat(r.time_s for r in g.runs), _stat(_div(r.peak_memory_bytes, MB) for r in g.runs),
+                     _stat(r.time_s for r in g.runs),
+                     *(_stat((r.round_phase_s or {}).get(p) for r in g.runs) for p in PHASE_COLUMNS),
+                     _stat(None if r.padding_share is None else 100 * r.padding_share for r in g.runs),
+                     _stat(_div(r.peak_memory_bytes, MB) for r in g.runs),
                      _stat(r.clustering.get("ari") for r in g.runs), ", ".join(map(str, ks)) or None])
     notes = ["Communication: total bytes sent over all clients and rounds (fingerprints included), MB = 10^6 bytes; "
-             "time: wall time of the run; peak mem: measured peak; ARI and k of the fingerprint clustering "
+             "time: wall time of the run; s/round: mean seconds per trained round of each phase (aggregate: "
+             "aggregation or the Laplacian step); padding %: share of the token positions computed in training "
+             "and evaluation that are padding; peak mem: measured peak; ARI and k of the fingerprint clustering "
              "(— where the method used none); mean ± sample std over seeds."]
+    sweeps = sum(r.sweep_totals for g in groups for r in g.runs)
+    if sweeps:
+        notes.append(f"{sweeps} run(s) chose η by a lambda sweep: their bytes, time and s/round cover every η of the "
+                     "grid (the sweep trained and sent them all), not only the chosen η's run.")
     return Table("costs", "Communication, time, memory and clustering", columns, rows, notes)
 
 

@@ -7,21 +7,27 @@ import platform
 import resource
 import sys
 from importlib import metadata
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from atlasfl.config import RunConfig
 from atlasfl.data.tasks import TaskData
-from atlasfl.federation.records import divergence
-from atlasfl.federation.server import Plan
+from atlasfl.federation.records import divergence, select_eta
 from atlasfl.results.schema import SCHEMA_VERSION
 
+if TYPE_CHECKING:  # the ClientApp imports this module for `peak_memory`: it need not load the server (sklearn)
+    from atlasfl.federation.server import Plan
 
-def build_result(cfg: RunConfig, shards: list, tasks: dict[str, TaskData], plan: Plan, run: dict,
-                 sweep: dict | None, setup_s: float, phases_s: dict, total_s: float, device: str) -> dict:
-    """The result dictionary of one run. `shards` need `client_id`, `task`, `train` and `val` (sized)."""
-    rounds = run["rounds"]
+
+def build_result(cfg: RunConfig, shards: list, tasks: dict[str, TaskData], plan: Plan, runs: list[dict],
+                 setup_s: float, phases_s: dict, total_s: float, device: str, clock_note: str) -> dict:
+    """The result dictionary of one run from every eta's run (one unless sweeping; `select_eta` picks the
+    one reported). `shards` need `client_id`, `task`, `train` and `val` (sized); `clock_note` says where
+    the engine's phase clocks run."""
+    run, sweep = select_eta(runs)
+    rounds = [{k: v for k, v in r.items() if k != "cost"} for r in run["rounds"]]
     last = {c["client_id"]: c for c in rounds[-1]["clients"]}
     diverged = divergence(rounds, {name: task.num_labels for name, task in tasks.items()})
     per_client = {}
@@ -35,6 +41,14 @@ def build_result(cfg: RunConfig, shards: list, tasks: dict[str, TaskData], plan:
     up = {str(s.client_id): sum(r["clients"][i]["bytes_up"] for r in rounds)
           + plan.fingerprint_bytes.get(s.client_id, 0) for i, s in enumerate(shards)}
     down = {str(s.client_id): sum(r["clients"][i]["bytes_down"] for r in rounds) for i, s in enumerate(shards)}
+    fingerprint_bytes = sum(plan.fingerprint_bytes.values())
+    costs = dict(wire_dtype=cfg.wire_dtype, total_bytes_up=sum(up.values()), total_bytes_down=sum(down.values()),
+                 fingerprint_bytes_up=fingerprint_bytes, per_client_bytes_up=up, per_client_bytes_down=down)
+    if sweep is not None:  # the sweep trained and communicated every eta's federation, not just the chosen one
+        per_eta = [dict(eta=x["eta"], bytes_up=sum(r["bytes_up_total"] for r in x["rounds"]),
+                        bytes_down=sum(r["bytes_down_total"] for r in x["rounds"])) for x in runs]
+        costs.update(sweep_total_bytes_up=fingerprint_bytes + sum(e["bytes_up"] for e in per_eta),
+                     sweep_total_bytes_down=sum(e["bytes_down"] for e in per_eta), per_eta=per_eta)
     return dict(
         schema_version=SCHEMA_VERSION, status="complete", run_name=cfg.run_name, model=cfg.model, method=cfg.method,
         seed=cfg.seed, config=cfg.model_dump(mode="json"),
@@ -45,15 +59,26 @@ def build_result(cfg: RunConfig, shards: list, tasks: dict[str, TaskData], plan:
         diverged_clients=sorted(diverged),
         cluster_labels=plan.cluster_labels, cluster_source=plan.cluster_source, phase1_clustering=plan.phase1,
         phase2_rank_allocation=plan.phase2, ranks={str(c): r for c, r in plan.ranks.items()}, lambda_sweep=sweep,
-        communication_costs=dict(wire_dtype=cfg.wire_dtype, total_bytes_up=sum(up.values()),
-                                 total_bytes_down=sum(down.values()),
-                                 fingerprint_bytes_up=sum(plan.fingerprint_bytes.values()),
-                                 per_client_bytes_up=up, per_client_bytes_down=down),
-        time_metrics=dict(total_s=total_s, setup_s=setup_s, per_round_s=[r["time_s"] for r in rounds],
-                          phases_s=phases_s),
+        communication_costs=costs,
+        time_metrics=time_metrics(runs, total_s=total_s, setup_s=setup_s, per_round_s=[r["time_s"] for r in rounds],
+                                  phases_s=phases_s, clock_note=clock_note),
         memory=memory(device, plan),
         environment=environment(device),
     )
+
+
+PHASES = ("train", "aggregate", "evaluate", "checkpoint")
+WORK_KEYS = ("examples", "real_tokens", "padded_tokens")
+
+
+def time_metrics(runs: list[dict], *, clock_note: str, **clocks) -> dict:
+    """The run's clocks: every trained round's phase seconds and work (every eta of a sweep), and their
+    totals over all of them, beside the run's wall clocks."""
+    rounds = [dict(eta=x["eta"], round=r["round"], **r["cost"]) for x in runs for r in x["rounds"] if "cost" in r]
+    totals = {f"{p}_s": sum(r[f"{p}_s"] or 0.0 for r in rounds) for p in PHASES}
+    for part in ("train", "evaluate"):
+        totals[part] = {k: sum(r[part][k] for r in rounds) for k in WORK_KEYS}
+    return dict(clocks, rounds=rounds, totals=dict(rounds=len(rounds), **totals), clock_note=clock_note)
 
 
 def final_metrics(tasks: dict[str, TaskData], per_client: dict) -> dict:

@@ -7,8 +7,8 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
-SCHEMA_VERSION = "1.0"
-KNOWN_SCHEMA_VERSIONS = ("1.0",)
+SCHEMA_VERSION = "1.1"  # 1.1: per-round phase clocks and work (time_metrics.rounds/totals), lambda-sweep totals
+KNOWN_SCHEMA_VERSIONS = ("1.0", "1.1")
 
 
 class _Strict(BaseModel):
@@ -41,6 +41,25 @@ class RoundEntry(_Strict):
     bytes_down_total: int
     state_digests: dict[str, str] = Field(description="client id -> digest of its trainable state after aggregation")
     lambda_eta: Optional[float] = None
+
+
+class Work(_Strict):
+    examples: int
+    real_tokens: int = Field(description="token positions that are not padding")
+    padded_tokens: int = Field(description="token positions computed, padding included")
+
+
+class RoundCost(_Strict):
+    eta: float
+    round: int
+    train_s: float
+    aggregate_s: float = Field(description="aggregation, or the Laplacian step, with the wire trips")
+    evaluate_s: float = Field(description="test-set evaluation")
+    checkpoint_s: Optional[float] = Field(description="writing the round's checkpoint (None: not measured)")
+    train: Work
+    evaluate: Work
+    clients_s: Optional[dict[str, float]] = Field(
+        description="Flower: the seconds the clients measured inside training and evaluation, summed over clients")
 
 
 class TaskMetrics(_Strict):
@@ -77,13 +96,24 @@ class CommunicationCosts(_Strict):
     transport: Optional[dict[str, Any]] = Field(
         default=None,
         description="Flower engine only: the message sizes Flower carried, per phase, beside this accounting")
+    sweep_total_bytes_up: Optional[int] = Field(
+        default=None, description="lambda sweep: bytes up of every eta's federation (the totals above: the chosen "
+                                  "eta's), fingerprints counted once")
+    sweep_total_bytes_down: Optional[int] = Field(default=None, description="lambda sweep: bytes down of every eta")
+    per_eta: Optional[list[dict[str, float]]] = Field(default=None,
+                                                      description="lambda sweep: bytes up/down of each eta's rounds")
 
 
 class TimeMetrics(_Strict):
     total_s: float
     setup_s: float
-    per_round_s: list[float]
+    per_round_s: list[float] = Field(description="wall seconds of each round of the chosen eta")
     phases_s: dict[str, float] = {}
+    rounds: list[RoundCost] = Field(default=[], description="phase seconds and work of every trained round "
+                                                            "(every eta of a sweep); absent before schema 1.1")
+    totals: Optional[dict[str, Any]] = Field(default=None, description="sums of `rounds`: the run's true cost, "
+                                                                       "every eta of a sweep included")
+    clock_note: Optional[str] = Field(default=None, description="where the engine's phase clocks run")
 
 
 class MemoryMetrics(_Strict):

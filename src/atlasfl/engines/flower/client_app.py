@@ -12,6 +12,7 @@ Every handler calls the same client functions as the in-process engine.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -20,7 +21,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from atlasfl.config import RunConfig
-from atlasfl.data.batching import encode
+from atlasfl.data.batching import Tally, encode
 from atlasfl.engines.flower.records import (
     ATLAS,
     STATE,
@@ -130,10 +131,13 @@ def train(msg: Message, context: Context) -> Message:
             context.state[INITIAL] = plain_record(fm.get_state(cid))
         context.state[STATE] = context.state[INITIAL]
     cfg, cid, fm, (_, _, train_enc, _, _) = _client(context)
+    t0, tally = time.perf_counter(), Tally()
     loss = train_local(fm, cid, train_enc, epochs=cfg.local_epochs, lr=cfg.lr, batch_size=cfg.batch_size,
-                       seed=client_seed(cfg.seed, int(conf["round"]), cid))
+                       seed=client_seed(cfg.seed, int(conf["round"]), cid), group_by_length=cfg.group_by_length,
+                       tally=tally)
+    metrics = MetricRecord({"train_loss": loss, "train_s": time.perf_counter() - t0, **asdict(tally)})
     _keep_state(context, fm, cid)
-    content = RecordDict({ATLAS: ConfigRecord({"client_id": cid}), "metrics": MetricRecord({"train_loss": loss})})
+    content = RecordDict({ATLAS: ConfigRecord({"client_id": cid}), "metrics": metrics})
     if conf["upload"]:
         content[STATE], nbytes = state_to_record(fm.get_state(cid), cfg.wire_dtype)
         content["metrics"]["bytes_up"] = nbytes
@@ -148,8 +152,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     if STATE in msg.content.array_records:
         fm.set_state(cid, record_to_state(msg.content[STATE], cfg.wire_dtype))
         _keep_state(context, fm, cid)
-    reply = dict(client_id=cid, digest=state_digest(fm.get_state(cid)),
-                 test=evaluate_client(fm, cid, test_enc, task, cfg.eval_batch_size), **_peak_memory(fm.device))
+    t0, tally = time.perf_counter(), Tally()
+    test = evaluate_client(fm, cid, test_enc, task, cfg.eval_batch_size, tally=tally)
+    reply = dict(client_id=cid, digest=state_digest(fm.get_state(cid)), test=test, evaluate_s=time.perf_counter() - t0,
+                 work=asdict(tally), **_peak_memory(fm.device))
     if msg.content[ATLAS]["validate"]:
         reply["val"] = evaluate_client(fm, cid, val_enc, task, cfg.eval_batch_size)
     return Message(RecordDict({ATLAS: ConfigRecord({"eval": json.dumps(reply)})}), reply_to=msg)

@@ -15,7 +15,7 @@ import json
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -23,6 +23,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from atlasfl.config import RunConfig
+from atlasfl.data.batching import Tally
 from atlasfl.data.tasks import TaskData, expand_tasks, task_metric
 from atlasfl.engines.flower.records import ATLAS, STATE, TRANSPORT, config_to_json, record_to_state, state_to_record
 from atlasfl.errors import AtlasError
@@ -33,8 +34,8 @@ from atlasfl.federation.records import (
     eta_run,
     log_round,
     num_clients,
+    round_cost,
     round_summary,
-    select_eta,
     warn_diverged,
     warn_infeasible,
 )
@@ -46,6 +47,10 @@ from atlasfl.tracking import Tracker, open_tracker
 log = logging.getLogger("atlasfl")
 CONNECT_TIMEOUT_S = 300.0  # how long the ServerApp waits for every SuperNode to connect
 REPLY_TIMEOUT_S = 3600.0  # per message round; a lost client fails the run instead of hanging it
+CLOCK_NOTE = ("flower: train_s/aggregate_s/evaluate_s are the ServerApp's wall clock from sending a phase's messages "
+              "to holding all replies (so they include transport and ClientApp start-up); clients_s sums the seconds "
+              "the clients measured inside local training and test evaluation; work (examples, tokens) is what the "
+              "clients counted; every client evaluates (no sharing of identical states); no checkpoints")
 
 
 @dataclass(frozen=True)
@@ -121,7 +126,8 @@ class AtlasStrategy(Strategy):
     # ---- phases 3 and 4: Flower's round cycle ----------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        self._round = dict(t0=time.perf_counter(), losses={}, up={}, down={})
+        self._round = dict(t0=time.perf_counter(), losses={}, up={}, down={},
+                           work=dict(train=Tally(), evaluate=Tally()), clients_s=dict(train=0.0, evaluate=0.0))
         self.server.eta = self.eta
         sharing = set(self.server.sharing_clients())  # the others have nobody to share with: they upload nothing
         messages = []
@@ -134,16 +140,21 @@ class AtlasStrategy(Strategy):
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord]:
-        uploads = {}
+        uploads, r = {}, self._round
+        r["t_train"] = time.perf_counter()
         for reply in _checked(replies, len(self.node_of), "train"):
             cid = int(reply.content[ATLAS]["client_id"])
-            self._round["losses"][cid] = float(reply.content["metrics"]["train_loss"])
+            metrics = reply.content["metrics"]
+            r["losses"][cid] = float(metrics["train_loss"])
+            r["clients_s"]["train"] += float(metrics["train_s"])
+            r["work"]["train"] += Tally(**{k: int(metrics[k]) for k in asdict(Tally())})
             if STATE in reply.content.array_records:
                 uploads[cid] = record_to_state(reply.content[STATE], self.cfg.wire_dtype)
                 self._round["up"][cid] = int(reply.content["metrics"]["bytes_up"])
             self.reports.add("rounds", cid, reply)
         for cid, state in self.server.aggregate(uploads).items():
             self.pending[cid], self._round["down"][cid] = state_to_record(state, self.cfg.wire_dtype)
+        r["t_aggregate"] = time.perf_counter()
         return None, MetricRecord({"train_loss": float(np.mean(list(self._round["losses"].values())))})
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -159,9 +170,12 @@ class AtlasStrategy(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord:
         clients, digests, r = {}, {}, self._round
+        t_end = time.perf_counter()
         for reply in _checked(replies, len(self.node_of), "evaluate"):
             ev = json.loads(reply.content[ATLAS]["eval"])
             cid = ev["client_id"]
+            r["clients_s"]["evaluate"] += ev["evaluate_s"]
+            r["work"]["evaluate"] += Tally(**ev["work"])
             digests[str(cid)] = ev["digest"]
             clients[cid] = client_round(cid, self.shards[cid].task, r["losses"][cid], ev["test"], r["up"].get(cid, 0),
                                         r["down"].get(cid, 0))
@@ -169,9 +183,11 @@ class AtlasStrategy(Strategy):
                 self.val[cid] = ev["val"]
             self.reports.note_client(ev["device"], ev["peak_bytes"], ev["peak_measured_by"])
             self.reports.add("rounds", cid, reply)
+        cost = round_cost(train_s=r["t_train"] - r["t0"], aggregate_s=r["t_aggregate"] - r["t_train"],
+                          evaluate_s=t_end - r["t_aggregate"], work=r["work"], clients_s=r["clients_s"])
         entry = round_summary(server_round, [clients[c] for c in sorted(clients)], list(self.tasks),
-                              time.perf_counter() - r["t0"], {c: digests[c] for c in sorted(digests, key=int)},
-                              eta=self.eta if self.method.personalise else None)
+                              t_end - r["t0"], {c: digests[c] for c in sorted(digests, key=int)},
+                              eta=self.eta if self.method.personalise else None, cost=cost)
         self.rounds.append(entry)
         log_round(self.eta, entry)
         warn_diverged(self.eta, self.rounds, {n: t.num_labels for n, t in self.tasks.items()})
@@ -198,10 +214,10 @@ class AtlasStrategy(Strategy):
                 runs.append(eta_run(eta, self.rounds, dict(self.val)))
         finally:
             self.tracker.close()
-        chosen, sweep = select_eta(runs)
-        result = build_result(self.cfg, self.shards, self.tasks, self.plan, chosen, sweep, setup_s, phases_s,
-                              time.perf_counter() - t_start, "cpu")
-        result["communication_costs"]["transport"] = self.reports.report(result["communication_costs"], chosen["eta"])
+        result = build_result(self.cfg, self.shards, self.tasks, self.plan, runs, setup_s, phases_s,
+                              time.perf_counter() - t_start, "cpu", clock_note=CLOCK_NOTE)
+        chosen_eta = (result["lambda_sweep"] or {}).get("selected_eta", self.eta)
+        result["communication_costs"]["transport"] = self.reports.report(result["communication_costs"], chosen_eta)
         # Measured where the clients train, not in this (server) process.
         result["memory"] = dict(result["memory"], peak_measured_bytes=self.reports.peak,
                                 measured_by=f"max over clients of {' / '.join(sorted(self.reports.measured_by))}, "
