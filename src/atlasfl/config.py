@@ -204,10 +204,12 @@ def build_config(model: str, seed: int, method: str, **overrides) -> RunConfig:
 
 
 def describe_validation_error(exc: ValidationError) -> str:
+    """One line naming the setting, the problem and the value; a rule across settings names no single value."""
     err = exc.errors()[0]
-    field = "--" + str(err["loc"][0]).replace("_", "-") if err["loc"] else "config"
     msg = err["msg"].removeprefix("Value error, ")
-    return f"invalid {field}: {msg} (got {err.get('input')!r})"
+    if not err["loc"]:
+        return f"invalid settings: {msg}"
+    return f"invalid --{str(err['loc'][0]).replace('_', '-')}: {msg} (got {err.get('input')!r})"
 
 
 # ---- experiments as files ------------------------------------------------------------------------

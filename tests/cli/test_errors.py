@@ -84,3 +84,12 @@ def test_debug_shows_the_traceback(tmp_path, capsys):
         assert "unknown model" in str(exc)
     else:
         raise AssertionError("--debug should let the error propagate")
+
+
+def test_a_rule_across_settings_is_one_short_line(capsys):
+    """`atlas --aggregation fedavg` breaks a rule between two settings: the line names both, not a dump of all."""
+    code = main(["run", "tiny-bert", "0", "atlas", "--aggregation", "fedavg"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert err.startswith("atlas: error: invalid settings: atlas's Laplacian step always refactors by SVD")
+    assert "{" not in err
