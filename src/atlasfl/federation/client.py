@@ -15,7 +15,7 @@ from torch.nn.functional import cross_entropy
 from atlasfl.data.batching import Tally, batches
 from atlasfl.data.tasks import TaskData
 from atlasfl.metrics import classification_metrics, task_score
-from atlasfl.models.lora import FederatedLoRAModel, layer_index, transformer_blocks
+from atlasfl.models.lora import FederatedLoRAModel, layer_index, masked_mean, transformer_blocks
 from atlasfl.phases.sketch import count_sketch, count_sketch_rows
 
 WIRE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -133,9 +133,7 @@ def representation_pass(fm: FederatedLoRAModel, encoded: list[dict], *, batch_si
                     model(input_ids=batch["input_ids"].to(fm.device), attention_mask=mask)
                 except _Stop:
                     pass
-                hidden = captured.pop()
-                m = mask.unsqueeze(-1).to(hidden.dtype)
-                pooled.append(((hidden * m).sum(1) / m.sum(1)).double().cpu())
+                pooled.append(masked_mean(captured.pop(), mask).double().cpu())
     finally:
         handle.remove()
         model.train(was_training)

@@ -78,6 +78,12 @@ def layer_index(module_name: str) -> int:
     return int(re.search(r"\.(\d+)\.", module_name).group(1))
 
 
+def masked_mean(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The mean of `hidden` (batch × seq × d) over each row's real (non-pad) tokens."""
+    m = attention_mask.to(hidden.device).unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1)
+
+
 def state_digest(state: dict[str, torch.Tensor]) -> str:
     """SHA-256 over keys and float32 bytes: equal digests mean clients hold identical trainable state."""
     h = hashlib.sha256()
@@ -177,10 +183,9 @@ class FederatedLoRAModel:
         """Sequence representation: the mean over real tokens (encoders; sentence-embedding checkpoints
         such as MiniLM never trained their first token for classification) or the last non-pad token
         (decoders, whose last position alone has seen the whole sequence; right padding)."""
-        mask = attention_mask.to(hidden.device)
         if self.family.kind == "encoder":
-            m = mask.unsqueeze(-1).to(hidden.dtype)
-            return (hidden * m).sum(1) / m.sum(1)
+            return masked_mean(hidden, attention_mask)
+        mask = attention_mask.to(hidden.device)
         last = mask.sum(dim=1) - 1
         return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 

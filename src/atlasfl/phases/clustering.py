@@ -22,7 +22,7 @@ threshold was safe. The representation now pools the output of block ⌈L/3⌉ o
 examples (`federation.client`). Measured on seeds 0–49 (docs/clustering.md, `benchmarks/clustering.py`):
 right partitions stay at T ≤ 1.34 (MiniLM, offline tasks) and ≤ 1.61 (tiny models, generated tasks);
 the nearest merge sits at T ≥ 2.36 for MiniLM with only 72 examples per client, ≥ 4.5 for the tiny
-models, and ≥ 10.5 for MiniLM at the preset sizes (seeds 0–37). 2 sits between with room on both sides, and the
+models, and ≥ 10.5 for MiniLM at the preset sizes (seeds 0–49). 2 sits between with room on both sides, and the
 merge side grows with the examples. Still fragile: very few clients with few examples (4 clients of 22
 examples on 32-wide random models: a right partition's T exceeded 2 on 4 of 60 cases, 3 of them split).
 

@@ -1,0 +1,125 @@
+"""Speed figures of a workload: ATLAS's round (`engines.inprocess.run_round`) beside a plain sequential
+PyTorch loop run in the same process on the same batches, alternately, so the ratio holds on a loaded
+machine where absolute seconds do not. `atlas bench` prints them; nothing here is asserted in tests."""
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import asdict
+
+import torch
+from torch.nn.functional import cross_entropy
+
+# The shared identical-work benchmark (../shared/bench/README.md): MiniLM, 12 clients of 200 training
+# examples, 1 local epoch, batch 16, 200 test rows per task. `random` runs the same shape at full size.
+IDENTICAL = dict(tasks=("sst2", "mrpc", "cola", "qnli"), rounds=2, local_epochs=1, batch_size=16, lr=2e-5,
+                 max_samples=222, max_test_samples=200, fingerprint_samples=20)
+SCALING = dict(clients=(3, 12, 24), models=("tiny-bert", "minilm", "distilbert"), max_samples=44)
+
+
+def bench_rows(model: str, settings: dict) -> list[list[str]]:
+    """The plain loop and ATLAS's round (and, with group_by_length, ATLAS with length-grouped batches from the
+    same states), alternately for `rounds` rounds on one shared set-up, the order flipped every round."""
+    from atlasfl.config import build_config
+    from atlasfl.engines.inprocess import RunProgress, plan_or_restore, run_round, set_up
+
+    rounds, grouped = settings.pop("rounds"), settings.pop("group_by_length")
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = build_config(model, 42, "atlas", output_dir=tmp, log_dir=tmp, checkpoint_dir=tmp, rounds=rounds,
+                           **settings)
+        fed = set_up(cfg)
+        plan_or_restore(fed, None)
+        fed.server.eta = cfg.eta
+        plain = PlainLoop(fed)
+        variants = {"atlas": cfg, **({"atlas, grouped": cfg.model_copy(update=dict(group_by_length=True))}
+                                    if grouped else {})}
+
+        def ours(name, r):
+            fed.cfg = variants[name]
+            fed.load_states(start)
+            with RunProgress(False) as bars:
+                return run_round(fed, r, bars)["cost"]
+
+        clocks = {"plain loop": [], **{name: [] for name in variants}}
+        for r in range(1, rounds + 1):
+            start = fed.states()
+            order = ["plain loop", *variants]
+            for name in order if r % 2 else order[::-1]:
+                clocks[name].append(plain.round(r) if name == "plain loop" else ours(name, r))
+    mean = {k: _mean_cost(v) for k, v in clocks.items()}
+    return [[model, str(len(fed.shards)), name, *_cells(c), f"{mean['plain loop']['total_s'] / c['total_s']:.2f}x"]
+            for name, c in mean.items()]
+
+
+def _mean_cost(costs: list[dict]) -> dict:
+    out = {k: sum(c[k] for c in costs) / len(costs) for k in ("train_s", "aggregate_s", "evaluate_s")}
+    out["total_s"] = out["train_s"] + out["aggregate_s"] + out["evaluate_s"]
+    for part in ("train", "evaluate"):
+        out[part] = {k: sum(c[part][k] for c in costs) / len(costs) for k in costs[0][part]}
+    return out
+
+
+def _cells(c: dict) -> list[str]:
+    positions = c["train"]["padded_tokens"] + c["evaluate"]["padded_tokens"]
+    real = c["train"]["real_tokens"] + c["evaluate"]["real_tokens"]
+    rates = [f"{c[p][k] / c[p + '_s']:.0f}" for p in ("train", "evaluate") for k in ("examples", "real_tokens")]
+    return [f"{c['train_s']:.1f}", f"{c['aggregate_s']:.2f}", f"{c['evaluate_s']:.1f}", f"{c['total_s']:.1f}",
+            *rates, f"{100 * (1 - real / positions):.0f}"]
+
+
+class PlainLoop:
+    """The floor of doing the same steps sequentially: its own copy of the base with one PEFT LoRA (r=8, the
+    same modules), per client a fresh head and AdamW over the client's batches of this round (same seeded
+    order, dynamic padding, clipping 1.0), then every client scored on its task's test set under no_grad
+    in the given order. No aggregation. Written without ATLAS's model code, as a reference."""
+
+    def __init__(self, fed):
+        from peft import LoraConfig, get_peft_model
+
+        from atlasfl.models.registry import load_backbone
+
+        self.fed = fed
+        cfg = fed.cfg
+        backbone = load_backbone(cfg.model, init=cfg.init, seed=cfg.seed, device=fed.device)
+        self.model = get_peft_model(backbone.model, LoraConfig(r=8, lora_alpha=16, lora_dropout=cfg.lora_dropout,
+                                                               target_modules=fed.fm.modules))
+        self.pad = backbone.tokenizer.pad_token_id
+
+    def _logits(self, head, batch):
+        mask = batch["attention_mask"].to(self.fed.device)
+        hidden = self.model(input_ids=batch["input_ids"].to(self.fed.device), attention_mask=mask).last_hidden_state
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        return head((hidden * m).sum(1) / m.sum(1))
+
+    def round(self, r: int) -> dict:
+        from atlasfl.data.batching import Tally, batches
+        from atlasfl.federation.client import client_seed
+
+        fed, cfg = self.fed, self.fed.cfg
+        work, heads, t0 = {"train": Tally(), "evaluate": Tally()}, {}, time.perf_counter()
+        self.model.train()
+        for s in fed.shards:
+            seed = client_seed(cfg.seed, r, s.client_id)
+            torch.manual_seed(seed)
+            head = heads[s.client_id] = torch.nn.Linear(self.model.config.hidden_size,
+                                                        fed.tasks[s.task].num_labels).to(fed.device)
+            params = [p for p in self.model.parameters() if p.requires_grad] + list(head.parameters())
+            opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+            for epoch in range(cfg.local_epochs):
+                for batch in batches(fed.train_enc[s.client_id], cfg.batch_size, shuffle=True, seed=seed + epoch,
+                                     pad_token_id=self.pad, tally=work["train"]):
+                    loss = cross_entropy(self._logits(head, batch), batch["labels"].to(fed.device))
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    torch.nn.utils.clip_grad_norm_(params, 1.0)
+                    opt.step()
+        t_train = time.perf_counter()
+        self.model.eval()
+        with torch.no_grad():
+            for s in fed.shards:
+                for batch in batches(fed.test_enc[s.task], cfg.eval_batch_size, shuffle=False, seed=None,
+                                     pad_token_id=self.pad, tally=work["evaluate"]):
+                    self._logits(heads[s.client_id], batch).argmax(-1)
+        t_end = time.perf_counter()
+        return dict(train_s=t_train - t0, aggregate_s=0.0, evaluate_s=t_end - t_train,
+                    train=asdict(work["train"]), evaluate=asdict(work["evaluate"]))
