@@ -131,9 +131,12 @@ class RunConfig(BaseModel):
 
     @property
     def run_name(self) -> str:
-        """The seed's name; a non-default eta (without a sweep) is added so runs on an eta grid do not collide."""
+        """The seed's name; a non-default eta, or an eta sweep, is added so that a grid of atlas runs at several
+        etas, and a --lambda-sweep run beside the default-eta run, never share (and skip) one result file."""
         name = f"atlas_{self.model_label}_{self.method}_seed{self.seed}_r{self.rounds}"
-        if self.method == "atlas" and not self.lambda_sweep and self.eta != DEFAULT_ETA:
+        if self.method == "atlas" and self.lambda_sweep:
+            name += "_lsweep"
+        elif self.method == "atlas" and self.eta != DEFAULT_ETA:
             name += f"_eta{self.eta:g}"
         return name
 

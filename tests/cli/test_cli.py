@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from atlasfl.cli.app import main
+from atlasfl.config import build_config
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["--tasks", "gen_sentiment", "--tasks", "gen_pair", "--clients-per-task", "2", "--rounds", "1",
@@ -33,6 +34,16 @@ def test_run_writes_result_named_like_the_seed(tmp_path, capsys, monkeypatch):
     assert json.loads(path.read_text())["status"] == "complete"
     assert (tmp_path / "logs" / "atlas_tiny-gpt2_standard_fl_seed7_r1.log").exists()
     assert str(path.relative_to(tmp_path)) in capsys.readouterr().out.replace("\n", "")
+
+
+def test_atlas_runs_at_other_etas_or_swept_get_names_of_their_own():
+    names = {build_config("gpt2", 42, "atlas", **kw).run_name
+             for kw in ({}, {"eta": 0.5}, {"lambda_sweep": True}, {"lambda_sweep": True, "eta": 0.5})}
+    assert names == {"atlas_gpt2_atlas_seed42_r10", "atlas_gpt2_atlas_seed42_r10_eta0.5",
+                     "atlas_gpt2_atlas_seed42_r10_lsweep"}
+    # methods without an eta keep the seed's name whatever the eta settings say
+    name = build_config("gpt2", 42, "fedavg_cluster", lambda_sweep=True).run_name
+    assert name == "atlas_gpt2_fedavg_cluster_seed42_r10"
 
 
 def test_existing_result_is_not_overwritten(tmp_path, capsys):
