@@ -94,8 +94,8 @@ def time_metrics(runs: list[dict], *, clock_note: str, **clocks) -> dict:
 
 
 def _per_client(shards: list, plan: Plan, chosen: dict[int, dict], num_labels: dict[str, int]) -> dict:
-    """Each client's last-round metrics on both protocols from the run chosen for it (its `eta` recorded),
-    with its local-validation score, device and whether it diverged in that run."""
+    """Each client's last-round metrics on both protocols from the run chosen for it, with its
+    local-validation score in that run, its device and whether it diverged in that run."""
     out, diverged = {}, {}
     for s in shards:
         run = chosen[s.client_id]
@@ -107,7 +107,7 @@ def _per_client(shards: list, plan: Plan, chosen: dict[int, dict], num_labels: d
         if "personal_metric" in c:
             entry.update({f"personal_{k}": c[f"personal_{k}"] for k in PERSONAL_KEYS},
                          personal_score=c["personal_metric"])
-        out[str(s.client_id)] = dict(entry, eta=run["eta"], val_score=run["val"][s.client_id]["score"],
+        out[str(s.client_id)] = dict(entry, val_score=run["val"][s.client_id]["score"],
                                      device=plan.devices[s.client_id], diverged=s.client_id in diverged[id(run)])
     return out
 

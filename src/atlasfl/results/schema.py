@@ -87,8 +87,8 @@ class TaskMetrics(_Strict):
 
 class FinalMetrics(_Strict):
     per_client: dict[str, dict[str, Any]] = Field(
-        description="the global metrics, personal_* ones (1.2 on), the eta the client's metrics come from, its "
-                    "local-validation score, device and whether it diverged")
+        description="the global metrics, personal_* ones (1.2 on), the client's local-validation score, device "
+                    "and whether it diverged")
     per_task: dict[str, TaskMetrics]
     task_mean: float
     personal_per_task: Optional[dict[str, TaskMetrics]] = Field(default=None, description=PERSONAL)
