@@ -72,6 +72,9 @@ class RunConfig(BaseModel):
     eta: float = setting("Laplacian step size of atlas, in [0, 1].", DEFAULT_ETA, ge=0, le=1)
     lambda_sweep: bool = setting("atlas: run the eta grid and pick eta on local validation.", False)
     lambda_grid: tuple[float, ...] = setting("The etas of --lambda-sweep.", LAMBDA_GRID)
+    eta_selection: Literal["shared", "per_client"] = setting(
+        "--lambda-sweep: which choice of eta is final_metrics: shared (one eta, best mean local-validation score) "
+        "or per_client (each client's eta with its best own local-validation score); both are recorded.", "shared")
     clusters: Literal["fingerprint", "oracle"] = setting(
         "fingerprint: discovered clusters; oracle: the true task grouping.", "fingerprint")
     fingerprint: Literal["representation", "gradient"] = setting("Which fingerprint clusters the clients.",
@@ -119,6 +122,8 @@ class RunConfig(BaseModel):
         if self.aggregation == "fedavg" and METHOD_SPECS[self.method].personalise:
             raise ValueError(f"{self.method}'s Laplacian step always refactors by SVD, so --aggregation fedavg would "
                              "be ignored; drop it, or use atlas_no_laplacian to compare the two aggregations")
+        if self.eta_selection == "per_client" and not self.lambda_sweep:
+            raise ValueError("--eta-selection per_client chooses among the etas of a sweep; add --lambda-sweep")
         if self.save_adapters is not None and self.engine == "flower":
             raise ValueError("the Flower engine's adapters live on its SuperNodes; --save-adapters needs "
                              "--engine inprocess")

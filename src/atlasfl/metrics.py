@@ -73,3 +73,27 @@ def task_score(metric: str, metrics: dict) -> float:
     if value is None:
         raise AtlasError(f"metric '{metric}' is undefined here (f1 needs a binary task)")
     return float(value)
+
+
+def majority_scores(train_labels: Sequence[int], test_labels: Sequence[int], num_labels: int, metric: str) -> dict:
+    """Every metric of always predicting the most frequent training label (the smallest label on ties)
+    on `test_labels`, and the task's headline `score`: what a model learns for free from the label mix."""
+    label = int(np.argmax(np.bincount(np.asarray(train_labels, dtype=np.int64), minlength=num_labels)))
+    m = classification_metrics(test_labels, [label] * len(test_labels), num_labels)
+    return {**m, "score": task_score(metric, m)}
+
+
+def chance_scores(test_labels: Sequence[int], num_labels: int, metric: str) -> dict:
+    """Every metric of guessing labels uniformly at random, from the expected confusion counts on
+    `test_labels` (prevalences π_l, K = num_labels): each true-l row spreads n·π_l/K over every column, so
+    accuracy = 1/K; F1 of class l = 2·π_l·(1/K) / (π_l + 1/K) = 2π_l / (Kπ_l + 1) (precision π_l, recall
+    1/K), binary `f1` that of class 1 and `macro_f1` their mean over all K classes (each is predicted);
+    MCC = 0 (predictions independent of the labels). Plus the task's headline `score`."""
+    counts = np.bincount(np.asarray(test_labels, dtype=np.int64), minlength=num_labels)
+    if counts.sum() == 0:
+        raise ValueError("cannot score an empty set of labels")
+    prevalence = counts / counts.sum()
+    per_class = 2 * prevalence / (num_labels * prevalence + 1)
+    m = {"accuracy": 1.0 / num_labels, "macro_f1": float(per_class.mean()),
+         "f1": float(per_class[1]) if num_labels == 2 else None, "mcc": 0.0}
+    return {**m, "score": task_score(metric, m)}

@@ -211,23 +211,34 @@ def test_oracle_clusters_flag(make_config):
     assert result["cluster_labels"] == [0, 0, 1, 1]
 
 
+def _rig_scores(monkeypatch, spy, val_score, test_score):
+    """Rig local-validation scores to `val_score(eta, cid)` and both test protocols to `test_score(eta, cid)`."""
+    evaluate, tests = inprocess.evaluate_client, inprocess.test_scores
+
+    def rigged_val(fm, cid, encoded, task, batch_size, **kw):
+        assert encoded is spy["fed"].val_enc[cid]  # the engine's only other evaluation: local validation
+        return dict(evaluate(fm, cid, encoded, task, batch_size, **kw), score=val_score(spy["fed"].server.eta, cid))
+
+    def rigged_test(task, predictions, personal):
+        cid = next(s.client_id for s in spy["fed"].shards if s.personal is personal)
+        score = test_score(spy["fed"].server.eta, cid)
+        ev = tests(task, predictions, personal)
+        return dict(ev, score=score, personal=dict(ev["personal"], score=score))
+
+    monkeypatch.setattr(inprocess, "evaluate_client", rigged_val)
+    monkeypatch.setattr(inprocess, "test_scores", rigged_test)
+
+
 def test_lambda_sweep_selects_eta_on_local_validation_not_on_test(make_config, monkeypatch, spy):
     """Scores are rigged so local validation prefers the largest η and the test set the smallest: the run
     must choose, and report, the validation one."""
     grid = (0.0, 0.5, 1.0)
-    evaluate = inprocess.evaluate_client
-
-    def rigged(fm, cid, encoded, task, batch_size, **kw):
-        metrics = evaluate(fm, cid, encoded, task, batch_size, **kw)
-        eta = spy["fed"].server.eta
-        is_val = encoded is spy["fed"].val_enc[cid]
-        return dict(metrics, score=eta if is_val else 1.0 - eta)
-
-    monkeypatch.setattr(inprocess, "evaluate_client", rigged)
+    _rig_scores(monkeypatch, spy, val_score=lambda eta, cid: eta, test_score=lambda eta, cid: 1.0 - eta)
     result = _run(make_config, model="tiny-bert", method="atlas", lambda_sweep=True, lambda_grid=grid, rounds=1)
     sweep = result["lambda_sweep"]
     assert sweep["grid"] == list(grid)
     assert sweep["val_scores"] == pytest.approx(list(grid)) and sweep["test_scores"] == pytest.approx([1, 0.5, 0])
+    assert sweep["personal_test_scores"] == pytest.approx([1, 0.5, 0])
     assert sweep["selected_eta"] == grid[int(np.argmax(sweep["val_scores"]))] == 1.0
     assert result["round_metrics"][-1]["lambda_eta"] == 1.0
     assert result["round_metrics"][-1]["mean_task_score"] == sweep["test_scores"][2]
@@ -250,3 +261,26 @@ def test_round_costs_count_the_work(make_config):
         assert r["train"]["examples"] == sum(c["num_train"] for c in result["clients"])
         assert 0 < r["train"]["real_tokens"] <= r["train"]["padded_tokens"]
         assert 0 < r["evaluate"]["examples"] and r["checkpoint_s"] > 0
+
+
+def test_per_client_eta_selection_reads_only_local_validation(make_config, monkeypatch, spy):
+    """Each client's validation prefers its own η (client k: grid[k % 3]) and its test sets the η after it: a
+    choice that peeked at a test set would differ for every client. Both choices are recorded; the setting
+    picks the headline, and no η is trained twice."""
+    grid = (0.0, 0.5, 1.0)
+    _rig_scores(monkeypatch, spy, val_score=lambda eta, cid: float(eta == grid[cid % 3]),
+                test_score=lambda eta, cid: float(eta == grid[(cid + 1) % 3]))
+    result = _run(make_config, model="tiny-bert", method="atlas", lambda_sweep=True, lambda_grid=grid, rounds=1,
+                  eta_selection="per_client")
+    selections = result["lambda_sweep"]["selections"]
+    assert selections["headline"] == "per_client"
+    assert selections["per_client"]["etas"] == {str(c): grid[c % 3] for c in range(4)}
+    own = selections["per_client"]["final_metrics"]
+    assert result["final_metrics"] == own
+    for m in own["per_client"].values():
+        assert m["val_score"] == 1.0 and m["score"] == m["personal_score"] == 0.0  # validation's choice, not test's
+    # shared: eta 0.0 has the best mean validation score (clients 0 and 3 prefer it)
+    assert selections["shared"]["eta"] == result["lambda_sweep"]["selected_eta"] == 0.0
+    shared = selections["shared"]["final_metrics"]["per_client"]
+    assert [shared[str(c)]["val_score"] for c in range(4)] == [1.0, 0.0, 0.0, 1.0]  # every client at eta 0.0
+    assert result["time_metrics"]["totals"]["rounds"] == len(grid)

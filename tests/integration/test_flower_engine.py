@@ -47,7 +47,7 @@ def test_flower_simulation_matches_the_inprocess_engine(make_config, tmp_path, m
     and every client at η = 0, send nothing (at float16, where a round trip would change the state)."""
     force_clusters(monkeypatch, [0, 0, 1, 2])
     kw = dict(model="tiny-bert", method="atlas", lambda_sweep=True, lambda_grid=(0.0, 0.5), rounds=2,
-              wire_dtype="float16")
+              wire_dtype="float16", dirichlet_alpha=0.5)
     inproc, _ = run_and_save(make_config(**kw, output_dir=str(tmp_path / "a")), progress=False)
     flower, path = run_and_save(make_config(**kw, output_dir=str(tmp_path / "b"), engine="flower"), progress=False)
     on_disk = json.loads(path.read_text())
@@ -62,6 +62,11 @@ def test_flower_simulation_matches_the_inprocess_engine(make_config, tmp_path, m
     for task, m in inproc["final_metrics"]["per_task"].items():
         assert flower["final_metrics"]["per_task"][task]["score"] == pytest.approx(m["score"], abs=1e-9)
     assert flower["final_metrics"]["task_mean"] == pytest.approx(inproc["final_metrics"]["task_mean"], abs=1e-9)
+    # the personal protocol and its references: each node derives its personal rows from its id alone
+    assert flower["references"] == inproc["references"]
+    for task, m in inproc["final_metrics"]["personal_per_task"].items():
+        assert flower["final_metrics"]["personal_per_task"][task]["score"] == pytest.approx(m["score"], abs=1e-9)
+    assert all(c["personal_n"] > 0 for c in flower["round_metrics"][-1]["clients"])
     ours, theirs = inproc["communication_costs"], flower["communication_costs"]
     for key in ("total_bytes_up", "total_bytes_down", "fingerprint_bytes_up", "per_client_bytes_up",
                 "per_client_bytes_down"):

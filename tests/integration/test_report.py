@@ -69,10 +69,15 @@ def _is_png(path: Path) -> bool:
     return path.read_bytes()[:8] == PNG_SIGNATURE and path.stat().st_size > 5000
 
 
+def _tables(records, *args) -> dict:
+    return {t.key: t for t in build_tables(records, "local_only", *args)}
+
+
 def test_scores_and_costs_equal_hand_aggregates(results):
     runs = _load(results)
-    scores, costs, _ = build_tables(load_results([results]), "local_only")
-    assert [r[1] for r in scores.rows] == list(METHODS)  # baseline first
+    tables = _tables(load_results([results]))
+    scores, costs = tables["scores"], tables["costs"]
+    assert [r[1] for r in scores.rows] == [*METHODS, "majority class (reference)", "chance (reference)"]
     for method in METHODS:
         mine = [runs[(method, s)] for s in SEEDS]
         assert _cell(scores, method, "n") == 3
@@ -95,7 +100,7 @@ def test_scores_and_costs_equal_hand_aggregates(results):
 
 def test_paired_comparisons_pair_seeds_and_clients(results):
     runs = _load(results)
-    *_, paired = build_tables(load_results([results]), "local_only")
+    paired = _tables(load_results([results]))["paired"]
     by_unit = {row[3]: row for row in paired.rows}
     assert set(by_unit) == {"seeds", "clients"}
     seed_diffs = [runs[("fedavg_cluster", s)]["final_metrics"]["task_mean"]
@@ -207,3 +212,81 @@ def test_committed_schema_doc_is_the_generated_one():
     hint = "docs are stale: run `python -m atlasfl.report.schema_doc`"
     assert (ROOT / "docs" / "result-schema.md").read_text(encoding="utf-8") == schema_doc.render(), hint
     assert (ROOT / "docs" / "result-schema.json").read_text(encoding="utf-8") == schema_doc.render_json(), hint
+
+
+# ---- both protocols, references and per-client η, from real runs ------------------------------
+SWEEP_SEEDS = (0, 1)
+
+
+@pytest.fixture(scope="module")
+def skewed(tmp_path_factory) -> Path:
+    """local_only and atlas with a lambda sweep, under Dirichlet label skew: tiny-bert, generated tasks, 1 round."""
+    tmp = tmp_path_factory.mktemp("skewed")
+    for seed in SWEEP_SEEDS:
+        common = dict(seed=seed, rounds=1, dirichlet_alpha=0.5)
+        run_and_save(tiny_config(tmp, method="local_only", **common), progress=False)
+        run_and_save(tiny_config(tmp, method="atlas", lambda_sweep=True, lambda_grid=(0.0, 0.5), **common),
+                     progress=False)
+    return tmp / "results"
+
+
+def test_report_shows_both_protocols_references_and_the_per_client_eta_row(skewed):
+    runs = _load(skewed)
+    tables = _tables(load_results([skewed]))
+    assert {"scores", "scores_personal", "costs", "paired", "paired_personal"} == set(tables)
+    per_client_label = "atlas (η=per client)"
+    for key, prefix in (("scores", ""), ("scores_personal", "personal_")):
+        table = tables[key]
+        assert [r[1] for r in table.rows] == ["local_only", "atlas (η=sweep)", per_client_label,
+                                              "majority class (reference)", "chance (reference)"]
+        sweeps = [runs[("atlas", s)]["lambda_sweep"]["selections"] for s in SWEEP_SEEDS]
+        _assert_stat(_cell(table, per_client_label, "task mean"),
+                     [x["per_client"]["final_metrics"][f"{prefix}task_mean"] for x in sweeps])
+        _assert_stat(_cell(table, "atlas (η=sweep)", "task mean"),
+                     [x["shared"]["final_metrics"][f"{prefix}task_mean"] for x in sweeps])
+        protocol = "personal" if prefix else "global"
+        refs = [runs[(m, s)]["references"] for m in ("local_only", "atlas") for s in SWEEP_SEEDS]
+        for task in refs[0]:
+            column = next(c.name for c in table.columns if c.name.startswith(f"{task} ("))
+            _assert_stat(_cell(table, "majority class (reference)", column),
+                         [r[task][protocol]["majority"]["score"] for r in refs])
+    # the personal protocol follows each client's skewed mix: its majority-class score is not the global one
+    assert (_cell(tables["scores_personal"], "majority class (reference)", "task mean").mean
+            != _cell(tables["scores"], "majority class (reference)", "task mean").mean)
+    paired = tables["paired_personal"]
+    row = next(r for r in paired.rows if r[1] == per_client_label and r[3] == "seeds")
+    diffs = [runs[("atlas", s)]["lambda_sweep"]["selections"]["per_client"]["final_metrics"]["personal_task_mean"]
+             - runs[("local_only", s)]["final_metrics"]["personal_task_mean"] for s in SWEEP_SEEDS]
+    assert row[4] == 2 and row[5] == pytest.approx(statistics.mean(diffs))
+    assert set(_tables(load_results([skewed]), ("personal",))) == {"scores_personal", "costs", "paired_personal"}
+
+
+def test_cli_renders_both_protocols_and_their_plots(skewed, tmp_path):
+    out, plots = tmp_path / "report", tmp_path / "plots"
+    assert main(["report", str(skewed), "--out", str(out), "--plots", str(plots)]) == 0
+    md = (out / "report.md").read_text()
+    for needle in ("Test scores per task, global protocol", "Test scores per task, personal protocol",
+                   "Paired comparisons against local_only, personal protocol", "majority class (reference)",
+                   "chance (reference)", "atlas (η=per client)"):
+        assert needle in md
+    assert {"scores_personal.csv", "paired_personal.csv"} <= {p.name for p in out.iterdir()}
+    written = {p.name for p in plots.iterdir()}
+    assert {"curves_tiny-bert.png", "curves_tiny-bert_personal.png", "score_vs_comm_tiny-bert_personal.png",
+            "heatmap_tiny-bert_local_only_personal.png", "lambda_tiny-bert_atlas_sweep_seed0.png"} <= written
+    assert all(_is_png(plots / name) for name in written)
+
+
+def test_results_of_schema_1_1_still_load_with_the_global_protocol_alone(results, tmp_path):
+    data = json.loads(next(results.glob("*fedavg_cluster_seed0*.json")).read_text())
+    data["schema_version"] = "1.1"
+    del data["references"], data["final_metrics"]["personal_per_task"], data["final_metrics"]["personal_task_mean"]
+    for entry in data["round_metrics"]:
+        del entry["personal_task_scores"], entry["mean_personal_task_score"]
+        for c in entry["clients"]:
+            for key in [k for k in c if k.startswith("personal_")]:
+                del c[key]
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps(data))
+    tables = _tables(load_results([old]))
+    assert set(tables) == {"scores", "costs", "paired"}
+    assert [r[1] for r in tables["scores"].rows] == ["fedavg_cluster"]  # no references recorded: no reference rows

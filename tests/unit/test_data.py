@@ -226,15 +226,17 @@ def test_too_many_clients():
 
 
 def test_make_shards():
-    a = tasks.TaskData("a", 2, "accuracy", _examples(300), [])
-    b = tasks.TaskData("b", 2, "accuracy", _examples(300), [])
+    a = tasks.TaskData("a", 2, "accuracy", _examples(300), _examples(40))
+    b = tasks.TaskData("b", 2, "accuracy", _examples(300), _examples(40))
     shards = make_shards([a, b], 3, seed=42, max_samples=60)
     assert [(s.client_id, s.task) for s in shards] == [(0, "a"), (1, "a"), (2, "a"), (3, "b"), (4, "b"), (5, "b")]
     assert all((len(s.train), len(s.val)) == (54, 6) for s in shards)
     assert shards[0].train != shards[3].train  # the task name is mixed into the shuffle
     assert shards == make_shards([a, b], 3, seed=42, max_samples=60)
     with pytest.raises(AtlasError, match="task b: 5 training examples"):
-        make_shards([a, tasks.TaskData("b", 2, "accuracy", _examples(5), [])], 3, seed=0, max_samples=None)
+        make_shards([a, tasks.TaskData("b", 2, "accuracy", _examples(5), _examples(4))], 3, seed=0, max_samples=None)
+    with pytest.raises(AtlasError, match="task b: the test set is empty"):
+        make_shards([a, tasks.TaskData("b", 2, "accuracy", _examples(300), [])], 3, seed=0, max_samples=None)
 
 
 # ---- tokenisation and batching ----------------------------------------------------------------

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from atlasfl.federation.records import eta_run, select_eta
+from atlasfl.federation.records import eta_run, select_eta, select_eta_per_client
 
 
 def _run(eta, val_scores, test_score):
@@ -27,3 +27,13 @@ def test_select_eta_breaks_ties_towards_the_smaller_eta_and_reports_no_sweep_for
     assert chosen["eta"] == 0.05 and sweep["selected_eta"] == 0.05  # the smaller eta, whatever the grid's order
     chosen, sweep = select_eta([_run(0.1, [0.3], 0.4)])
     assert chosen["eta"] == 0.1 and sweep is None
+
+
+def test_per_client_selection_follows_each_clients_own_validation_not_the_test_set():
+    # client 0 validates best at eta 0.1, client 1 at eta 1.0; the test sets (rounds) prefer eta 0.0
+    runs = [_run(0.0, [0.60, 0.50], test_score=0.90), _run(0.1, [0.80, 0.60], test_score=0.50),
+            _run(1.0, [0.70, 0.90], test_score=0.70)]
+    chosen = select_eta_per_client(runs)
+    assert chosen[0] is runs[1] and chosen[1] is runs[2]
+    ties = [_run(0.5, [0.7], 0.1), _run(0.05, [0.7], 0.9)]
+    assert select_eta_per_client(ties)[0]["eta"] == 0.05  # the smaller eta on ties

@@ -16,6 +16,7 @@ class ClientShard:
     task: str
     train: list[Example]
     val: list[Example]  # val_fraction (seeded) of the client's shard, at least 1 example
+    personal: tuple[int, ...] = ()  # rows of the task's test set that form the client's personal test set
 
 
 def partition_task(
@@ -98,13 +99,41 @@ def task_shards(
     dirichlet_alpha: float | None = None,
     val_fraction: float = 0.1,
 ) -> list[ClientShard]:
-    """One task's shards, ids from `first_id`. Seeded by run seed and task name only, so a machine that
-    holds one task cuts exactly the shards the in-process engine cuts."""
+    """One task's shards, ids from `first_id`, each with its personal test rows. Seeded by run seed, task
+    name (and client id) only, so a machine that holds one task cuts exactly the shards the in-process
+    engine cuts."""
+    test_labels = [ex.label for ex in task.test]
     try:
         parts = partition_task(
             task.train, clients_per_task, seed=stable_seed(seed, task.name),  # tasks shuffle differently
             max_samples=max_samples, dirichlet_alpha=dirichlet_alpha, val_fraction=val_fraction,
         )
+        return [ClientShard(cid, task.name, train, val, personal_test_rows(
+            [ex.label for ex in train + val], test_labels, task.num_labels, seed=stable_seed(seed, task.name, cid)))
+            for cid, (train, val) in enumerate(parts, start=first_id)]
     except AtlasError as e:
         raise AtlasError(f"task {task.name}: {e}") from None
-    return [ClientShard(first_id + j, task.name, train, val) for j, (train, val) in enumerate(parts)]
+
+
+def personal_test_rows(shard_labels, test_labels, num_labels: int, *, seed: int) -> tuple[int, ...]:
+    """Rows of the task's test set whose label mix follows the client's own (its shard's label
+    proportions p_l): the largest n with round(p_l * n) <= the test rows of label l for every label,
+    capped at the test size, then round(p_l * n) rows of each label drawn without replacement (seeded).
+    A subset of the test set, so it shares no example with any training shard and costs no extra
+    forward pass: the client's test predictions are indexed. Sorted row indices."""
+    shard = np.bincount(np.asarray(shard_labels, dtype=np.int64), minlength=num_labels)
+    test = np.asarray(test_labels, dtype=np.int64)
+    if test.size == 0:
+        raise AtlasError("the test set is empty, so no personal test set can be drawn; give the task test examples")
+    available = np.bincount(test, minlength=num_labels)
+    p = shard / shard.sum()
+    sizes = np.arange(1, len(test) + 1)
+    counts = np.floor(np.outer(sizes, p) + 0.5).astype(np.int64)  # round half up: monotone in n
+    fits = np.flatnonzero((counts <= available).all(axis=1))
+    wanted = counts[fits[-1]] if fits.size else np.zeros(num_labels, dtype=np.int64)
+    if wanted.sum() == 0:
+        raise AtlasError(f"no personal test set fits a client's label mix {np.round(p, 3).tolist()} in a test set "
+                         f"with label counts {available.tolist()}; raise --max-test-samples or --dirichlet-alpha")
+    rng = np.random.default_rng(seed)
+    rows = [rng.choice(np.flatnonzero(test == label), size=k, replace=False) for label, k in enumerate(wanted) if k]
+    return tuple(sorted(int(i) for i in np.concatenate(rows)))

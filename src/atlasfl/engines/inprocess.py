@@ -15,9 +15,10 @@ from atlasfl.data.batching import Tally, encode
 from atlasfl.data.partition import ClientShard, make_shards
 from atlasfl.data.tasks import TaskData, expand_tasks, load_task
 from atlasfl.errors import AtlasError
-from atlasfl.federation.client import client_seed, evaluate_client, fingerprint, train_local, wire
+from atlasfl.federation.client import client_seed, evaluate_client, fingerprint, predict, test_scores, train_local, wire
 from atlasfl.federation.methods import METHOD_SPECS, MethodSpec
 from atlasfl.federation.records import (
+    client_references,
     client_round,
     eta_grid,
     eta_run,
@@ -107,7 +108,8 @@ def run_experiment(cfg: RunConfig, *, progress: bool = True, resume: bool = Fals
         log.info("adapters of eta %g: %s", chosen["eta"], adapters.publish(cfg, fed.fm, runs.index(chosen),
                                                                           chosen["eta"]))
     return build_result(cfg, fed.shards, fed.tasks, plan, runs, setup_s, fed.phases_s, time.perf_counter() - t_start,
-                        fed.device, clock_note=CLOCK_NOTE)
+                        fed.device, clock_note=CLOCK_NOTE,
+                        client_refs={s.client_id: client_references(s, fed.tasks[s.task]) for s in fed.shards})
 
 
 def set_up(cfg: RunConfig) -> Federation:
@@ -214,11 +216,12 @@ def run_round(fed: Federation, r: int, bars: RunProgress) -> dict:
     clients, digests, evaluated = [], {}, {}
     for s in fed.shards:
         digest = digests[str(s.client_id)] = state_digest(fm.get_state(s.client_id))
-        if (digest, s.task) not in evaluated:  # clients holding identical weights score identically
-            evaluated[digest, s.task] = evaluate_client(fm, s.client_id, fed.test_enc[s.task], fed.tasks[s.task],
-                                                        cfg.eval_batch_size, tally=work["evaluate"])
-        clients.append(client_round(s.client_id, s.task, losses[s.client_id], evaluated[digest, s.task],
-                                    up.get(s.client_id, 0), down.get(s.client_id, 0)))
+        if (digest, s.task) not in evaluated:  # clients holding identical weights predict identically
+            evaluated[digest, s.task] = predict(fm, s.client_id, fed.test_enc[s.task], batch_size=cfg.eval_batch_size,
+                                                tally=work["evaluate"])
+        ev = test_scores(fed.tasks[s.task], evaluated[digest, s.task], s.personal)  # personal rows: same predictions
+        clients.append(client_round(s.client_id, s.task, losses[s.client_id], ev, up.get(s.client_id, 0),
+                                    down.get(s.client_id, 0)))
     t_end = time.perf_counter()
     cost = round_cost(train_s=t_train - t0, aggregate_s=t_aggregate - t_train, evaluate_s=t_end - t_aggregate,
                       work=work)

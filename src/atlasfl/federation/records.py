@@ -1,6 +1,6 @@
 """The records every engine keeps of a run, assembled the same way: one client's data from its id
-alone, a client's round record, a round's summary and its log line, the eta grid, each eta's run,
-the choice of eta after a sweep, and which clients diverged.
+alone, a client's round record and the reference points of its test sets, a round's summary and its
+log line, the eta grid, each eta's run, the choices of eta after a sweep, and which clients diverged.
 
 The in-process engine and the Flower app both call these, so a result JSON means the same whichever
 engine wrote it.
@@ -19,6 +19,7 @@ from atlasfl.data.partition import ClientShard, task_shards
 from atlasfl.data.tasks import TaskData, expand_tasks, load_task
 from atlasfl.errors import AtlasError
 from atlasfl.federation.methods import METHOD_SPECS
+from atlasfl.metrics import chance_scores, majority_scores
 
 log = logging.getLogger("atlasfl")
 
@@ -41,11 +42,33 @@ def load_client_data(cfg: RunConfig, client_id: int) -> tuple[ClientShard, TaskD
     return shards[j], task
 
 
+PERSONAL_KEYS = ("loss", "accuracy", "macro_f1", "f1", "mcc", "n")
+
+
 def client_round(client_id: int, task: str, train_loss: float, ev: dict, bytes_up: int, bytes_down: int) -> dict:
-    """One client's entry of a round (schema ClientRound) from its training loss and test evaluation."""
-    return dict(client_id=client_id, task=task, train_loss=train_loss, test_loss=ev["loss"],
-                test_accuracy=ev["accuracy"], test_macro_f1=ev["macro_f1"], test_f1=ev["f1"], test_mcc=ev["mcc"],
-                test_metric=ev["score"], metric_name=ev["metric_name"], bytes_up=bytes_up, bytes_down=bytes_down)
+    """One client's entry of a round (schema ClientRound) from its training loss and test evaluation
+    (`federation.client.test_scores`: the global protocol, and the personal one under `personal`)."""
+    entry = dict(client_id=client_id, task=task, train_loss=train_loss, test_loss=ev["loss"],
+                 test_accuracy=ev["accuracy"], test_macro_f1=ev["macro_f1"], test_f1=ev["f1"], test_mcc=ev["mcc"],
+                 test_metric=ev["score"], metric_name=ev["metric_name"], bytes_up=bytes_up, bytes_down=bytes_down)
+    if "personal" in ev:
+        entry.update({f"personal_{k}": ev["personal"][k] for k in PERSONAL_KEYS},
+                     personal_metric=ev["personal"]["score"])
+    return entry
+
+
+def client_references(shard: ClientShard, task: TaskData) -> dict:
+    """The reference points of one client's two test sets (`metrics.majority_scores`, `chance_scores`):
+    global: the task's training-pool majority label on the task's test set; personal: the client's own
+    training majority on its personal rows. Computed where the data is (a Flower client sends them)."""
+    test = [ex.label for ex in task.test]
+    personal = [test[i] for i in shard.personal]
+    k, metric = task.num_labels, task.metric
+    own = [ex.label for ex in shard.train + shard.val]
+    return {"global": dict(majority=majority_scores([ex.label for ex in task.train], test, k, metric),
+                           chance=chance_scores(test, k, metric)),
+            "personal": dict(majority=majority_scores(own, personal, k, metric),
+                             chance=chance_scores(personal, k, metric))}
 
 
 def round_cost(*, train_s: float, aggregate_s: float, evaluate_s: float, work: dict, clients_s: dict | None = None,
@@ -68,6 +91,9 @@ def round_summary(round_idx: int, clients: list[dict], task_names: list[str], ti
                  task_scores=task_scores, mean_task_score=float(np.mean(list(task_scores.values()))), time_s=time_s,
                  bytes_up_total=sum(c["bytes_up"] for c in clients),
                  bytes_down_total=sum(c["bytes_down"] for c in clients), state_digests=digests)
+    if all("personal_metric" in c for c in clients):
+        personal = {t: float(np.mean([c["personal_metric"] for c in clients if c["task"] == t])) for t in task_names}
+        entry.update(personal_task_scores=personal, mean_personal_task_score=float(np.mean(list(personal.values()))))
     if eta is not None:
         entry["lambda_eta"] = eta
     if cost is not None:
@@ -90,15 +116,28 @@ def eta_run(eta: float, rounds: list[dict], val: dict[int, dict]) -> dict:
     return dict(eta=eta, rounds=rounds, val=val, val_score=float(np.mean([v["score"] for v in val.values()])))
 
 
+SHARED_RULE = "one eta for all: the best mean local-validation score of the clients' task metric (smaller eta on ties)"
+PER_CLIENT_RULE = ("each client keeps the eta whose run has its best own local-validation score (smaller eta on ties); "
+                   "no extra training")
+
+
 def select_eta(runs: list[dict]) -> tuple[dict, dict | None]:
     """The run whose eta has the best mean local-validation score (the smaller eta on ties), and the
     sweep report when more than one eta ran."""
     chosen = max(runs, key=lambda run: (run["val_score"], -run["eta"]))  # the smaller eta on ties, in any grid order
     if len(runs) == 1:
         return chosen, None
+    last = [run["rounds"][-1] for run in runs]
     return chosen, dict(grid=[run["eta"] for run in runs], val_scores=[run["val_score"] for run in runs],
-                        test_scores=[run["rounds"][-1]["mean_task_score"] for run in runs], selected_eta=chosen["eta"],
-                        selection="mean local-validation score of the clients' task metric")
+                        test_scores=[r["mean_task_score"] for r in last],
+                        personal_test_scores=[r.get("mean_personal_task_score") for r in last],
+                        selected_eta=chosen["eta"], selection=SHARED_RULE)
+
+
+def select_eta_per_client(runs: list[dict]) -> dict[int, dict]:
+    """Per client, the run whose eta gives that client its best own local-validation score (the smaller
+    eta on ties). Reads `val` only: each eta's run is already trained, so this costs nothing."""
+    return {cid: max(runs, key=lambda run: (run["val"][cid]["score"], -run["eta"])) for cid in runs[0]["val"]}
 
 
 def warn_infeasible(cfg: RunConfig, plan) -> None:

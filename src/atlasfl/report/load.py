@@ -29,11 +29,12 @@ def result_files(paths: list[str | Path]) -> list[Path]:
 
 
 def load_results(paths: list[str | Path]) -> list[RunRecord]:
-    return [read_record(f) for f in result_files(paths)]
+    return [r for f in result_files(paths) for r in read_records(f)]
 
 
-def read_record(path: Path) -> RunRecord:
-    """Our schema-versioned files, or the predecessor's; anything else is a one-line error naming the file."""
+def read_records(path: Path) -> list[RunRecord]:
+    """Our schema-versioned files, or the predecessor's; anything else is a one-line error naming the file.
+    A lambda sweep that recorded both choices of η gives two records: the shared η and η per client."""
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as exc:
@@ -41,12 +42,15 @@ def read_record(path: Path) -> RunRecord:
     if isinstance(data, dict) and "schema_version" in data:
         return from_atlas(data, path)
     if looks_like_predecessor(data):
-        return from_predecessor(data, path)
+        return [from_predecessor(data, path)]
     raise AtlasError(f"{path} is neither an ATLAS result (no schema_version) nor a predecessor result "
                      "(round_metrics, final_accuracies, config); remove it from the report's inputs")
 
 
-def from_atlas(data: dict, path: Path) -> RunRecord:
+PER_CLIENT_ETA = "per client"  # the η label of a sweep's per-client choice: its own method row
+
+
+def from_atlas(data: dict, path: Path) -> list[RunRecord]:
     version = data["schema_version"]
     if version not in KNOWN_SCHEMA_VERSIONS:
         raise AtlasError(f"{path}: result schema version {version!r} is not one this atlasfl reads "
@@ -58,19 +62,43 @@ def from_atlas(data: dict, path: Path) -> RunRecord:
         where = ".".join(map(str, err["loc"]))
         raise AtlasError(f"{path}: not a valid ATLAS result ({where}: {err['msg']}); "
                          "rerun it or leave it out") from None
-    fm = r.final_metrics
-    return RunRecord(
-        source=path, model=r.model, method=r.method, seed=r.seed, eta=eta_label(r.method, r.config),
-        tasks={t: TaskScore(m.metric_name, m.score, m.accuracy) for t, m in fm.per_task.items()},
-        task_mean=fm.task_mean,
-        client_scores={int(c): float(m["score"]) for c, m in fm.per_client.items()},
-        client_tasks={c.client_id: c.task for c in r.clients},
-        rounds=[e.round for e in r.round_metrics],
-        round_task_scores=[dict(e.task_scores) for e in r.round_metrics],
-        round_client_scores=[{c.client_id: c.test_metric for c in e.clients} for e in r.round_metrics],
+    refs = r.references or {}
+    common = dict(
+        source=path, model=r.model, method=r.method, seed=r.seed, client_tasks={c.client_id: c.task for c in r.clients},
         **_costs(r), time_s=r.time_metrics.total_s, peak_memory_bytes=r.memory.peak_measured_bytes,
         clustering=r.phase1_clustering or {}, lambda_sweep=r.lambda_sweep,
     )
+    selections = (r.lambda_sweep or {}).get("selections")
+    if not selections:
+        return [_record(common, eta_label(r.method, r.config), r.final_metrics.model_dump(), r.round_metrics, refs)]
+    return [_record(common, eta_label(r.method, r.config), selections["shared"]["final_metrics"], r.round_metrics,
+                    refs),
+            _record(common, PER_CLIENT_ETA, selections["per_client"]["final_metrics"], [], refs)]  # no one η's curve
+
+
+def _record(common: dict, eta: str | None, fm: dict, rounds: list, refs: dict) -> RunRecord:
+    """One record from a final_metrics dictionary: its global scores, and its personal ones where it has them."""
+    personal = _view(fm, rounds, refs, "personal") if fm.get("personal_per_task") is not None else None
+    return RunRecord(**common, eta=eta, **_view(fm, rounds, refs, "global"), personal=personal)
+
+
+def _view(fm: dict, rounds: list, refs: dict, protocol: str) -> dict:
+    """The RunRecord fields of one protocol: task and client scores, curves, references."""
+    p = "personal_" if protocol == "personal" else ""
+    per_task = fm[f"{p}per_task"]
+    round_score, client_score = (f"{p}task_scores", "personal_metric" if p else "test_metric")
+    references = {}
+    for task, by_protocol in refs.items():
+        if task in per_task:
+            ref = by_protocol[protocol]
+            references[task] = {kind: TaskScore(per_task[task]["metric_name"], getattr(ref, kind).score,
+                                                getattr(ref, kind).accuracy) for kind in ("majority", "chance")}
+    return dict(tasks={t: TaskScore(m["metric_name"], m["score"], m["accuracy"]) for t, m in per_task.items()},
+                task_mean=fm[f"{p}task_mean"],
+                client_scores={int(c): float(m[f"{p}score"]) for c, m in fm["per_client"].items()},
+                rounds=[e.round for e in rounds], round_task_scores=[dict(getattr(e, round_score)) for e in rounds],
+                round_client_scores=[{c.client_id: getattr(c, client_score) for c in e.clients} for e in rounds],
+                references=references or None)
 
 
 def _costs(r) -> dict:

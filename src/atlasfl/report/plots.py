@@ -13,28 +13,35 @@ from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 
 from atlasfl.errors import AtlasError
-from atlasfl.report.records import RunRecord
+from atlasfl.report.records import PROTOCOLS, RunRecord, in_protocol
 from atlasfl.report.stats import mean_std
 from atlasfl.report.tables import MB, METRIC_SHORT, Group, group_runs
 
 DPI = 150
 
 
-def write_plots(records: list[RunRecord], out: Path) -> list[Path]:
-    """Every figure the records support, into `out`; returns the paths written."""
+def write_plots(records: list[RunRecord], out: Path, protocols: tuple[str, ...] = PROTOCOLS) -> list[Path]:
+    """Every figure the records support, into `out`, the score figures once per protocol (the personal ones
+    with a `_personal` suffix); returns the paths written."""
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise AtlasError(f"cannot create plot folder {out} ({exc.strerror}); choose another with --plots") from None
-    groups = group_runs(records)
     figures = []
-    for model in dict.fromkeys(g.model for g in groups):
-        mine = [g for g in groups if g.model == model]
-        figures += [task_curves(model, mine, out), score_vs_communication(model, mine, out)]
-        figures += [client_heatmap(g, out) for g in mine]
-    for r in records:
+    for protocol in protocols:
+        groups = group_runs([v for r in records if (v := in_protocol(r, protocol)) is not None])
+        for model in dict.fromkeys(g.model for g in groups):
+            mine = [g for g in groups if g.model == model]
+            figures += [task_curves(model, mine, out, protocol), score_vs_communication(model, mine, out, protocol)]
+            figures += [client_heatmap(g, out, protocol) for g in mine]
+    for r in {r.source: r for r in reversed(records)}.values():  # once per file (a sweep may give two records)
         figures += [similarity_matrix(r, out), lambda_curve(r, out)]
     return [p for p in figures if p is not None]
+
+
+def _suffix(protocol: str) -> str:
+    """File-name suffix: the global protocol keeps the names of reports before the personal protocol existed."""
+    return "" if protocol == "global" else f"_{protocol}"
 
 
 def _figure(width: float, height: float) -> Figure:
@@ -77,7 +84,7 @@ def _per_round(g: Group, series: str) -> tuple[list[int], dict, int] | None:
     return rounds, curves, len(runs)
 
 
-def task_curves(model: str, groups: list[Group], out: Path) -> Path | None:
+def task_curves(model: str, groups: list[Group], out: Path, protocol: str = "global") -> Path | None:
     """Per task, each method's test metric by round: mean over seeds with a ±std band."""
     series = {g.label: c for g in groups if (c := _per_round(g, "round_task_scores"))}
     tasks = list(dict.fromkeys(t for _, curves, _ in series.values() for t in curves))
@@ -102,11 +109,11 @@ def task_curves(model: str, groups: list[Group], out: Path) -> Path | None:
     for ax in axes[len(tasks):]:
         ax.set_visible(False)
     axes[0].legend(fontsize="small")
-    fig.suptitle(f"{model}: test metric by round (mean ± std over seeds)")
-    return _save(fig, out / f"curves_{_slug(model)}.png")
+    fig.suptitle(f"{model}: {protocol} test metric by round (mean ± std over seeds)")
+    return _save(fig, out / f"curves_{_slug(model)}{_suffix(protocol)}.png")
 
 
-def client_heatmap(g: Group, out: Path) -> Path | None:
+def client_heatmap(g: Group, out: Path, protocol: str = "global") -> Path | None:
     """Clients × rounds of the test metric (mean over seeds), so a client that lags is visible."""
     found = _per_round(g, "round_client_scores")
     if not found or not found[1]:
@@ -127,11 +134,11 @@ def client_heatmap(g: Group, out: Path) -> Path | None:
         threshold = grid.min() + 0.5 * (grid.max() - grid.min())
         for (i, j), v in np.ndenumerate(grid):
             ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="black" if v > threshold else "white")
-    ax.set_title(f"{g.model} {g.label}\ntest metric per client (mean of {n} seeds)", fontsize="medium")
-    return _save(fig, out / f"heatmap_{_slug(g.model)}_{_slug(g.label)}.png")
+    ax.set_title(f"{g.model} {g.label}\n{protocol} test metric per client (mean of {n} seeds)", fontsize="medium")
+    return _save(fig, out / f"heatmap_{_slug(g.model)}_{_slug(g.label)}{_suffix(protocol)}.png")
 
 
-def score_vs_communication(model: str, groups: list[Group], out: Path) -> Path | None:
+def score_vs_communication(model: str, groups: list[Group], out: Path, protocol: str = "global") -> Path | None:
     """Task-mean score against total traffic: one small point per seed, a large one per method mean."""
     points = {g.label: [((r.bytes_up + r.bytes_down) / MB, r.task_mean) for r in g.runs
                         if r.bytes_up is not None and r.bytes_down is not None] for g in groups}
@@ -146,11 +153,11 @@ def score_vs_communication(model: str, groups: list[Group], out: Path) -> Path |
         ax.errorbar(x.mean(), y.mean(), yerr=y.std(ddof=1) if len(y) > 1 else None, fmt="o", markersize=9,
                     color=dots.get_facecolor()[0][:3], capsize=4, label=label)
     ax.set_xlabel("total communication, up + down (MB)")
-    ax.set_ylabel("task-mean test score")
+    ax.set_ylabel(f"task-mean test score ({protocol} protocol)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     ax.set_title(f"{model}: score vs communication (seeds and mean ± std)")
-    return _save(fig, out / f"score_vs_comm_{_slug(model)}.png")
+    return _save(fig, out / f"score_vs_comm_{_slug(model)}{_suffix(protocol)}.png")
 
 
 def similarity_matrix(r: RunRecord, out: Path) -> Path | None:
@@ -181,7 +188,8 @@ def similarity_matrix(r: RunRecord, out: Path) -> Path | None:
 
 
 def lambda_curve(r: RunRecord, out: Path) -> Path | None:
-    """Validation and test score for every η of a --lambda-sweep, the chosen η marked."""
+    """Validation and test score (both protocols where recorded) for every η of a --lambda-sweep, the shared
+    chosen η marked."""
     sweep = r.lambda_sweep or {}
     if not all(k in sweep for k in ("grid", "val_scores", "test_scores", "selected_eta")):
         return None
@@ -189,7 +197,9 @@ def lambda_curve(r: RunRecord, out: Path) -> Path | None:
     fig = _figure(6.0, 4.0)
     ax = fig.subplots()
     ax.plot(grid, sweep["val_scores"], marker="o", label="local validation (selects η)")
-    ax.plot(grid, sweep["test_scores"], marker="s", label="test")
+    ax.plot(grid, sweep["test_scores"], marker="s", label="test, global protocol")
+    if all(v is not None for v in sweep.get("personal_test_scores") or [None]):
+        ax.plot(grid, sweep["personal_test_scores"], marker="^", label="test, personal protocol")
     ax.axvline(sweep["selected_eta"], color="gray", linestyle="--", label=f"selected η = {sweep['selected_eta']:g}")
     positive = grid[grid > 0]
     if positive.size:  # symlog: η = 0 and a log-spaced grid on one axis

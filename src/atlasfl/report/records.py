@@ -2,7 +2,7 @@
 and plots read a single shape."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +40,26 @@ class RunRecord:
     clustering: dict[str, Any] = field(default_factory=dict)  # phase1_clustering ('ari', 'k', 'similarity', 'labels')
     lambda_sweep: dict[str, Any] | None = None
     note: str | None = None
+    protocol: str = "global"  # which test sets the scores above come from: 'global' or 'personal'
+    references: dict[str, dict[str, TaskScore]] | None = None  # task -> 'majority'/'chance', on this protocol
+    personal: dict[str, Any] | None = None  # the personal protocol's values of the fields above (schema 1.2 on)
 
     @property
     def method_label(self) -> str:
         return f"{self.method} (η={self.eta})" if self.eta is not None else self.method
+
+
+PROTOCOLS = ("global", "personal")
+
+
+def in_protocol(r: RunRecord, protocol: str) -> RunRecord | None:
+    """The run as seen on one protocol's test sets (its scores, curves and references); None when the file
+    does not hold that protocol (results before schema 1.2, the predecessor's)."""
+    if protocol == r.protocol:
+        return r
+    if protocol == "personal" and r.personal is not None:
+        return replace(r, protocol="personal", personal=None, **r.personal)
+    return None
 
 
 def eta_label(method: str, config: dict) -> str | None:

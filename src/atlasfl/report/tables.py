@@ -9,7 +9,7 @@ from typing import Any
 
 from atlasfl.config import METHODS
 from atlasfl.errors import AtlasError
-from atlasfl.report.records import RunRecord
+from atlasfl.report.records import PROTOCOLS, RunRecord, TaskScore, in_protocol
 from atlasfl.report.stats import Stat, mean_std, paired_test
 
 MB = 1e6
@@ -78,9 +78,24 @@ def _as_number(eta: str | None) -> float:
         return math.inf
 
 
-def build_tables(records: list[RunRecord], baseline: str) -> list[Table]:
-    groups = group_runs(records)
-    return [scores_table(groups), costs_table(groups), paired_table(groups, baseline)]
+PROTOCOL_NOTES = {
+    "global": "global protocol: each client on its task's whole test set (GLUE's validation split for GLUE tasks)",
+    "personal": "personal protocol: each client on its personal test set, the rows of its task's test set whose "
+                "label mix follows its own training shard (schema 1.2 on; runs without it are left out)",
+}
+
+
+def build_tables(records: list[RunRecord], baseline: str, protocols: tuple[str, ...] = PROTOCOLS) -> list[Table]:
+    """Scores and paired comparisons on each protocol asked for, and the costs (the same on both)."""
+    views = {p: [v for r in records if (v := in_protocol(r, p)) is not None] for p in protocols}
+    views = {p: groups for p, recs in views.items() if (groups := group_runs(recs))}
+    return [*(scores_table(g, p) for p, g in views.items()), costs_table(group_runs(records)),
+            *(paired_table(g, baseline, p) for p, g in views.items())]
+
+
+def _key(stem: str, protocol: str) -> str:
+    """File stems: the global protocol keeps the names of reports before the personal protocol existed."""
+    return stem if protocol == "global" else f"{stem}_{protocol}"
 
 
 def _task_columns(groups: list[Group]) -> list[tuple[str, str]]:
@@ -100,7 +115,11 @@ def _task_columns(groups: list[Group]) -> list[tuple[str, str]]:
 
 
 def _task_value(r: RunRecord, task: str, metric: str) -> float | None:
-    s = r.tasks.get(task)
+    return _value(r.tasks.get(task), metric)
+
+
+def _value(s: TaskScore | None, metric: str) -> float | None:
+    """A column's number from a task's scores: its accuracy, or its GLUE metric if that is the column's."""
     if s is None:
         return None
     if metric == "accuracy":
@@ -112,19 +131,45 @@ def _stat(values) -> Stat | None:
     return mean_std(v for v in values if v is not None)
 
 
-def scores_table(groups: list[Group]) -> Table:
+REFERENCE_ROWS = (("majority", "majority class (reference)"), ("chance", "chance (reference)"))
+
+
+def scores_table(groups: list[Group], protocol: str = "global") -> Table:
     task_cols = _task_columns(groups)
     columns = [Column("model"), Column("method"), Column("n"),
                *(Column(f"{t} ({METRIC_SHORT.get(m, m)})", "{:.4f}") for t, m in task_cols),
                Column("task mean", "{:.4f}")]
-    rows = [[g.model, g.label, len(g.runs),
-             *(_stat(_task_value(r, t, m) for r in g.runs) for t, m in task_cols),
-             _stat(r.task_mean for r in g.runs)] for g in groups]
-    notes = ["Each task's GLUE metric (acc; F1 of the positive class; MCC) at the last round, mean of the task's "
-             "clients; cells are mean ± sample std over seeds, n = seeds; task mean = mean of the task scores."]
+    rows = []
+    for model in dict.fromkeys(g.model for g in groups):
+        mine = [g for g in groups if g.model == model]
+        rows += [[g.model, g.label, len(g.runs),
+                  *(_stat(_task_value(r, t, m) for r in g.runs) for t, m in task_cols),
+                  _stat(r.task_mean for r in g.runs)] for g in mine]
+        rows += _reference_rows(model, [r for g in mine for r in g.runs], task_cols)
+    notes = [f"Each task's GLUE metric (acc; F1 of the positive class; MCC) at the last round on the "
+             f"{PROTOCOL_NOTES[protocol]}, mean of the task's clients; cells are mean ± sample std over seeds, n = "
+             "seeds; task mean = mean of the task scores."]
+    if any(r.references for g in groups for r in g.runs):
+        notes.append("Reference rows (mean ± std over the model's runs that record them, n = runs): majority class = "
+                     "always predicting the majority label of the training data (global: the task's training pool; "
+                     "personal: each client's own shard, mean over clients); chance = uniform random guessing, from "
+                     "expected counts (acc 1/K, F1 2p/(2p+1) for positive-class prevalence p, MCC 0).")
     for note, count in Counter(r.note for g in groups for r in g.runs if r.note).items():
         notes.append(f"{count} file(s) in the {note}.")
-    return Table("scores", "Test scores per task", columns, rows, notes)
+    return Table(_key("scores", protocol), f"Test scores per task, {protocol} protocol", columns, rows, notes)
+
+
+def _reference_rows(model: str, runs: list[RunRecord], task_cols: list[tuple[str, str]]) -> list[list[Any]]:
+    """The majority-class and chance rows of a model's block, over each of its distinct runs' references."""
+    refs = {(r.seed, r.source): r.references for r in runs if r.references}  # a sweep's two records: one file
+    if not refs:
+        return []
+    rows = []
+    for kind, label in REFERENCE_ROWS:
+        cells = [_stat(_value(ref.get(t, {}).get(kind), m) for ref in refs.values()) for t, m in task_cols]
+        means = [sum(ref[t][kind].score for t in ref) / len(ref) for ref in refs.values()]
+        rows.append([model, label, len(refs), *cells, _stat(means)])
+    return rows
 
 
 def _div(x: float | None, by: float) -> float | None:
@@ -161,7 +206,7 @@ def costs_table(groups: list[Group]) -> Table:
     return Table("costs", "Communication, time, memory and clustering", columns, rows, notes)
 
 
-def paired_table(groups: list[Group], baseline: str) -> Table:
+def paired_table(groups: list[Group], baseline: str, protocol: str = "global") -> Table:
     """Each method against the baseline of the same model: over seeds (task mean) and over (seed, client)."""
     columns = [Column("model"), Column("method"), Column("baseline"), Column("paired over"), Column("n"),
                Column("mean diff", "{:+.4f}"), Column("t-test p", "{:.4f}"), Column("Wilcoxon p", "{:.4f}"),
@@ -187,10 +232,12 @@ def paired_table(groups: list[Group], baseline: str) -> Table:
             rows.append(_compare(model, g.label, b.label, "clients",
                                  [ga[s].client_scores[c] for s, c in pairs],
                                  [gb[s].client_scores[c] for s, c in pairs]))
-    notes.append("Difference = method − baseline of the task-mean score (per seed) or of the client's GLUE metric "
-                 "(per seed and client id); two-sided p-values; d_z = mean difference / sample std of differences. "
-                 "Clients of one run are not independent samples: read the per-client row as descriptive.")
-    return Table("paired", f"Paired comparisons against {baseline}", columns, rows, notes)
+    notes.append(f"Scores on the {PROTOCOL_NOTES[protocol]}. Difference = method − baseline of the task-mean score "
+                 "(per seed) or of the client's GLUE metric (per seed and client id); two-sided p-values; d_z = mean "
+                 "difference / sample std of differences. Clients of one run are not independent samples: read the "
+                 "per-client row as descriptive.")
+    return Table(_key("paired", protocol), f"Paired comparisons against {baseline}, {protocol} protocol", columns,
+                 rows, notes)
 
 
 def _compare(model: str, label: str, baseline: str, unit: str, a: list[float], b: list[float]) -> list[Any]:

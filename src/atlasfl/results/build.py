@@ -14,7 +14,14 @@ import torch
 
 from atlasfl.config import RunConfig
 from atlasfl.data.tasks import TaskData
-from atlasfl.federation.records import divergence, select_eta
+from atlasfl.federation.records import (
+    PER_CLIENT_RULE,
+    PERSONAL_KEYS,
+    SHARED_RULE,
+    divergence,
+    select_eta,
+    select_eta_per_client,
+)
 from atlasfl.results.schema import SCHEMA_VERSION
 
 if TYPE_CHECKING:  # the ClientApp imports this module for `peak_memory`: it need not load the server (sklearn)
@@ -22,22 +29,27 @@ if TYPE_CHECKING:  # the ClientApp imports this module for `peak_memory`: it nee
 
 
 def build_result(cfg: RunConfig, shards: list, tasks: dict[str, TaskData], plan: Plan, runs: list[dict],
-                 setup_s: float, phases_s: dict, total_s: float, device: str, clock_note: str) -> dict:
-    """The result dictionary of one run from every eta's run (one unless sweeping; `select_eta` picks the
-    one reported). `shards` need `client_id`, `task`, `train` and `val` (sized); `clock_note` says where
-    the engine's phase clocks run."""
+                 setup_s: float, phases_s: dict, total_s: float, device: str, clock_note: str,
+                 client_refs: dict[int, dict]) -> dict:
+    """The result dictionary of one run from every eta's run (one unless sweeping). `select_eta` picks the
+    shared eta whose run gives round_metrics, communication and clocks; after a sweep the per-client choice
+    is recorded too, and `cfg.eta_selection` says which one is `final_metrics`. `shards` need `client_id`,
+    `task`, `train` and `val` (sized); `client_refs` are `records.client_references` per client id;
+    `clock_note` says where the engine's phase clocks run."""
     run, sweep = select_eta(runs)
     rounds = [{k: v for k, v in r.items() if k != "cost"} for r in run["rounds"]]
-    last = {c["client_id"]: c for c in rounds[-1]["clients"]}
-    diverged = divergence(rounds, {name: task.num_labels for name, task in tasks.items()})
-    per_client = {}
-    for s in shards:
-        c = last[s.client_id]
-        per_client[str(s.client_id)] = dict(task=s.task, accuracy=c["test_accuracy"], macro_f1=c["test_macro_f1"],
-                                            f1=c["test_f1"], mcc=c["test_mcc"], score=c["test_metric"],
-                                            metric_name=c["metric_name"], loss=c["test_loss"],
-                                            val_score=run["val"][s.client_id]["score"],
-                                            device=plan.devices[s.client_id], diverged=s.client_id in diverged)
+    num_labels = {name: task.num_labels for name, task in tasks.items()}
+    finals = shared = final_metrics(tasks, _per_client(shards, plan, {s.client_id: run for s in shards}, num_labels))
+    if sweep is not None:
+        chosen = select_eta_per_client(runs)
+        own = final_metrics(tasks, _per_client(shards, plan, chosen, num_labels))
+        sweep["selections"] = dict(
+            headline=cfg.eta_selection, shared=dict(eta=run["eta"], rule=SHARED_RULE, final_metrics=shared),
+            per_client=dict(etas={str(c): r["eta"] for c, r in chosen.items()}, rule=PER_CLIENT_RULE,
+                            final_metrics=own))
+        if cfg.eta_selection == "per_client":
+            finals = own
+    diverged = sorted(int(c) for c, m in finals["per_client"].items() if m["diverged"])
     up = {str(s.client_id): sum(r["clients"][i]["bytes_up"] for r in rounds)
           + plan.fingerprint_bytes.get(s.client_id, 0) for i, s in enumerate(shards)}
     down = {str(s.client_id): sum(r["clients"][i]["bytes_down"] for r in rounds) for i, s in enumerate(shards)}
@@ -54,9 +66,9 @@ def build_result(cfg: RunConfig, shards: list, tasks: dict[str, TaskData], plan:
         seed=cfg.seed, config=cfg.model_dump(mode="json"),
         clients=[dict(client_id=s.client_id, task=s.task, num_train=len(s.train), num_val=len(s.val)) for s in shards],
         round_metrics=rounds,
-        final_accuracies={str(c): m["test_accuracy"] for c, m in last.items()},
-        final_metrics=final_metrics(tasks, per_client),
-        diverged_clients=sorted(diverged),
+        final_accuracies={c: m["accuracy"] for c, m in finals["per_client"].items()},
+        final_metrics=finals, references=references(shards, client_refs),
+        diverged_clients=diverged,
         cluster_labels=plan.cluster_labels, cluster_source=plan.cluster_source, phase1_clustering=plan.phase1,
         phase2_rank_allocation=plan.phase2, ranks={str(c): r for c, r in plan.ranks.items()}, lambda_sweep=sweep,
         communication_costs=costs,
@@ -81,19 +93,63 @@ def time_metrics(runs: list[dict], *, clock_note: str, **clocks) -> dict:
     return dict(clocks, rounds=rounds, totals=dict(rounds=len(rounds), **totals), clock_note=clock_note)
 
 
+def _per_client(shards: list, plan: Plan, chosen: dict[int, dict], num_labels: dict[str, int]) -> dict:
+    """Each client's last-round metrics on both protocols from the run chosen for it, with its
+    local-validation score in that run, its device and whether it diverged in that run."""
+    out, diverged = {}, {}
+    for s in shards:
+        run = chosen[s.client_id]
+        if id(run) not in diverged:
+            diverged[id(run)] = divergence(run["rounds"], num_labels)
+        c = next(c for c in run["rounds"][-1]["clients"] if c["client_id"] == s.client_id)
+        entry = dict(task=s.task, accuracy=c["test_accuracy"], macro_f1=c["test_macro_f1"], f1=c["test_f1"],
+                     mcc=c["test_mcc"], score=c["test_metric"], metric_name=c["metric_name"], loss=c["test_loss"])
+        if "personal_metric" in c:
+            entry.update({f"personal_{k}": c[f"personal_{k}"] for k in PERSONAL_KEYS},
+                         personal_score=c["personal_metric"])
+        out[str(s.client_id)] = dict(entry, val_score=run["val"][s.client_id]["score"],
+                                     device=plan.devices[s.client_id], diverged=s.client_id in diverged[id(run)])
+    return out
+
+
 def final_metrics(tasks: dict[str, TaskData], per_client: dict) -> dict:
-    """Per task the mean of its clients' last-round metrics, and the mean of the task scores."""
+    """Per task the mean of its clients' last-round metrics, and the mean of the task scores; the same for
+    the personal protocol where the clients have it."""
+    out = dict(per_client=per_client, per_task=_per_task(tasks, per_client, ""))
+    out["task_mean"] = float(np.mean([t["score"] for t in out["per_task"].values()]))
+    if all("personal_score" in m for m in per_client.values()):
+        out["personal_per_task"] = _per_task(tasks, per_client, "personal_")
+        out["personal_task_mean"] = float(np.mean([t["score"] for t in out["personal_per_task"].values()]))
+    return out
+
+
+def _per_task(tasks: dict[str, TaskData], per_client: dict, prefix: str) -> dict:
     per_task = {}
     for name, task in tasks.items():
-        ms = [m for m in per_client.values() if m["task"] == name]
-        f1s = [m["f1"] for m in ms if m["f1"] is not None]
-        per_task[name] = dict(metric_name=task.metric, score=float(np.mean([m["score"] for m in ms])),
-                              accuracy=float(np.mean([m["accuracy"] for m in ms])),
-                              macro_f1=float(np.mean([m["macro_f1"] for m in ms])),
-                              f1=float(np.mean(f1s)) if f1s else None, mcc=float(np.mean([m["mcc"] for m in ms])),
-                              num_clients=len(ms))
-    return dict(per_client=per_client, per_task=per_task,
-                task_mean=float(np.mean([t["score"] for t in per_task.values()])))
+        ms = [{k: m[prefix + k] for k in ("score", "accuracy", "macro_f1", "f1", "mcc")}
+              for m in per_client.values() if m["task"] == name]
+        per_task[name] = dict(metric_name=task.metric, **_means(ms), num_clients=len(ms))
+    return per_task
+
+
+def _means(ms: list[dict]) -> dict:
+    """Mean of each metric over the dicts `ms` (f1 over those that have one; None if none do)."""
+    out = {}
+    for key in ms[0]:
+        values = [m[key] for m in ms if m[key] is not None]
+        out[key] = float(np.mean(values)) if values else None
+    return out
+
+
+def references(shards: list, client_refs: dict[int, dict]) -> dict:
+    """Per task and protocol the majority-class and chance scores: global ones are the task's (alike for
+    all its clients); personal ones the mean over the task's clients of each client's own."""
+    out = {}
+    for s in shards:
+        out.setdefault(s.task, []).append(client_refs[s.client_id])
+    return {task: {"global": refs[0]["global"],
+                   "personal": {kind: _means([r["personal"][kind] for r in refs]) for kind in ("majority", "chance")}}
+            for task, refs in out.items()}
 
 
 def peak_memory(device: str | torch.device) -> tuple[int, str]:

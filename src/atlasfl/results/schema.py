@@ -7,8 +7,12 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
-SCHEMA_VERSION = "1.1"  # 1.1: per-round phase clocks and work (time_metrics.rounds/totals), lambda-sweep totals
-KNOWN_SCHEMA_VERSIONS = ("1.0", "1.1")
+SCHEMA_VERSION = "1.2"
+# 1.1: per-round phase clocks and work (time_metrics.rounds/totals), lambda-sweep totals
+# 1.2: the personal protocol (personal_* per client, round and task), `references`, per-client eta selection
+KNOWN_SCHEMA_VERSIONS = ("1.0", "1.1", "1.2")
+PERSONAL = ("personal protocol (1.2 on): the client's personal test set, rows of the task's test set whose label mix "
+            "follows the client's training shard (data.partition.personal_test_rows), scored from the same predictions")
 
 
 class _Strict(BaseModel):
@@ -28,6 +32,13 @@ class ClientRound(_Strict):
     metric_name: str
     bytes_up: int
     bytes_down: int
+    personal_loss: Optional[float] = Field(default=None, description=PERSONAL)
+    personal_accuracy: Optional[float] = None
+    personal_macro_f1: Optional[float] = None
+    personal_f1: Optional[float] = None
+    personal_mcc: Optional[float] = None
+    personal_metric: Optional[float] = Field(default=None, description="the task's GLUE metric on the personal set")
+    personal_n: Optional[int] = Field(default=None, description="rows in the client's personal test set")
 
 
 class RoundEntry(_Strict):
@@ -41,6 +52,8 @@ class RoundEntry(_Strict):
     bytes_down_total: int
     state_digests: dict[str, str] = Field(description="client id -> digest of its trainable state after aggregation")
     lambda_eta: Optional[float] = None
+    personal_task_scores: Optional[dict[str, float]] = Field(default=None, description=PERSONAL)
+    mean_personal_task_score: Optional[float] = None
 
 
 class Work(_Strict):
@@ -73,9 +86,29 @@ class TaskMetrics(_Strict):
 
 
 class FinalMetrics(_Strict):
-    per_client: dict[str, dict[str, Any]]
+    per_client: dict[str, dict[str, Any]] = Field(
+        description="the global metrics, personal_* ones (1.2 on), the client's local-validation score, device "
+                    "and whether it diverged")
     per_task: dict[str, TaskMetrics]
     task_mean: float
+    personal_per_task: Optional[dict[str, TaskMetrics]] = Field(default=None, description=PERSONAL)
+    personal_task_mean: Optional[float] = None
+
+
+class Scores(_Strict):
+    score: float = Field(description="the task's GLUE metric")
+    accuracy: float
+    macro_f1: float
+    f1: Optional[float] = None
+    mcc: float
+
+
+class ProtocolReference(_Strict):
+    majority: Scores = Field(description="always predicting the majority label of the training data: the task's "
+                                         "training pool (global), each client's own shard (personal, mean over "
+                                         "the task's clients)")
+    chance: Scores = Field(description="uniform random guessing, from expected confusion counts: accuracy 1/K, "
+                                       "F1 of class l 2p_l/(Kp_l+1), MCC 0 (metrics.chance_scores)")
 
 
 class ClientSetup(_Strict):
@@ -145,7 +178,12 @@ class Result(_Strict):
     phase1_clustering: Optional[dict[str, Any]] = None
     phase2_rank_allocation: dict[str, Any]
     ranks: dict[str, dict[str, int]]
-    lambda_sweep: Optional[dict[str, Any]] = None
+    lambda_sweep: Optional[dict[str, Any]] = Field(
+        default=None, description="grid, val/test/personal scores per eta, the shared eta; `selections` (1.2 on): "
+                                  "the shared and the per-client choice, each with its final_metrics, and which one "
+                                  "is the headline final_metrics")
+    references: Optional[dict[str, dict[str, ProtocolReference]]] = Field(
+        default=None, description="task -> 'global'/'personal' -> majority-class and chance scores (1.2 on)")
     communication_costs: CommunicationCosts
     time_metrics: TimeMetrics
     memory: MemoryMetrics

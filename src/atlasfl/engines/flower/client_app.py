@@ -33,8 +33,8 @@ from atlasfl.engines.flower.records import (
     transport_size_mod,
 )
 from atlasfl.errors import AtlasError
-from atlasfl.federation.client import client_seed, evaluate_client, fingerprint, train_local
-from atlasfl.federation.records import load_client_data, num_clients
+from atlasfl.federation.client import client_seed, evaluate_client, fingerprint, predict, test_scores, train_local
+from atlasfl.federation.records import client_references, load_client_data, num_clients
 from atlasfl.models.lora import FederatedLoRAModel, state_digest
 from atlasfl.models.registry import load_backbone, resolve_device
 from atlasfl.results.build import peak_memory
@@ -114,7 +114,7 @@ def fingerprint_phase(msg: Message, context: Context) -> Message:
     info = dict(client_id=cid, task=shard.task, num_train=len(shard.train), num_val=len(shard.val),
                 num_labels=task.num_labels, modules=fm.modules,
                 shapes={m: list(s) for m, s in fm.module_shapes().items()},
-                facts=asdict(fm.facts()))
+                facts=asdict(fm.facts()), references=client_references(shard, task))
     return Message(RecordDict({"fingerprint": arrays, ATLAS: ConfigRecord({"client": json.dumps(info)})}), reply_to=msg)
 
 
@@ -146,14 +146,14 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Adopt the state the server sent (if any), then score it on the test set (and on the local
-    validation set after the last round)."""
-    cfg, cid, fm, (_, task, _, val_enc, test_enc) = _client(context)
+    """Adopt the state the server sent (if any), then score it on the test set and, from the same
+    predictions, on its personal rows (and on the local validation set after the last round)."""
+    cfg, cid, fm, (shard, task, _, val_enc, test_enc) = _client(context)
     if STATE in msg.content.array_records:
         fm.set_state(cid, record_to_state(msg.content[STATE], cfg.wire_dtype))
         _keep_state(context, fm, cid)
     t0, tally = time.perf_counter(), Tally()
-    test = evaluate_client(fm, cid, test_enc, task, cfg.eval_batch_size, tally=tally)
+    test = test_scores(task, predict(fm, cid, test_enc, batch_size=cfg.eval_batch_size, tally=tally), shard.personal)
     reply = dict(client_id=cid, digest=state_digest(fm.get_state(cid)), test=test, evaluate_s=time.perf_counter() - t0,
                  work=asdict(tally), **_peak_memory(fm.device))
     if msg.content[ATLAS]["validate"]:

@@ -72,6 +72,7 @@ class AtlasStrategy(Strategy):
         self.server: Server | None = None
         self.plan: Plan | None = None
         self.shards: list[RemoteShard] = []
+        self.references: dict[int, dict] = {}  # client id -> the reference points its node computed
         self.eta = cfg.eta
         self.reports = _Reports()
         self.tracker = Tracker()  # live curves (--tensorboard), from this server process
@@ -101,6 +102,7 @@ class AtlasStrategy(Strategy):
             if cid in infos:
                 raise AtlasError(f"two SuperNodes claim partition-id {cid}; give each node its own partition-id")
             infos[cid], self.node_of[cid] = info, reply.metadata.src_node_id
+            self.references[cid] = info["references"]
             fp = reply.content["fingerprint"]
             uploads[cid] = dict(representation=fp["representation"].numpy(), gradient=fp["gradient"].numpy(),
                                 representation_noise=float(fp["representation_noise"].numpy()[0]),
@@ -215,7 +217,8 @@ class AtlasStrategy(Strategy):
         finally:
             self.tracker.close()
         result = build_result(self.cfg, self.shards, self.tasks, self.plan, runs, setup_s, phases_s,
-                              time.perf_counter() - t_start, "cpu", clock_note=CLOCK_NOTE)
+                              time.perf_counter() - t_start, "cpu", clock_note=CLOCK_NOTE,
+                              client_refs=self.references)
         chosen_eta = (result["lambda_sweep"] or {}).get("selected_eta", self.eta)
         result["communication_costs"]["transport"] = self.reports.report(result["communication_costs"], chosen_eta)
         # Measured where the clients train, not in this (server) process.
