@@ -7,8 +7,10 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
-SCHEMA_VERSION = "1.1"  # 1.1: per-round phase clocks and work (time_metrics.rounds/totals), lambda-sweep totals
-KNOWN_SCHEMA_VERSIONS = ("1.0", "1.1")
+# 1.1: per-round phase clocks and work (time_metrics.rounds/totals), lambda-sweep totals.
+# 1.2: phase1_clustering's spread-to-noise rule: threshold_by_k, dof_by_k, significance (noise_ratio dropped).
+SCHEMA_VERSION = "1.2"
+KNOWN_SCHEMA_VERSIONS = ("1.0", "1.1", "1.2")
 
 
 class _Strict(BaseModel):
