@@ -29,7 +29,6 @@ from atlasfl.config import build_config
 from atlasfl.data.batching import encode
 from atlasfl.data.partition import make_shards
 from atlasfl.data.tasks import expand_tasks, load_task
-from atlasfl.federation import client
 from atlasfl.federation.client import fingerprint
 from atlasfl.federation.server import ClientInfo, Server
 from atlasfl.models.lora import FederatedLoRAModel
@@ -48,7 +47,8 @@ def seed_list(text: str) -> list[int]:
 def phase1(model: str, seed: int, a, cache: dict) -> dict:
     cfg = build_config(model, seed, a.method, tasks=tuple(a.tasks), init=a.init, max_samples=a.max_samples,
                        clients_per_task=a.clients_per_task, fingerprint_samples=a.fingerprint_samples,
-                       fingerprint=a.fingerprint, batch_size=a.batch_size, device="cpu")
+                       fingerprint=a.fingerprint, batch_size=a.batch_size, device="cpu",
+                       representation_samples=a.representation_samples)
     tasks = {n: load_task(n, data_dir=cfg.data_dir) for n in expand_tasks(cfg.tasks)}
     shards = make_shards(list(tasks.values()), cfg.clients_per_task, seed=cfg.seed, max_samples=cfg.max_samples,
                          dirichlet_alpha=cfg.dirichlet_alpha)
@@ -59,8 +59,7 @@ def phase1(model: str, seed: int, a, cache: dict) -> dict:
         cache[key] = load_backbone(cfg.model, init=cfg.init, seed=cfg.seed, device="cpu")
     backbone = cache[key]
     # A run encodes whole shards; the fingerprint reads only the first examples, so encoding those is the same work.
-    # (getattr: the script also runs against versions before the limit existed, for before/after figures)
-    needed = max(getattr(client, "REPRESENTATION_SAMPLES", 0), cfg.fingerprint_samples)
+    needed = max(cfg.representation_samples, cfg.fingerprint_samples)
     train_enc = {s.client_id: encode(backbone.tokenizer, s.train[:needed], cfg.max_length) for s in shards}
     fm = FederatedLoRAModel(backbone, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, seed=cfg.seed)
     server = Server(cfg, [ClientInfo(s.client_id, s.task, len(s.train), tasks[s.task].num_labels) for s in shards],
@@ -68,14 +67,17 @@ def phase1(model: str, seed: int, a, cache: dict) -> dict:
     t0 = time.perf_counter()
     uploads = {s.client_id: fingerprint(fm, train_enc[s.client_id], num_labels=tasks[s.task].num_labels,
                                         samples=cfg.fingerprint_samples, batch_size=cfg.batch_size,
-                                        layers=cfg.fingerprint_layers, dim=cfg.fingerprint_dim, seed=cfg.seed)
+                                        layers=cfg.fingerprint_layers, dim=cfg.fingerprint_dim, seed=cfg.seed,
+                                        representation_samples=cfg.representation_samples)
                for s in shards}
     seconds = (time.perf_counter() - t0) / len(shards)
     plan = server.plan(uploads)
     p = plan.phase1
     k = p["k"]
-    t = p.get("tightness_by_k") or {}
+    t, c = p.get("tightness_by_k") or {}, p.get("threshold_by_k") or {}
     return dict(seed=seed, k=k, ari=p["ari"], margin=p.get("margin"), t_k=t.get(str(k)), t_prev=t.get(str(k - 1)),
+                c_k=c.get(str(k)), c_prev=c.get(str(k - 1)),
+                dims=statistics.median(u["representation_dims"] for u in uploads.values()),
                 grad_k=p["k_by_fingerprint"]["gradient"], grad_ari=p["ari_by_fingerprint"]["gradient"],
                 s_per_client=seconds, bytes=plan.fingerprint_bytes[0],
                 train=sorted({len(s.train) for s in shards}), fingerprint_samples=cfg.fingerprint_samples)
@@ -88,20 +90,22 @@ def versus(model: str, path: str, a) -> None:
     spec.loader.exec_module(other)
     cfg = build_config(model, seed_list(a.seeds)[0], a.method, tasks=tuple(a.tasks), init=a.init,
                        max_samples=a.max_samples, clients_per_task=a.clients_per_task,
-                       fingerprint_samples=a.fingerprint_samples, batch_size=a.batch_size, device="cpu")
+                       fingerprint_samples=a.fingerprint_samples, batch_size=a.batch_size, device="cpu",
+                       representation_samples=a.representation_samples)
     tasks = {n: load_task(n, data_dir=cfg.data_dir) for n in expand_tasks(cfg.tasks)}
     shards = make_shards(list(tasks.values()), cfg.clients_per_task, seed=cfg.seed, max_samples=cfg.max_samples)
     backbone = load_backbone(cfg.model, init=cfg.init, seed=cfg.seed, device="cpu")
     fm = FederatedLoRAModel(backbone, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, seed=cfg.seed)
     times = {"this": [], "other": []}
     for s in shards[::cfg.clients_per_task]:
-        enc = encode(backbone.tokenizer, s.train[:max(client.REPRESENTATION_SAMPLES, cfg.fingerprint_samples)],
+        enc = encode(backbone.tokenizer, s.train[:max(cfg.representation_samples, cfg.fingerprint_samples)],
                      cfg.max_length)
         kw = dict(num_labels=tasks[s.task].num_labels, samples=cfg.fingerprint_samples, batch_size=cfg.batch_size,
                   layers=cfg.fingerprint_layers, dim=cfg.fingerprint_dim, seed=cfg.seed)
-        for name, fn in [("other", other.fingerprint), ("this", fingerprint)] * 2:
+        this = dict(representation_samples=cfg.representation_samples)
+        for name, fn, extra in [("other", other.fingerprint, {}), ("this", fingerprint, this)] * 2:
             t0 = time.perf_counter()
-            fn(fm, enc, **kw)
+            fn(fm, enc, **kw, **extra)
             times[name].append(time.perf_counter() - t0)
     mine, theirs = statistics.median(times["this"]), statistics.median(times["other"])
     print(f"{model}: {len(shards[0].train)} training examples/client, {cfg.fingerprint_samples} gradient samples: "
@@ -121,6 +125,7 @@ def main() -> None:
     p.add_argument("--max-samples", type=int, help="per client (train + local validation); default: the preset's")
     p.add_argument("--clients-per-task", type=int)
     p.add_argument("--fingerprint-samples", type=int, help="gradient pass; default: the preset's")
+    p.add_argument("--representation-samples", type=int, default=512, help="representation pass (default 512)")
     p.add_argument("--fingerprint", default="representation", choices=("representation", "gradient"))
     p.add_argument("--batch-size", type=int)
     p.add_argument("--method", default="atlas")
@@ -135,8 +140,8 @@ def main() -> None:
         for model in a.models:
             versus(model, a.versus, a)
         return
-    print(f"{'model':<12} {'seed':>4} {'k':>2} {'ARI':>6} {'margin':>7} {'T_k':>6} {'T_k-1':>7} "
-          f"{'grad k':>6} {'grad ARI':>8} {'s/client':>8}", flush=True)
+    print(f"{'model':<12} {'seed':>4} {'k':>2} {'ARI':>6} {'margin':>7} {'T_k':>6} {'c_k':>5} {'T_k-1':>7} "
+          f"{'c_k-1':>5} {'dims':>5} {'grad k':>6} {'grad ARI':>8} {'s/client':>8}", flush=True)
     summary = []
     for model in a.models:
         cache, rows = {}, []
@@ -144,8 +149,8 @@ def main() -> None:
             r = phase1(model, seed, a, cache)
             rows.append(r)
             print(f"{model:<12} {seed:>4} {r['k']:>2} {r['ari']:>6.3f} {fmt(r['margin']):>7} {fmt(r['t_k'], '.2f'):>6} "
-                  f"{fmt(r['t_prev'], '.2f'):>7} {r['grad_k']:>6} {r['grad_ari']:>8.3f} {r['s_per_client']:>8.2f}",
-                  flush=True)
+                  f"{fmt(r['c_k'], '.2f'):>5} {fmt(r['t_prev'], '.2f'):>7} {fmt(r['c_prev'], '.2f'):>5} "
+                  f"{r['dims']:>5.1f} {r['grad_k']:>6} {r['grad_ari']:>8.3f} {r['s_per_client']:>8.2f}", flush=True)
         margins = [r["margin"] for r in rows if r["margin"] is not None]
         summary.append((model, rows, margins))
     print(f"\n{'model':<12} {'seeds':>5} {'ARI=1':>5} {'worst margin':>12} {'median margin':>13} {'grad ARI=1':>10} "

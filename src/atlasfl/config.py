@@ -50,7 +50,11 @@ class RunConfig(BaseModel):
     local_epochs: int = setting("Local epochs per round.", preset=True, gt=0)
     max_samples: int | None = setting("Max training examples per client (10% of them: local validation).",
                                       preset=True, gt=0)
-    fingerprint_samples: int = setting("Examples per client for the fingerprint pass.", preset=True, gt=0)
+    fingerprint_samples: int = setting(
+        "Examples per client for the gradient pass of phase 1 (gradient fingerprint, layer importances).",
+        preset=True, gt=0)
+    representation_samples: int = setting(
+        "Examples per client for the representation fingerprint (forward passes only).", 512, gt=0)
     rank_candidates: tuple[int, ...] = setting("LoRA ranks the allocation may choose from.", preset=True)
     tasks: tuple[str, ...] = setting("Tasks or task sets (glue, offline, generated).", preset=True, min_length=1)
     clients_per_task: int = setting("Clients per task.", preset=True, gt=0)

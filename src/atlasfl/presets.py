@@ -17,7 +17,7 @@ class Preset:
     local_epochs: int
     # Examples per client for the gradient pass of phase 1 (gradient fingerprint, layer importances), the seed's
     # figure. The representation fingerprint needs forward passes only and reads up to
-    # federation.client.REPRESENTATION_SAMPLES (512) training examples whatever this says (docs/clustering.md).
+    # RunConfig.representation_samples (512) training examples whatever this says (docs/clustering.md).
     fingerprint_samples: int
     rank_candidates: tuple[int, ...]
     rounds: int = ROUNDS

@@ -11,11 +11,11 @@ from atlasfl.data.batching import encode
 from atlasfl.data.partition import make_shards
 from atlasfl.data.tasks import TASK_SETS, load_task
 from atlasfl.engines import inprocess
-from atlasfl.federation.client import fingerprint
+from atlasfl.federation.client import NOISE_KEYS, fingerprint
 from atlasfl.federation.server import ClientInfo, Server
 from atlasfl.models.lora import FederatedLoRAModel
 from atlasfl.models.registry import load_backbone
-from atlasfl.phases.clustering import adjusted_rand, cluster_fingerprints
+from atlasfl.phases.clustering import SamplingNoise, adjusted_rand, cluster_fingerprints
 
 # Not the seeds the former threshold was calibrated on (42/123/456); 4 is the seed that merged two tasks.
 SEEDS = (0, 4, 31)
@@ -27,14 +27,15 @@ def _fingerprints(model, task_names, clients_per_task, seed, samples=64, max_sam
     fm = FederatedLoRAModel(load_backbone(model, seed=seed), alpha=16, dropout=0.0, seed=seed)
     labels = {t.name: t.num_labels for t in tasks}
     ups = [fingerprint(fm, encode(fm.backbone.tokenizer, s.train), num_labels=labels[s.task], samples=samples,
-                       batch_size=8, layers=2, dim=64, seed=seed) for s in shards]
+                       batch_size=8, layers=2, dim=64, seed=seed, representation_samples=512) for s in shards]
     truth = [task_names.index(s.task) for s in shards]
     return ups, truth, fm
 
 
 def _cluster(ups, seed):
     F = np.stack([u["representation"] for u in ups])
-    return cluster_fingerprints(F, seed=seed, noise=[u["representation_noise"] for u in ups])
+    noise = SamplingNoise.of(*([u[key] for u in ups] for key in NOISE_KEYS), len(ups))
+    return cluster_fingerprints(F, seed=seed, noise=noise)
 
 
 @pytest.mark.parametrize("model", ["tiny-bert", "tiny-gpt2", "tiny-qwen2", "tiny-llama"])
@@ -70,7 +71,7 @@ def test_fingerprint_leaves_the_base_bit_identical():
     ups = []
     for s in make_shards(tasks, 2, seed=3, max_samples=40):
         ups.append(fingerprint(fm, encode(fm.backbone.tokenizer, s.train), num_labels=4, samples=16, batch_size=8,
-                               layers=2, dim=64, seed=3))
+                               layers=2, dim=64, seed=3, representation_samples=512))
     after = fm.backbone.model.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert {n: p.requires_grad for n, p in fm.backbone.model.named_parameters()} == flags
@@ -79,7 +80,8 @@ def test_fingerprint_leaves_the_base_bit_identical():
     for u in ups:
         assert u["representation"].shape == (64,) and u["gradient"].shape == (64,)
         assert set(u["importance"]) == set(fm.modules) and all(v > 0 for v in u["importance"].values())
-        assert u["representation_noise"] > 0
+        assert u["representation_noise"] > 0 and u["representation_count"] == 36  # 40, less 10 % validation
+        assert 1 <= u["representation_dims"] <= 64
 
 
 class Poison(dict):
@@ -131,13 +133,13 @@ def test_fingerprint_bytes_are_what_the_configured_kind_uploads(kind, method):
     server = Server(cfg, [ClientInfo(c, ["gen_topic", "gen_pair"][t], 10, 2) for c, t in enumerate(truth)],
                     modules=fm.modules, shapes=fm.module_shapes(), facts=fm.facts())
     plan = server.plan(dict(enumerate(ups)))
-    sent = ["representation", "representation_noise"] if kind == "representation" else ["gradient"]
+    sent = ["representation", *NOISE_KEYS] if kind == "representation" else ["gradient"]
     if method == "atlas":  # ranks follow importance: one number per adapted module
         sent.append("importance")
     floats = sum(np.asarray(list(ups[0][key].values()) if key == "importance" else ups[0][key]).size for key in sent)
     expected = {"atlas": 4 * floats, "fedavg_cluster": 4 * floats, "standard_fl": 0}[method]
     assert plan.fingerprint_bytes == {c: expected for c in range(4)}
     # the figure itself, for the tiny BERT's 4 adapted modules (2 blocks × query, value) and 64-number sketches
-    assert expected == {("atlas", "representation"): 4 * 69, ("atlas", "gradient"): 4 * 68,
-                        ("fedavg_cluster", "representation"): 4 * 65, ("fedavg_cluster", "gradient"): 4 * 64,
+    assert expected == {("atlas", "representation"): 4 * 71, ("atlas", "gradient"): 4 * 68,
+                        ("fedavg_cluster", "representation"): 4 * 67, ("fedavg_cluster", "gradient"): 4 * 64,
                         ("standard_fl", "representation"): 0, ("standard_fl", "gradient"): 0}[method, kind]

@@ -92,7 +92,7 @@ def test_result_reports_glue_metrics_and_communication(make_config, wire_dtype, 
     comm = result["communication_costs"]
     assert comm["total_bytes_up"] == sum(r["bytes_up_total"] for r in result["round_metrics"]) + \
         comm["fingerprint_bytes_up"]
-    assert comm["fingerprint_bytes_up"] == 4 * (64 + 1) * len(result["clients"])  # sketch + noise, float32
+    assert comm["fingerprint_bytes_up"] == 4 * (64 + 3) * len(result["clients"])  # sketch, σ², n, dims: float32
     # Bytes are exactly the adapters and heads a client holds at the wire dtype, never the frozen backbone:
     # itemsize × (Σ_m r_m·(d_in + d_out) + head parameters), per client, per direction, per round.
     for entry in result["round_metrics"]:

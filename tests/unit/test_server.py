@@ -30,6 +30,7 @@ def _uploads(importance_by_task):
     for c in range(6):
         task = "a" if c < 3 else "b"
         ups[c] = dict(representation=centres[task] + 0.01 * rng.normal(size=64), representation_noise=1e-4,
+                      representation_count=100.0, representation_dims=20.0,
                       gradient=rng.normal(size=64), importance=importance_by_task[task])
     return ups
 
@@ -64,7 +65,7 @@ def test_homogeneous_methods_use_the_median_rank_and_count_no_importance_traffic
     imp = {m: float(i + 1) for i, m in enumerate(MODULES)}
     plan = _server("fedavg_cluster", None).plan(_uploads({"a": imp, "b": imp}))
     assert all(set(r.values()) == {8} for r in plan.ranks.values())  # lower middle of 2..64
-    assert plan.fingerprint_bytes[0] == 4 * (64 + 1)
+    assert plan.fingerprint_bytes[0] == 4 * (64 + 3)  # sketch, then σ², n and effective dimensions
     local = _server("local_only", None).plan(_uploads({"a": imp, "b": imp}))
     assert local.fingerprint_bytes[0] == 0 and _server("local_only", None).groups() == []
 

@@ -141,7 +141,8 @@ def plan_or_restore(fed: Federation, checkpoint: tuple | None) -> Plan:
         uploads = {s.client_id: _guard_oom(cfg, s, "fingerprinting", lambda s=s: fingerprint(
             fed.fm, fed.train_enc[s.client_id], num_labels=fed.tasks[s.task].num_labels,
             samples=cfg.fingerprint_samples, batch_size=cfg.batch_size, layers=cfg.fingerprint_layers,
-            dim=cfg.fingerprint_dim, seed=cfg.seed)) for s in fed.shards}
+            dim=cfg.fingerprint_dim, seed=cfg.seed, representation_samples=cfg.representation_samples))
+            for s in fed.shards}
         fed.phases_s["fingerprint"] = time.perf_counter() - t0
         plan = fed.server.plan(uploads)
     else:

@@ -103,10 +103,9 @@ def predict(fm: FederatedLoRAModel, cid: int, encoded: list[dict], *, batch_size
     return y_true, preds, losses
 
 
-# Forward-only passes are cheap next to training (a round runs forward and backward over the whole shard), so
-# the representation fingerprint reads up to this many of the client's training examples; the gradient pass,
-# which needs a backward, keeps `--fingerprint-samples`. docs/clustering.md has the measurements behind both.
-REPRESENTATION_SAMPLES = 512
+# What the representation rule needs besides the fingerprint: its sampling variance, the examples behind it and the
+# effective dimensions of its noise (phases.clustering.SamplingNoise), each one float32 on the wire.
+NOISE_KEYS = ("representation_noise", "representation_count", "representation_dims")
 
 
 def representation_layer(num_layers: int) -> int:
@@ -122,7 +121,7 @@ class _Stop(Exception):
 
 
 def representation_pass(fm: FederatedLoRAModel, encoded: list[dict], *, batch_size: int,
-                        max_examples: int = REPRESENTATION_SAMPLES) -> torch.Tensor:
+                        max_examples: int) -> torch.Tensor:
     """Forward passes only (frozen base, eval mode, adapters off, inference mode): the mean-pooled output of
     block `representation_layer` for each of the first `max_examples` training examples, as an n×hidden
     float64 matrix. Examples go through in length order so that batches carry little padding (the order
@@ -183,13 +182,30 @@ def gradient_pass(fm: FederatedLoRAModel, encoded: list[dict], *, num_labels: in
         model.train(was_training)
 
 
+def effective_dims(X: torch.Tensor) -> float:
+    """(tr Σ)² / tr Σ² of the rows' covariance: how many dimensions their noise really spreads over (1 … d).
+    tr Σ² comes from its estimator unbiased under normality, (n−1)²/((n−2)(n+1))·(tr S² − (tr S)²/(n−1))
+    (Srivastava 2005); with fewer than 3 rows, or an estimate ≤ 0, the bounds 1 resp. d stand in."""
+    n, d = X.shape
+    if n < 3:
+        return 1.0
+    centred = X - X.mean(0)
+    S = centred.T @ centred / (n - 1)
+    tr, tr2 = float(S.trace()), float((S * S).sum())
+    a2 = (n - 1) ** 2 / ((n - 2) * (n + 1)) * (tr2 - tr ** 2 / (n - 1))
+    return float(min(max(tr ** 2 / a2, 1.0), d)) if a2 > 0 else float(d)
+
+
 def package_fingerprint(pooled: torch.Tensor, grads: dict[str, torch.Tensor], modules: list[str], *, layers: int,
                         dim: int, seed: int) -> dict:
     """What leaves the client, all float32 aggregates (never one example's numbers):
 
     - `representation`: the count sketch (shared seed) of the mean pooled representation, `dim` numbers;
     - `representation_noise`: the sampling variance of that mean, tr Cov / n, measured on the sketched
-      examples (the sketch is linear), so in the very space the server compares clients in; one number;
+      examples (the sketch is linear), so in the very space the server compares clients in;
+    - `representation_count`: n, the examples behind that mean;
+    - `representation_dims`: the effective dimensions of their spread (`effective_dims`), which with n sets
+      how noisy the server's spread-to-noise ratio is;
     - `gradient`: the count sketch of the gradient on the last `layers` blocks' adapted modules;
     - `importance`: each adapted module's gradient norm.
     """
@@ -203,17 +219,20 @@ def package_fingerprint(pooled: torch.Tensor, grads: dict[str, torch.Tensor], mo
     return {
         "representation": mean.float().numpy(),
         "representation_noise": float(np.float32(noise)),
+        "representation_count": float(n),
+        "representation_dims": float(np.float32(effective_dims(sketched))),
         "gradient": count_sketch(grad_vec, dim, seed).float().numpy(),
         "importance": {m: float(np.float32(g.norm())) for m, g in grads.items()},
     }
 
 
 def fingerprint(fm: FederatedLoRAModel, encoded: list[dict], *, num_labels: int, samples: int, batch_size: int,
-                layers: int, dim: int, seed: int, representation_samples: int = REPRESENTATION_SAMPLES) -> dict:
+                layers: int, dim: int, seed: int, representation_samples: int) -> dict:
     """Phase 1 on the client (DESIGN §3.1), from its training examples only: forward passes over up to
-    `representation_samples` of them for the representation fingerprint, a forward and backward pass over
-    `samples` of them for the gradient fingerprint and the importances; see `package_fingerprint` for
-    what is uploaded."""
+    `representation_samples` of them for the representation fingerprint (forward-only passes are cheap next
+    to a round's training, so it can read many more than the gradient pass), a forward and backward pass over
+    `samples` of them for the gradient fingerprint and the importances; see `package_fingerprint` for what
+    is uploaded."""
     forward_batch = max(4 * batch_size, 32)  # no activations kept for a backward: larger batches fit
     pooled = representation_pass(fm, encoded, batch_size=forward_batch, max_examples=representation_samples)
     grads = gradient_pass(fm, encoded[:samples], num_labels=num_labels, batch_size=batch_size)

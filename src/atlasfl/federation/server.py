@@ -12,9 +12,16 @@ import numpy as np
 import torch
 
 from atlasfl.config import RunConfig
+from atlasfl.federation.client import NOISE_KEYS
 from atlasfl.federation.methods import METHOD_SPECS
 from atlasfl.phases.aggregation import aggregate_states
-from atlasfl.phases.clustering import NOISE_RATIO, adjusted_rand, centred_unit_rows, cluster_fingerprints
+from atlasfl.phases.clustering import (
+    SIGNIFICANCE,
+    SamplingNoise,
+    adjusted_rand,
+    centred_unit_rows,
+    cluster_fingerprints,
+)
 from atlasfl.phases.devices import PROFILES, ModelFacts, draw_devices, estimate_training_memory, fits
 from atlasfl.phases.laplacian import affinity, personalise_states
 from atlasfl.phases.ranks import adapter_params, allocate_ranks, rank_budget_for_memory
@@ -73,7 +80,8 @@ class Server:
         by_kind = {}
         for kind in FINGERPRINT_KINDS:
             F = np.stack([np.asarray(uploads[c][kind], dtype=np.float64) for c in cids])
-            noise = [float(uploads[c]["representation_noise"]) for c in cids] if kind == "representation" else None
+            noise = SamplingNoise.of(*([float(uploads[c][key]) for c in cids] for key in NOISE_KEYS), len(cids)) \
+                if kind == "representation" else None
             result = cluster_fingerprints(F, seed=self.cfg.seed, noise=noise)
             by_kind[kind] = (F, result, adjusted_rand(result.labels, truth))
         F, chosen, ari = by_kind[self.cfg.fingerprint]
@@ -82,8 +90,10 @@ class Server:
             fingerprint=self.cfg.fingerprint, k=chosen.k, labels=chosen.labels, silhouette=chosen.silhouette,
             ari=ari, method=chosen.method, silhouette_by_k={str(k): v for k, v in chosen.silhouette_by_k.items()},
             dispersion=chosen.dispersion, spread_to_noise=chosen.spread_to_noise,
-            tightness_by_k={str(k): v for k, v in chosen.tightness_by_k.items()}, margin=chosen.margin,
-            margin_units=chosen.margin_units, noise_ratio=NOISE_RATIO if chosen.tightness_by_k else None,
+            tightness_by_k={str(k): v for k, v in chosen.tightness_by_k.items()},
+            threshold_by_k={str(k): v for k, v in chosen.threshold_by_k.items()},
+            dof_by_k={str(k): list(v) for k, v in chosen.dof_by_k.items()}, margin=chosen.margin,
+            margin_units=chosen.margin_units, significance=SIGNIFICANCE if chosen.tightness_by_k else None,
             similarity=chosen.similarity, fingerprints=F.tolist(),
             true_tasks=[self.clients[c].task for c in cids],
             ari_by_fingerprint={k: v[2] for k, v in by_kind.items()},
@@ -112,12 +122,13 @@ class Server:
 
     def _fingerprint_bytes(self) -> int:
         """Float32 bytes one client uploads for the configured fingerprint kind: its `fingerprint_dim` sketch,
-        plus the sampling-noise number the representation rule needs, plus one importance per module where
-        ranks follow importance. Counted only where the method uses it (clusters or importance-driven ranks)."""
+        plus the sampling-noise numbers the representation rule needs (`client.NOISE_KEYS`: σ², n, effective
+        dimensions), plus one importance per module where ranks follow importance. Counted only where the
+        method uses it (clusters or importance-driven ranks)."""
         m = self.method
         if not m.communicates or not (m.group == "cluster" or m.heterogeneous_ranks):
             return 0
-        floats = self.cfg.fingerprint_dim + (self.cfg.fingerprint == "representation") \
+        floats = self.cfg.fingerprint_dim + len(NOISE_KEYS) * (self.cfg.fingerprint == "representation") \
             + (len(self.modules) if m.heterogeneous_ranks else 0)
         return floats * 4
 

@@ -1,30 +1,23 @@
-"""Task clustering of client fingerprints on the server (DESIGN §3.1).
+"""Task clustering of client fingerprints on the server (DESIGN §3.1); the derivation is in docs/clustering.md.
 
 The rule, with the clients' sampling noise (representation fingerprints, the default):
 
-- Client i uploads its fingerprint f_i (the mean of n_i sketched example representations) and σ²_i, the
-  sampling variance of that mean (trace of the examples' covariance over n_i).
+- Client i uploads its fingerprint f_i (the mean of n_i sketched example representations), σ²_i (the
+  sampling variance of that mean: trace of the examples' covariance over n_i), n_i, and r_i, the effective
+  number of dimensions of that noise ((tr Σ)² / tr Σ², 1 … fingerprint_dim).
 - For each k = 1 … kmax, a partition P_k: seeded k-means with many inits, on the centred fingerprints
   and on their unit-length rows, keeping whichever of the two is tighter.
 - Its spread-to-noise ratio  T_k = Σ_i ‖f_i − f̄_c(i)‖² / Σ_c (1 − 1/n_c) Σ_{i∈c} σ²_i : the within-cluster
-  spread over what it is in expectation when every cluster holds clients of one task (clients of one
-  task differ only by sampling). A right partition has T ≈ 1; a partition that merges two tasks a, b
-  adds about (n_a n_b / (n_a + n_b)) ‖μ_a − μ_b‖² to the numerator, and that term grows with the
-  examples behind each fingerprint while the noise shrinks as 1/n.
-- k is the smallest k with T_k ≤ NOISE_RATIO = 2 (k = 1 is the explicit test "all clients alike").
-- The margin is how far the decision sits from flipping, in log units of T:
-  min(ln 2 − ln T_k, ln T_{k−1} − ln 2). ln T_k near 0 means the clusters are exactly as tight as noise.
-  A margin of 0.2 means one of the two nearest partitions is 20 % away from being chosen instead.
-
-Why 2 and not the former 1.5: what moves T is the sampling noise. With 64 examples of MiniLM's last hidden
-state a merge of two offline tasks sat at T = 1.47 (seed 4) while right partitions reached 1.45, so no
-threshold was safe. The representation now pools the output of block ⌈L/3⌉ over up to 512 training
-examples (`federation.client`). Measured on seeds 0–49 (docs/clustering.md, `benchmarks/clustering.py`):
-right partitions stay at T ≤ 1.34 (MiniLM, offline tasks) and ≤ 1.61 (tiny models, generated tasks);
-the nearest merge sits at T ≥ 2.36 for MiniLM with only 72 examples per client, ≥ 4.5 for the tiny
-models, and ≥ 10.5 for MiniLM at the preset sizes (seeds 0–49). 2 sits between with room on both sides, and the
-merge side grows with the examples. Still fragile: very few clients with few examples (4 clients of 22
-examples on 32-wide random models: a right partition's T exceeded 2 on 4 of 60 cases, 3 of them split).
+  spread over its expectation when every cluster holds clients of one task (clients of one task differ
+  only by sampling).
+- When every cluster is one task, T_k is a ratio of two noisy quadratic forms whose degrees of freedom
+  follow from (σ²_i, n_i, r_i) (Satterthwaite): ν₁ ≈ (K − k)·r for the spread, ν₂ ≈ Σ_i (n_i − 1)·r for the
+  noise estimate, so T_k ~ F(ν₁, ν₂). Its critical value c_k is the F quantile at 1 − SIGNIFICANCE: large
+  when few clients or few examples stand behind the fingerprints, near 1 when many do.
+- k is the smallest k with T_k ≤ c_k (k = 1 is the explicit test "all clients alike").
+- The margin is how far the decision sits from flipping, in ln units of T over its critical value:
+  min(ln c_k − ln T_k, ln T_{k−1} − ln c_{k−1}). 0.2 means one of the two nearest partitions is 20 % away
+  from being chosen instead.
 
 Without a noise figure (gradient fingerprints), k is the best cosine silhouette, with k = 1 when the raw
 fingerprints hardly differ (dispersion) or no partition is convincing; its margin is in silhouette units.
@@ -38,12 +31,34 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy.stats import f as f_distribution
 from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score, silhouette_score
 
 SILHOUETTE_THRESHOLD = 0.2  # below it no k ≥ 2 partition is convincing: one cluster (gradient fingerprints)
 DISPERSION_THRESHOLD = 0.05  # mean ‖f_k − f̄‖ / ‖f̄‖ below it: raw fingerprints nearly identical
-NOISE_RATIO = 2.0  # the largest spread-to-noise ratio T a partition may have and count as one task per cluster
+# Chance that a right partition's T exceeds its critical value, i.e. that noise alone splits a task (module docstring).
+SIGNIFICANCE = 0.001
+MAX_DOF = 1e9  # degrees of freedom beyond this give the F quantile's limit to float precision
+
+
+@dataclass(frozen=True)
+class SamplingNoise:
+    """What each client says about the noise of its fingerprint (one entry per client)."""
+
+    variance: np.ndarray  # σ²_i: trace of the sampling covariance of f_i
+    count: np.ndarray  # n_i: examples behind f_i
+    dims: np.ndarray  # r_i: effective dimensions of that noise, (tr Σ)² / tr Σ²
+
+    @classmethod
+    def of(cls, variance, count, dims, num_clients: int) -> SamplingNoise:
+        """Broadcast to one entry per client and check: finite, σ² ≥ 0, n ≥ 1, r ≥ 1."""
+        arrays = [np.broadcast_to(np.asarray(x, dtype=np.float64), (num_clients,)) for x in (variance, count, dims)]
+        if not all(np.all(np.isfinite(a)) for a in arrays) or np.any(arrays[0] < 0):
+            raise ValueError("noise must be finite and non-negative")
+        if np.any(arrays[1] < 1) or np.any(arrays[2] < 1):
+            raise ValueError("noise counts and effective dimensions must be at least 1")
+        return cls(*arrays)
 
 
 @dataclass
@@ -59,6 +74,8 @@ class ClusterResult:
     dispersion: float = 0.0
     spread_to_noise: float | None = None  # T_1: all clients' spread over its one-task expectation (None: no noise)
     tightness_by_k: dict[int, float] = field(default_factory=dict)  # T_k of each k's partition
+    threshold_by_k: dict[int, float] = field(default_factory=dict)  # c_k: critical value of T_k (one task per cluster)
+    dof_by_k: dict[int, tuple[float, float]] = field(default_factory=dict)  # (ν₁, ν₂) behind c_k
     margin: float | None = None  # distance of the decision from its nearest alternative, in `margin_units`
     margin_units: str = ""
     partitions_by_k: dict[int, list[int]] = field(default_factory=dict)
@@ -93,12 +110,39 @@ def within_cluster_spread(F: np.ndarray, labels: Sequence[int]) -> float:
     return float(sum(((F[labels == c] - F[labels == c].mean(axis=0)) ** 2).sum() for c in np.unique(labels)))
 
 
-def spread_to_noise(F: np.ndarray, labels: Sequence[int], noise: np.ndarray) -> float:
-    """T of a partition: its within-cluster spread over the spread expected when each cluster is one task,
-    Σ_c (1 − 1/n_c) Σ_{i∈c} σ²_i, with σ²_i client i's sampling variance (trace) of its fingerprint."""
+def expected_spread(labels: np.ndarray, variance: np.ndarray) -> float:
+    """Σ_c (1 − 1/n_c) Σ_{i∈c} σ²_i: the within-cluster spread's expectation when each cluster is one task."""
+    return float(sum((1 - 1 / (labels == c).sum()) * variance[labels == c].sum() for c in np.unique(labels)))
+
+
+def spread_to_noise(F: np.ndarray, labels: Sequence[int], variance: np.ndarray) -> float:
+    """T of a partition: its within-cluster spread over `expected_spread`."""
     labels = np.asarray(labels)
-    expected = sum((1 - 1 / (labels == c).sum()) * noise[labels == c].sum() for c in np.unique(labels))
+    expected = expected_spread(labels, variance)
     return within_cluster_spread(F, labels) / expected if expected > 0 else math.inf
+
+
+def null_dof(labels: Sequence[int], noise: SamplingNoise) -> tuple[float, float]:
+    """Satterthwaite degrees of freedom (ν₁, ν₂) of T's numerator and denominator when each cluster is one task
+    and examples are Gaussian: ν = 2·E²/Var of each quadratic form. With q_i = σ⁴_i / r_i = tr Cov(f_i)²,
+    Var(spread) = 2 Σ_c Σ_{i,j∈c} P_ij² √(q_i q_j) (P the cluster's centring matrix) and
+    Var(σ²_i) = 2 q_i / (n_i − 1) (Wishart)."""
+    labels = np.asarray(labels)
+    q = noise.variance ** 2 / noise.dims
+    var_spread = var_noise = 0.0
+    for c in np.unique(labels):
+        idx = labels == c
+        m = int(idx.sum())
+        P = np.eye(m) - 1 / m
+        var_spread += 2 * float((P ** 2 * np.sqrt(np.outer(q[idx], q[idx]))).sum())
+        var_noise += (1 - 1 / m) ** 2 * float((2 * q[idx] / np.maximum(noise.count[idx] - 1, 1)).sum())
+    expected = expected_spread(labels, noise.variance)
+    return tuple(min(2 * expected ** 2 / v, MAX_DOF) if v > 0 else MAX_DOF for v in (var_spread, var_noise))
+
+
+def critical_ratio(dof: tuple[float, float], significance: float = SIGNIFICANCE) -> float:
+    """The T a right partition exceeds with probability `significance`: the F(ν₁, ν₂) quantile."""
+    return float(f_distribution.ppf(1 - significance, *dof))
 
 
 def cluster_fingerprints(
@@ -109,14 +153,13 @@ def cluster_fingerprints(
     n_init: int = 20,
     silhouette_threshold: float = SILHOUETTE_THRESHOLD,
     dispersion_threshold: float = DISPERSION_THRESHOLD,
-    noise: float | Sequence[float] | None = None,
-    noise_ratio: float = NOISE_RATIO,
+    noise: SamplingNoise | None = None,
+    significance: float = SIGNIFICANCE,
 ) -> ClusterResult:
     """Cluster K fingerprints (K×d); deterministic given `seed`. kmax defaults to min(8, K−1).
 
-    `noise` is each client's sampling variance of its fingerprint (one number for all, or one per
-    client); with it k follows the spread-to-noise rule of the module docstring, without it the
-    silhouette rule.
+    With `noise` (each client's sampling noise of its fingerprint) k follows the spread-to-noise rule of the
+    module docstring, without it the silhouette rule.
     """
     F = np.asarray(F, dtype=np.float64)
     if F.ndim != 2 or F.shape[0] == 0:
@@ -124,10 +167,9 @@ def cluster_fingerprints(
     if not np.all(np.isfinite(F)):
         raise ValueError("fingerprints contain NaN or infinite values")
     num_clients = F.shape[0]
-    sigma2 = None if noise is None else np.broadcast_to(np.asarray(noise, dtype=np.float64), (num_clients,))
-    if sigma2 is not None and not (np.all(np.isfinite(sigma2)) and np.all(sigma2 >= 0)):
-        raise ValueError("noise must be finite and non-negative")
-    use_noise = sigma2 is not None and sigma2.sum() > 0
+    if noise is not None and len(noise.variance) != num_clients:
+        raise ValueError(f"noise has {len(noise.variance)} entries for {num_clients} fingerprints")
+    use_noise = noise is not None and noise.variance.sum() > 0
     X = centred_unit_rows(F)
     Fc = F - F.mean(axis=0)
     similarity = (X @ X.T).tolist()
@@ -145,22 +187,24 @@ def cluster_fingerprints(
             partitions[k] = canonical_labels(labels)
     # Scored after the partitions are final, so silhouette_by_k[k] is the silhouette of partitions[k].
     scores = {k: float(silhouette_score(X, p, metric="cosine")) for k, p in partitions.items() if k > 1}
-    tightness = {k: spread_to_noise(F, p, sigma2) for k, p in partitions.items()} if use_noise else {}
+    tightness = {k: spread_to_noise(F, p, noise.variance) for k, p in partitions.items()} if use_noise else {}
+    dofs = {k: null_dof(p, noise) for k, p in partitions.items()} if use_noise else {}
+    thresholds = {k: critical_ratio(dof, significance) for k, dof in dofs.items()}
 
     def result(k: int, method: str, margin: float | None, units: str) -> ClusterResult:
         return ClusterResult(k, partitions[k], scores.get(k), method, similarity, scores, dispersion,
-                             tightness.get(1), tightness, margin, units, partitions)
+                             tightness.get(1), tightness, thresholds, dofs, margin, units, partitions)
 
     if not scores:
         return result(1, "single:few-clients", None, "")
     if tightness:
-        consistent = [k for k in sorted(tightness) if tightness[k] <= noise_ratio]
+        consistent = [k for k in sorted(tightness) if tightness[k] <= thresholds[k]]
         if consistent:
             k = consistent[0]
-            margins = [math.log(noise_ratio / tightness[k])]
+            margins = [math.log(thresholds[k] / tightness[k])]
             if k > 1:
-                margins.append(math.log(tightness[k - 1] / noise_ratio))
-            units = f"ln spread-to-noise: min(ln {noise_ratio:g} - ln T_k, ln T_(k-1) - ln {noise_ratio:g})"
+                margins.append(math.log(tightness[k - 1] / thresholds[k - 1]))
+            units = "ln spread-to-noise over its critical value: min(ln c_k - ln T_k, ln T_(k-1) - ln c_(k-1))"
             return result(k, "single:noise" if k == 1 else "kmeans:noise-consistent", min(margins), units)
     if dispersion < dispersion_threshold:
         return result(1, "single:dispersion", math.log(dispersion_threshold / max(dispersion, 1e-300)),

@@ -25,7 +25,9 @@ NOTES = {
     "cluster_labels": "Cluster of each client (in client-id order) used as its aggregation group (predecessor key).",
     "cluster_source": "`fingerprint` (discovered in phase 1) or `oracle` (the true tasks).",
     "phase1_clustering": "Fingerprint clustering: `k`, `labels`, `silhouette`, `ari` against the true tasks, "
-                         "`similarity` (K×K cosine of centred fingerprints) and more; "
+                         "`similarity` (K×K cosine of centred fingerprints), the spread-to-noise ratio "
+                         "`tightness_by_k`, its critical value `threshold_by_k` at `significance` from the "
+                         "degrees of freedom `dof_by_k`, the `margin` of the choice (docs/clustering.md) and more; "
                          "null when the method runs no phase 1.",
     "phase2_rank_allocation": "Device profiles, per-module rank allocation and the memory model (an ESTIMATE). "
                               "Per client: `device`, `feasible`, `mean_rank_cap` (the device's cap on the *mean* "

@@ -33,7 +33,15 @@ from atlasfl.engines.flower.records import (
     transport_size_mod,
 )
 from atlasfl.errors import AtlasError
-from atlasfl.federation.client import client_seed, evaluate_client, fingerprint, predict, test_scores, train_local
+from atlasfl.federation.client import (
+    NOISE_KEYS,
+    client_seed,
+    evaluate_client,
+    fingerprint,
+    predict,
+    test_scores,
+    train_local,
+)
 from atlasfl.federation.records import client_references, load_client_data, num_clients
 from atlasfl.models.lora import FederatedLoRAModel, state_digest
 from atlasfl.models.registry import load_backbone, resolve_device
@@ -106,10 +114,11 @@ def fingerprint_phase(msg: Message, context: Context) -> Message:
                          f"{expected} clients (tasks x clients per task); start one SuperNode per client")
     cfg, cid, fm, (shard, task, train_enc, _, _) = _client(context)
     up = fingerprint(fm, train_enc, num_labels=task.num_labels, samples=cfg.fingerprint_samples,
-                     batch_size=cfg.batch_size, layers=cfg.fingerprint_layers, dim=cfg.fingerprint_dim, seed=cfg.seed)
+                     batch_size=cfg.batch_size, layers=cfg.fingerprint_layers, dim=cfg.fingerprint_dim, seed=cfg.seed,
+                     representation_samples=cfg.representation_samples)
     arrays = ArrayRecord({key: Array(np.asarray(value, dtype=np.float32)) for key, value in (
         ("representation", up["representation"]), ("gradient", up["gradient"]),
-        ("representation_noise", [up["representation_noise"]]),
+        *((key, [up[key]]) for key in NOISE_KEYS),
         ("importance", [up["importance"][m] for m in fm.modules]))})
     info = dict(client_id=cid, task=shard.task, num_train=len(shard.train), num_val=len(shard.val),
                 num_labels=task.num_labels, modules=fm.modules,

@@ -27,6 +27,7 @@ from atlasfl.data.batching import Tally
 from atlasfl.data.tasks import TaskData, expand_tasks, task_metric
 from atlasfl.engines.flower.records import ATLAS, STATE, TRANSPORT, config_to_json, record_to_state, state_to_record
 from atlasfl.errors import AtlasError
+from atlasfl.federation.client import NOISE_KEYS
 from atlasfl.federation.methods import METHOD_SPECS
 from atlasfl.federation.records import (
     client_round,
@@ -105,7 +106,7 @@ class AtlasStrategy(Strategy):
             self.references[cid] = info["references"]
             fp = reply.content["fingerprint"]
             uploads[cid] = dict(representation=fp["representation"].numpy(), gradient=fp["gradient"].numpy(),
-                                representation_noise=float(fp["representation_noise"].numpy()[0]),
+                                **{key: float(fp[key].numpy()[0]) for key in NOISE_KEYS},
                                 importance=dict(zip(info["modules"], fp["importance"].numpy().tolist())))
             self.reports.add("fingerprint", cid, reply)
         fingerprint_s = time.perf_counter() - t0
