@@ -48,8 +48,11 @@ class RunConfig(BaseModel):
     batch_size: int = setting("Training batch size.", preset=True, gt=0)
     lr: float = setting("Learning rate (AdamW).", preset=True, gt=0)
     local_epochs: int = setting("Local epochs per round.", preset=True, gt=0)
-    max_samples: int | None = setting("Max training examples per client (10% of them: local validation).",
-                                      preset=True, gt=0)
+    max_samples: int | None = setting(
+        "Max training examples per client (--val-fraction of them: local validation).", preset=True, gt=0)
+    val_fraction: float = setting(
+        "Share of each client's examples held out as its local validation, the only data a choice (eta) is "
+        "made on; at least 1 example.", 0.1, gt=0, lt=1)
     fingerprint_samples: int = setting(
         "Examples per client for the gradient pass of phase 1 (gradient fingerprint, layer importances).",
         preset=True, gt=0)

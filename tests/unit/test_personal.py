@@ -114,3 +114,10 @@ def test_client_references_use_the_pool_for_global_and_the_clients_own_majority_
     assert refs["global"]["majority"]["score"] == 3 / 5  # the pool's majority 0 on the whole test set
     assert refs["personal"]["majority"]["score"] == 2 / 3  # the client's majority 1 on rows 1, 3, 4 (labels 0, 1, 1)
     assert refs["global"]["chance"]["score"] == refs["personal"]["chance"]["score"] == 0.5
+
+
+def test_val_fraction_setting_sizes_every_clients_validation(tmp_path):
+    cfg = tiny_config(tmp_path, max_samples=40, val_fraction=0.25)
+    for cid in range(4):
+        shard, _ = load_client_data(cfg, cid)
+        assert (len(shard.train), len(shard.val)) == (30, 10)

@@ -118,7 +118,7 @@ def set_up(cfg: RunConfig) -> Federation:
     device = resolve_device(cfg.device)
     tasks = {n: load_task(n, data_dir=cfg.data_dir, max_test=cfg.max_test_samples) for n in expand_tasks(cfg.tasks)}
     shards = make_shards(list(tasks.values()), cfg.clients_per_task, seed=cfg.seed, max_samples=cfg.max_samples,
-                         dirichlet_alpha=cfg.dirichlet_alpha)
+                         dirichlet_alpha=cfg.dirichlet_alpha, val_fraction=cfg.val_fraction)
     backbone = load_backbone(cfg.model, init=cfg.init, seed=cfg.seed, device=device)
     tok = backbone.tokenizer
     fm = FederatedLoRAModel(backbone, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, seed=cfg.seed)

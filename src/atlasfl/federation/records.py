@@ -38,7 +38,8 @@ def load_client_data(cfg: RunConfig, client_id: int) -> tuple[ClientShard, TaskD
     task_index, j = divmod(client_id, cfg.clients_per_task)
     task = load_task(names[task_index], data_dir=cfg.data_dir, max_test=cfg.max_test_samples)
     shards = task_shards(task, cfg.clients_per_task, first_id=task_index * cfg.clients_per_task, seed=cfg.seed,
-                         max_samples=cfg.max_samples, dirichlet_alpha=cfg.dirichlet_alpha)
+                         max_samples=cfg.max_samples, dirichlet_alpha=cfg.dirichlet_alpha,
+                         val_fraction=cfg.val_fraction)
     return shards[j], task
 
 
