@@ -70,7 +70,7 @@ def _is_png(path: Path) -> bool:
 
 
 def _tables(records, *args) -> dict:
-    return {t.key: t for t in build_tables(records, "local_only", *args)}
+    return {t.key: t for t in build_tables(records, ("local_only",), *args)}
 
 
 def test_scores_and_costs_equal_hand_aggregates(results):
@@ -114,12 +114,23 @@ def test_paired_comparisons_pair_seeds_and_clients(results):
     assert by_unit["clients"][5] == pytest.approx(statistics.mean(client_diffs))
 
 
+def test_each_baseline_gets_its_own_paired_table(results, tmp_path):
+    out = tmp_path / "report"
+    assert main(["report", str(results), "--out", str(out), "--baseline", "local_only", "fedavg_cluster"]) == 0
+    tables = {t.key: t for t in build_tables(load_results([results]), ("local_only", "fedavg_cluster"))}
+    first, second = tables["paired"], tables["paired_vs_fedavg_cluster"]
+    assert {row[2] for row in first.rows} == {"local_only"} and {row[2] for row in second.rows} == {"fedavg_cluster"}
+    # the same pair seen from either side: the difference changes sign
+    assert _cell(second, "local_only", "mean diff") == pytest.approx(-_cell(first, "fedavg_cluster", "mean diff"))
+    assert (out / "paired.csv").exists() and (out / "paired_vs_fedavg_cluster.csv").exists()
+
+
 def test_cli_writes_every_format_and_plot(results, tmp_path, capsys):
     out, plots = tmp_path / "report", tmp_path / "plots"
     assert main(["report", str(results), "--out", str(out), "--plots", str(plots)]) == 0
     assert "Test scores per task" in capsys.readouterr().out
     md = (out / "report.md").read_text()
-    scores, *_ = build_tables(load_results([results]), "local_only")
+    scores, *_ = build_tables(load_results([results]), ("local_only",))
     task_mean = _cell(scores, "fedavg_cluster", "task mean")
     assert f"{task_mean.mean:.4f} ± {task_mean.std:.4f}" in md
     assert r"\begin{tabular}" in (out / "report.tex").read_text()

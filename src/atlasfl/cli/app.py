@@ -22,7 +22,7 @@ app.command("run", cls=ListOptionsCommand)(run)
 app.command("demo")(demo)
 app.command("presets")(presets)
 app.command("sweep", cls=ListOptionsCommand)(sweep)
-app.command("report")(report)
+app.command("report", cls=ListOptionsCommand)(report)
 app.command("config")(config)
 app.command("bench")(bench)
 _DEBUG = {"on": False}

@@ -18,7 +18,8 @@ class Protocol(StrEnum):
 def report(
     results: List[str] = typer.Argument(..., help="Result JSON files or folders of them (ours or the predecessor's)."),
     out: str = typer.Option("reports", help="Folder for report.md, report.tex and the CSV tables."),
-    baseline: str = typer.Option("local_only", help="Method every other method is compared with, seed by seed."),
+    baseline: List[str] = typer.Option(["local_only"], help="Methods every other method is compared with, seed "
+                                                            "by seed: one paired table each (space-separated)."),
     plots: Optional[str] = typer.Option(None, help="Also write PNG plots into this folder."),
     protocol: Protocol = typer.Option("both", help="Test sets to report: global (each client on its task's test "
                                                    "set), personal (on its own label mix) or both."),

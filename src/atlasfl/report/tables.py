@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,12 +86,20 @@ PROTOCOL_NOTES = {
 }
 
 
-def build_tables(records: list[RunRecord], baseline: str, protocols: tuple[str, ...] = PROTOCOLS) -> list[Table]:
-    """Scores and paired comparisons on each protocol asked for, and the costs (the same on both)."""
+def build_tables(records: list[RunRecord], baselines: Sequence[str] = ("local_only",),
+                 protocols: tuple[str, ...] = PROTOCOLS) -> list[Table]:
+    """Scores and paired comparisons (against each baseline) on each protocol asked for, and the costs (the
+    same on both)."""
     views = {p: [v for r in records if (v := in_protocol(r, p)) is not None] for p in protocols}
     views = {p: groups for p, recs in views.items() if (groups := group_runs(recs))}
     return [*(scores_table(g, p) for p, g in views.items()), costs_table(group_runs(records)),
-            *(paired_table(g, baseline, p) for p, g in views.items())]
+            *(paired_table(g, b, p, key=_paired_key(b, baselines)) for b in dict.fromkeys(baselines)
+              for p, g in views.items())]
+
+
+def _paired_key(baseline: str, baselines: Sequence[str]) -> str:
+    """The first baseline's tables keep the name `paired`; the others are `paired_vs_<baseline>`."""
+    return "paired" if baseline == baselines[0] else f"paired_vs_{baseline}"
 
 
 def _key(stem: str, protocol: str) -> str:
@@ -206,7 +215,7 @@ def costs_table(groups: list[Group]) -> Table:
     return Table("costs", "Communication, time, memory and clustering", columns, rows, notes)
 
 
-def paired_table(groups: list[Group], baseline: str, protocol: str = "global") -> Table:
+def paired_table(groups: list[Group], baseline: str, protocol: str = "global", key: str = "paired") -> Table:
     """Each method against the baseline of the same model: over seeds (task mean) and over (seed, client)."""
     columns = [Column("model"), Column("method"), Column("baseline"), Column("paired over"), Column("n"),
                Column("mean diff", "{:+.4f}"), Column("t-test p", "{:.4f}"), Column("Wilcoxon p", "{:.4f}"),
@@ -236,7 +245,7 @@ def paired_table(groups: list[Group], baseline: str, protocol: str = "global") -
                  "(per seed) or of the client's GLUE metric (per seed and client id); two-sided p-values; d_z = mean "
                  "difference / sample std of differences. Clients of one run are not independent samples: read the "
                  "per-client row as descriptive.")
-    return Table(_key("paired", protocol), f"Paired comparisons against {baseline}, {protocol} protocol", columns,
+    return Table(_key(key, protocol), f"Paired comparisons against {baseline}, {protocol} protocol", columns,
                  rows, notes)
 
 
