@@ -59,10 +59,12 @@ def round_cost(*, train_s: float, aggregate_s: float, evaluate_s: float, work: d
 
 
 def round_summary(round_idx: int, clients: list[dict], task_names: list[str], time_s: float,
-                  digests: dict[str, str], eta: float | None = None, cost: dict | None = None) -> dict:
+                  digests: dict[str, str], eta: float | None = None, cost: dict | None = None,
+                  missing: dict[str, str] | None = None) -> dict:
     """A round's entry (schema RoundEntry): task scores are the mean over each task's clients; `eta`
     (the Laplacian step of a personalising method) is recorded as `lambda_eta`. Its `cost` (`round_cost`)
-    travels with the round and moves to `time_metrics` in the result."""
+    travels with the round and moves to `time_metrics` in the result. `missing` (Flower: client id -> why it
+    was left out of the round) becomes `missing_clients` and `missing_reasons`."""
     task_scores = {t: float(np.mean([c["test_metric"] for c in clients if c["task"] == t])) for t in task_names}
     entry = dict(round=round_idx, clients=clients, mean_accuracy=float(np.mean([c["test_accuracy"] for c in clients])),
                  task_scores=task_scores, mean_task_score=float(np.mean(list(task_scores.values()))), time_s=time_s,
@@ -70,6 +72,8 @@ def round_summary(round_idx: int, clients: list[dict], task_names: list[str], ti
                  bytes_down_total=sum(c["bytes_down"] for c in clients), state_digests=digests)
     if eta is not None:
         entry["lambda_eta"] = eta
+    if missing is not None:
+        entry.update(missing_clients=sorted(map(int, missing)), missing_reasons=missing)
     if cost is not None:
         entry["cost"] = cost
     return entry

@@ -36,7 +36,7 @@ def build_result(cfg: RunConfig, shards: list, tasks: dict[str, TaskData], plan:
         per_client[str(s.client_id)] = dict(task=s.task, accuracy=c["test_accuracy"], macro_f1=c["test_macro_f1"],
                                             f1=c["test_f1"], mcc=c["test_mcc"], score=c["test_metric"],
                                             metric_name=c["metric_name"], loss=c["test_loss"],
-                                            val_score=run["val"][s.client_id]["score"],
+                                            val_score=run["val"].get(s.client_id, {}).get("score"),
                                             device=plan.devices[s.client_id], diverged=s.client_id in diverged)
     up = {str(s.client_id): sum(r["clients"][i]["bytes_up"] for r in rounds)
           + plan.fingerprint_bytes.get(s.client_id, 0) for i, s in enumerate(shards)}

@@ -7,8 +7,9 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
-SCHEMA_VERSION = "1.1"  # 1.1: per-round phase clocks and work (time_metrics.rounds/totals), lambda-sweep totals
-KNOWN_SCHEMA_VERSIONS = ("1.0", "1.1")
+SCHEMA_VERSION = "1.2"  # 1.1: per-round phase clocks and work (time_metrics.rounds/totals), lambda-sweep totals
+# 1.2: Flower rounds record the clients missing from them (missing_clients, missing_reasons, ClientRound.missing)
+KNOWN_SCHEMA_VERSIONS = ("1.0", "1.1", "1.2")
 
 
 class _Strict(BaseModel):
@@ -28,6 +29,11 @@ class ClientRound(_Strict):
     metric_name: str
     bytes_up: int
     bytes_down: int
+    missing: bool = Field(default=False, description="Flower: the client failed or did not reply this round; it "
+                                                     "kept its last state and its metrics are those of "
+                                                     "`metrics_from_round`")
+    metrics_from_round: Optional[int] = Field(default=None, description="the round a missing client's metrics "
+                                                                         "(train loss included) come from")
 
 
 class RoundEntry(_Strict):
@@ -41,6 +47,9 @@ class RoundEntry(_Strict):
     bytes_down_total: int
     state_digests: dict[str, str] = Field(description="client id -> digest of its trainable state after aggregation")
     lambda_eta: Optional[float] = None
+    missing_clients: list[int] = Field(default=[], description="Flower: clients that failed or did not reply this "
+                                                               "round; the round went on without them")
+    missing_reasons: dict[str, str] = Field(default={}, description="client id -> why it was missing (Flower's error)")
 
 
 class Work(_Strict):
