@@ -377,7 +377,9 @@ class AtlasStrategy(Strategy):
         result = build_result(self.cfg, self.shards, self.tasks, self.plan, runs, setup_s, self.phases_s,
                               time.perf_counter() - t_start, "cpu", clock_note=CLOCK_NOTE)
         chosen_eta = (result["lambda_sweep"] or {}).get("selected_eta", self.eta)
-        result["communication_costs"]["transport"] = self.reports.report(result["communication_costs"], chosen_eta)
+        result["communication_costs"]["transport"] = self.reports.report(
+            result["communication_costs"], chosen_eta,
+            complete=not any(r.get("missing_clients") for r in result["round_metrics"]))
         # Measured where the clients train, not in this (server) process.
         result["memory"] = dict(result["memory"], peak_measured_bytes=self.reports.peak,
                                 measured_by=f"max over clients of {' / '.join(sorted(self.reports.measured_by))}, "
@@ -437,8 +439,10 @@ class _Reports:
             for key, value in reply.content[TRANSPORT].items():
                 bucket[key] = bucket.get(key, 0) + int(value)
 
-    def report(self, ours: dict, eta: float) -> dict:
-        """Sizes of the chosen eta's run (the one our accounting describes) beside our totals."""
+    def report(self, ours: dict, eta: float, complete: bool = True) -> dict:
+        """Sizes of the chosen eta's run (the one our accounting describes) beside our totals. With clients
+        missing from a round (`complete` false) the two are not compared (None): a ClientApp that failed did
+        not measure what it was sent."""
         rounds = self.rounds_by_eta[eta]
         return dict(
             measured_by="Flower RecordDict/ArrayRecord.count_bytes() of every message, in the ClientApp mod "
@@ -448,12 +452,15 @@ class _Reports:
             per_client=self.per_client,
             rounds_payload_matches_accounting=(rounds.get("up_payload", 0) == ours["total_bytes_up"]
                                                - ours["fingerprint_bytes_up"]
-                                               and rounds.get("down_payload", 0) == ours["total_bytes_down"]),
+                                               and rounds.get("down_payload", 0) == ours["total_bytes_down"])
+            if complete else None,
             note="'rounds' carries the adapters and heads our accounting counts (payload) plus NumPy headers and "
                  "array names (arrays) and control values (message); 'fingerprint' carries both fingerprint kinds "
                  "whatever the method (one is for the report only) and the run config; ranks travel as control "
                  "values of round 1. Control values are not counted as traffic by our accounting. 'phases' holds the "
-                 "chosen eta's rounds; 'per_client' every message of a client (all phases, every eta of a sweep).",
+                 "chosen eta's rounds; 'per_client' every message of a client (all phases, every eta of a sweep). "
+                 "survival_payload: the exact float32 states that only make the run survive (BACKUPs of clients "
+                 "that share nothing, RESTOREs to nodes that lost theirs), not counted by our accounting.",
         )
 
 
