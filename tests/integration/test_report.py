@@ -207,3 +207,20 @@ def test_committed_schema_doc_is_the_generated_one():
     hint = "docs are stale: run `python -m atlasfl.report.schema_doc`"
     assert (ROOT / "docs" / "result-schema.md").read_text(encoding="utf-8") == schema_doc.render(), hint
     assert (ROOT / "docs" / "result-schema.json").read_text(encoding="utf-8") == schema_doc.render_json(), hint
+
+
+def test_divergence_is_visible_in_the_scores_table(results, tmp_path, capsys):
+    folder = tmp_path / "runs"
+    shutil.copytree(results, folder)
+    path = next(p for p in folder.glob("*fedavg_cluster_seed1*.json"))
+    data = json.loads(path.read_text())
+    data["diverged_clients"] = [1, 3]
+    for cid in ("1", "3"):
+        data["final_metrics"]["per_client"][cid]["diverged"] = True
+    path.write_text(json.dumps(data))
+    scores, *_ = build_tables(load_results([folder]), "local_only")
+    assert (_cell(scores, "fedavg_cluster", "diverged"), _cell(scores, "local_only", "diverged")) == (2, 0)
+    assert main(["report", str(folder), "--out", str(tmp_path / "report")]) == 0
+    line = f"DIVERGED: tiny-bert fedavg_cluster seed 1: client(s) 1, 3 ({path.name})."
+    assert "DIVERGED: tiny-bert fedavg_cluster seed 1" in capsys.readouterr().out
+    assert line in (tmp_path / "report" / "report.md").read_text()

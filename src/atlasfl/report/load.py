@@ -69,7 +69,7 @@ def from_atlas(data: dict, path: Path) -> RunRecord:
         round_task_scores=[dict(e.task_scores) for e in r.round_metrics],
         round_client_scores=[{c.client_id: c.test_metric for c in e.clients} for e in r.round_metrics],
         **_costs(r), time_s=r.time_metrics.total_s, peak_memory_bytes=r.memory.peak_measured_bytes,
-        clustering=r.phase1_clustering or {}, lambda_sweep=r.lambda_sweep,
+        clustering=r.phase1_clustering or {}, lambda_sweep=r.lambda_sweep, diverged=list(r.diverged_clients),
     )
 
 

@@ -40,6 +40,7 @@ class RunRecord:
     clustering: dict[str, Any] = field(default_factory=dict)  # phase1_clustering ('ari', 'k', 'similarity', 'labels')
     lambda_sweep: dict[str, Any] | None = None
     note: str | None = None
+    diverged: list[int] = field(default_factory=list)  # clients flagged by the divergence rule (diverged_clients)
 
     @property
     def method_label(self) -> str:

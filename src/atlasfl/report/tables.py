@@ -116,12 +116,15 @@ def scores_table(groups: list[Group]) -> Table:
     task_cols = _task_columns(groups)
     columns = [Column("model"), Column("method"), Column("n"),
                *(Column(f"{t} ({METRIC_SHORT.get(m, m)})", "{:.4f}") for t, m in task_cols),
-               Column("task mean", "{:.4f}")]
+               Column("task mean", "{:.4f}"), Column("diverged")]
     rows = [[g.model, g.label, len(g.runs),
              *(_stat(_task_value(r, t, m) for r in g.runs) for t, m in task_cols),
-             _stat(r.task_mean for r in g.runs)] for g in groups]
+             _stat(r.task_mean for r in g.runs), sum(len(r.diverged) for r in g.runs)] for g in groups]
     notes = ["Each task's GLUE metric (acc; F1 of the positive class; MCC) at the last round, mean of the task's "
-             "clients; cells are mean ± sample std over seeds, n = seeds; task mean = mean of the task scores."]
+             "clients; cells are mean ± sample std over seeds, n = seeds; task mean = mean of the task scores; "
+             "diverged = clients whose training diverged, summed over seeds (their scores are in the means)."]
+    notes += [f"DIVERGED: {g.model} {g.label} seed {r.seed}: client(s) {', '.join(map(str, r.diverged))} "
+              f"({r.source.name})." for g in groups for r in g.runs if r.diverged]
     for note, count in Counter(r.note for g in groups for r in g.runs if r.note).items():
         notes.append(f"{count} file(s) in the {note}.")
     return Table("scores", "Test scores per task", columns, rows, notes)
