@@ -174,7 +174,7 @@ def test_loopback_federation_runs_fedavg_cluster_and_atlas(tmp_path):
     assert time.monotonic() - start < DEADLINE_S + 30
 
 
-SURVIVAL_DEADLINE_S = 600
+SURVIVAL_DEADLINE_S = 900  # measured 440-570 s on 2 shared cores
 SURVIVAL_ROUNDS = 3
 
 
