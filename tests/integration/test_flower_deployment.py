@@ -172,3 +172,135 @@ def test_loopback_federation_runs_fedavg_cluster_and_atlas(tmp_path):
             assert (digests[str(i)] == digests[str(j)]) == (labels[i] == labels[j])
     assert len(set(results["atlas"]["round_metrics"][0]["state_digests"].values())) == CLIENTS  # personalised
     assert time.monotonic() - start < DEADLINE_S + 30
+
+
+SURVIVAL_DEADLINE_S = 900  # measured 440-570 s on 2 shared cores
+SURVIVAL_ROUNDS = 3
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def _kill(pids: set[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _wait_for_checkpoint(folder: Path, round_idx: int, until: float, logs: Path) -> None:
+    while not (folder / f"round-00-{round_idx:04d}").is_dir():
+        if time.monotonic() > until:
+            pytest.fail(f"no checkpoint of round {round_idx} in {folder}\n{_logs(logs)}")
+        time.sleep(0.2)
+
+
+def test_loopback_deployment_survives_a_killed_supernode_and_a_killed_serverapp(tmp_path):
+    """SuperNode 1 is SIGKILLed once round 1 is checkpointed and restarted at once: the run finishes,
+    round 2 records client 1 missing, and in round 3 it is back in its cluster. Then the ServerApp of an
+    `atlas` run is SIGKILLed once round 2 is checkpointed; `flwr run` with resume=true finishes it with the
+    in-process engine's states and metrics (one thread everywhere)."""
+    from atlasfl.config import build_config
+    from atlasfl.experiment import run_and_save
+
+    until = time.monotonic() + SURVIVAL_DEADLINE_S
+    link_port, *node_ports = _free_ports(2 + CLIENTS)
+    home, out, logs, ck = (tmp_path / d for d in ("flwr-home", "results", "logs", "ck"))
+    for d in (home, out, logs):
+        d.mkdir()
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n'
+                                      f'address = "127.0.0.1:{link_port}"\ninsecure = true\n')
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", FLWR_HOME=str(home),
+               FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", OMP_NUM_THREADS="1")
+    procs: list[subprocess.Popen] = []
+    log_files = []
+
+    def launch(name: str, *args: str) -> subprocess.Popen:
+        log = open(logs / f"{name}.log", "a")
+        log_files.append(log)
+        proc = subprocess.Popen([str(BIN / args[0]), *args[1:]], stdout=log, stderr=subprocess.STDOUT, env=env,
+                                cwd=tmp_path, start_new_session=True)
+        procs.append(proc)
+        return proc
+
+    def node(i: int, port: int) -> subprocess.Popen:
+        return launch(f"supernode{i}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link_port}",
+                      "--host", "127.0.0.1", "--port", str(port),
+                      "--node-config", f"partition-id={i} num-partitions={CLIENTS}")
+
+    def submit(method: str, name: str, **extra) -> subprocess.Popen:
+        config = {**RUN, "method": method, "rounds": SURVIVAL_ROUNDS, "output-dir": str(out),
+                  "checkpoint-dir": str(ck), **{k.replace("_", "-"): v for k, v in OVERRIDES.items()}, **extra}
+        run_config = tmp_path / f"{name}.toml"
+        run_config.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in config.items()))
+        return launch(f"flwr-run-{name}", "flwr", "run", str(REPO), "loopback", "--run-config", str(run_config),
+                      "--stream")
+
+    def finish(run: subprocess.Popen, method: str) -> dict:
+        try:
+            run.wait(timeout=max(until - time.monotonic(), 1))
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{method} did not finish within {SURVIVAL_DEADLINE_S}s\n{_logs(logs)}")
+        path = out / f"atlas_tiny-bert_{method}_seed0_r{SURVIVAL_ROUNDS}.json"
+        assert run.returncode == 0 and path.exists(), f"{method} wrote no result\n{_logs(logs)}"
+        return json.loads(path.read_text())
+
+    clock = {}
+    try:
+        launch("superlink", "flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(link_port),
+               "--disable-runtime-dependency-installation")
+        _wait_for_port(link_port, until)
+        nodes = [node(i, port) for i, port in enumerate(node_ports[:CLIENTS])]
+        # A killed SuperNode, restarted a round later.
+        run = submit("fedavg_cluster", "node-kill")
+        folder = ck / f"atlas_tiny-bert_fedavg_cluster_seed0_r{SURVIVAL_ROUNDS}"
+        _wait_for_checkpoint(folder, 1, until, logs)
+        _kill(_descendants([nodes[1].pid]))
+        clock["node_killed"] = time.monotonic()
+        # Restarted at once, as a supervisor would: it registers as a new node while round 2 waits for the
+        # SuperLink to give up on the old one (about 60 s without heartbeats), so it is back for round 3.
+        node(1, node_ports[CLIENTS])
+        _wait_for_checkpoint(folder, 2, until, logs)
+        clock["round_2_done"] = time.monotonic()
+        lost = finish(run, "fedavg_cluster")
+        clock["node_run_done"] = time.monotonic()
+        # A killed ServerApp, resumed.
+        run = submit("atlas", "server-kill")
+        _wait_for_checkpoint(ck / f"atlas_tiny-bert_atlas_seed0_r{SURVIVAL_ROUNDS}", 2, until, logs)
+        serverapps = {p for p in _descendants([p.pid for p in procs]) if "flwr-serverapp" in _cmdline(p)}
+        assert serverapps, f"no flwr-serverapp process found\n{_logs(logs)}"
+        _kill(serverapps | _descendants([run.pid]))
+        clock["server_killed"] = time.monotonic()
+        resumed = finish(submit("atlas", "server-resume", resume=True), "atlas")
+        clock["resume_done"] = time.monotonic()
+    finally:
+        survivors = _teardown(procs)
+        for log in log_files:
+            log.close()
+    assert not survivors, f"processes left running: {sorted(survivors)}"
+    print(f"loopback survival: round 2 done {clock['round_2_done'] - clock['node_killed']:.1f}s after SuperNode 1 "
+          f"was killed; the resumed run done {clock['resume_done'] - clock['server_killed']:.1f}s after the "
+          "ServerApp was killed")
+
+    validate_result(lost)
+    first, second, third = lost["round_metrics"]
+    assert (first["missing_clients"], second["missing_clients"], third["missing_clients"]) == ([], [1], [])
+    assert lost["cluster_labels"][0] == lost["cluster_labels"][1]  # client 1's cluster partner is client 0
+    assert second["state_digests"]["1"] == first["state_digests"]["1"] != second["state_digests"]["0"]
+    assert third["state_digests"]["1"] == third["state_digests"]["0"]  # rejoined its cluster
+    assert {c["client_id"]: c for c in second["clients"]}[1]["metrics_from_round"] == 1
+
+    validate_result(resumed)
+    reference, _ = run_and_save(build_config("tiny-bert", 0, "atlas", mode="quick", tasks=("gen_sentiment", "gen_pair"),
+                                             rounds=SURVIVAL_ROUNDS, output_dir=str(tmp_path / "reference"),
+                                             checkpoint_dir=str(tmp_path / "ck-reference"), **OVERRIDES),
+                                progress=False)
+    for ours, theirs in zip(resumed["round_metrics"], reference["round_metrics"], strict=True):
+        assert ours["state_digests"] == theirs["state_digests"] and ours["missing_clients"] == []
+        assert [c["test_metric"] for c in ours["clients"]] == [c["test_metric"] for c in theirs["clients"]]
+    assert resumed["final_metrics"] == reference["final_metrics"]

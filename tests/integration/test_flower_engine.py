@@ -157,7 +157,3 @@ def test_cli_engine_option(capsys, tmp_path, monkeypatch):
     code = main(["run", "tiny-bert", "0", "atlas", "--engine", "grpc", "--output-dir", str(tmp_path)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "--engine" in err and len(err.splitlines()) == 1
-    code = main(["run", "tiny-bert", "0", "atlas", "--engine", "flower", "--resume", "--output-dir", str(tmp_path),
-                 "--checkpoint-dir", str(tmp_path / "ck")])
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and "--resume is not available with --engine flower" in err

@@ -301,3 +301,20 @@ def test_results_of_schema_1_1_still_load_with_the_global_protocol_alone(results
     tables = _tables(load_results([old]))
     assert set(tables) == {"scores", "costs", "paired"}
     assert [r[1] for r in tables["scores"].rows] == ["fedavg_cluster"]  # no references recorded: no reference rows
+
+
+def test_divergence_is_visible_in_the_scores_table(results, tmp_path, capsys):
+    folder = tmp_path / "runs"
+    shutil.copytree(results, folder)
+    path = next(p for p in folder.glob("*fedavg_cluster_seed1*.json"))
+    data = json.loads(path.read_text())
+    data["diverged_clients"] = [1, 3]
+    for cid in ("1", "3"):
+        data["final_metrics"]["per_client"][cid]["diverged"] = True
+    path.write_text(json.dumps(data))
+    scores, *_ = build_tables(load_results([folder]), ("local_only",))
+    assert (_cell(scores, "fedavg_cluster", "diverged"), _cell(scores, "local_only", "diverged")) == (2, 0)
+    assert main(["report", str(folder), "--out", str(tmp_path / "report")]) == 0
+    line = f"DIVERGED: tiny-bert fedavg_cluster seed 1: client(s) 1, 3 ({path.name})."
+    assert "DIVERGED: tiny-bert fedavg_cluster seed 1" in capsys.readouterr().out
+    assert line in (tmp_path / "report" / "report.md").read_text()

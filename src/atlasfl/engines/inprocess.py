@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 
@@ -35,11 +35,12 @@ from atlasfl.models.registry import check_model_name, load_backbone, resolve_dev
 from atlasfl.results import adapters
 from atlasfl.results.build import build_result
 from atlasfl.results.checkpoint import (
+    checkpoint_label,
+    checkpoint_payload,
     clear_checkpoints,
-    complete_checkpoints,
-    config_differences,
-    load_checkpoint,
+    latest_checkpoint,
     restore_rng,
+    restored_runs,
     save_checkpoint,
 )
 from atlasfl.tracking import Tracker, open_tracker
@@ -86,7 +87,7 @@ def run_experiment(cfg: RunConfig, *, progress: bool = True, resume: bool = Fals
     tracker = open_tracker(cfg, eta_grid(cfg))  # before set-up: a missing tensorboard package fails fast
     fed = set_up(cfg)
     fed.tracker = tracker
-    checkpoint = _latest_checkpoint(cfg) if resume else None
+    checkpoint = latest_checkpoint(cfg) if resume else None
     plan = plan_or_restore(fed, checkpoint)
     initial = fed.states()
     setup_s = time.perf_counter() - t_start
@@ -161,9 +162,7 @@ def train_etas(fed: Federation, plan: Plan, initial: dict, checkpoint: tuple | N
     runs, start_eta, start_round, rounds = [], 0, 0, []
     if checkpoint is not None:
         meta, saved_states = checkpoint
-        runs, start_eta, start_round, rounds = meta["runs"], meta["eta_index"], meta["round"], meta["rounds"]
-        for run in runs:
-            run["val"] = {int(c): v for c, v in run["val"].items()}
+        runs, start_eta, start_round, rounds = restored_runs(meta), meta["eta_index"], meta["round"], meta["rounds"]
     with RunProgress(progress) as bars:
         for eta_index in range(start_eta, len(etas)):
             eta = fed.server.eta = etas[eta_index]
@@ -230,34 +229,12 @@ def run_round(fed: Federation, r: int, bars: RunProgress) -> dict:
                          eta=fed.server.eta if fed.method.personalise else None, cost=cost)
 
 
-def checkpoint_label(meta: dict) -> str:
-    return f"round {meta['round']}" + (f" of eta #{meta['eta_index']}" if meta["eta_index"] else "")
-
-
-def _latest_checkpoint(cfg: RunConfig):
-    """The newest complete checkpoint of this run, or None (with a notice) when there is none."""
-    found = complete_checkpoints(cfg.checkpoint_path)
-    if not found:
-        print(f"no checkpoint of {cfg.run_name} under {cfg.checkpoint_dir}/: starting from the beginning",
-              file=sys.stderr)
-        return None
-    meta, states = load_checkpoint(found[-1])
-    differing = config_differences(meta["config"], cfg.model_dump(mode="json"))
-    if differing:
-        raise AtlasError(f"checkpoint {found[-1]} was made with a different config ({', '.join(differing)} "
-                         "differ); rerun with the same flags, or without --resume to start afresh")
-    return meta, states
-
-
 def _save(fed: Federation, plan: Plan, eta_index: int, round_idx: int, rounds: list, runs: list) -> float:
     """Checkpoint the run; its seconds add up in phases_s['checkpoint'] and are returned, its size goes to
     the log. (The saved copy of the round's cost has no checkpoint seconds yet: it is being measured.)"""
     t0 = time.perf_counter()
     cfg, states = fed.cfg, fed.states()
-    payload = dict(config=cfg.model_dump(mode="json"), plan=asdict(plan), rounds=rounds,
-                   runs=[dict(run, val={str(c): v for c, v in run["val"].items()}) for run in runs],
-                   digests={str(c): state_digest(st) for c, st in states.items()},
-                   optimizer="AdamW is created afresh each round: no moments to keep")
+    payload = checkpoint_payload(cfg, plan, rounds, runs, states)
     folder = save_checkpoint(cfg.checkpoint_path, eta_index=eta_index, round_idx=round_idx, states=states,
                              payload=payload, keep=cfg.keep_checkpoints)
     seconds = time.perf_counter() - t0

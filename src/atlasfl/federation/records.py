@@ -83,10 +83,12 @@ def round_cost(*, train_s: float, aggregate_s: float, evaluate_s: float, work: d
 
 
 def round_summary(round_idx: int, clients: list[dict], task_names: list[str], time_s: float,
-                  digests: dict[str, str], eta: float | None = None, cost: dict | None = None) -> dict:
+                  digests: dict[str, str], eta: float | None = None, cost: dict | None = None,
+                  missing: dict[str, str] | None = None) -> dict:
     """A round's entry (schema RoundEntry): task scores are the mean over each task's clients; `eta`
     (the Laplacian step of a personalising method) is recorded as `lambda_eta`. Its `cost` (`round_cost`)
-    travels with the round and moves to `time_metrics` in the result."""
+    travels with the round and moves to `time_metrics` in the result. `missing` (Flower: client id -> why it
+    was left out of the round) becomes `missing_clients` and `missing_reasons`."""
     task_scores = {t: float(np.mean([c["test_metric"] for c in clients if c["task"] == t])) for t in task_names}
     entry = dict(round=round_idx, clients=clients, mean_accuracy=float(np.mean([c["test_accuracy"] for c in clients])),
                  task_scores=task_scores, mean_task_score=float(np.mean(list(task_scores.values()))), time_s=time_s,
@@ -97,6 +99,8 @@ def round_summary(round_idx: int, clients: list[dict], task_names: list[str], ti
         entry.update(personal_task_scores=personal, mean_personal_task_score=float(np.mean(list(personal.values()))))
     if eta is not None:
         entry["lambda_eta"] = eta
+    if missing is not None:
+        entry.update(missing_clients=sorted(map(int, missing)), missing_reasons=missing)
     if cost is not None:
         entry["cost"] = cost
     return entry
@@ -137,8 +141,14 @@ def select_eta(runs: list[dict]) -> tuple[dict, dict | None]:
 
 def select_eta_per_client(runs: list[dict]) -> dict[int, dict]:
     """Per client, the run whose eta gives that client its best own local-validation score (the smaller
-    eta on ties). Reads `val` only: each eta's run is already trained, so this costs nothing."""
-    return {cid: max(runs, key=lambda run: (run["val"][cid]["score"], -run["eta"])) for cid in runs[0]["val"]}
+    eta on ties). Reads `val` only: each eta's run is already trained, so this costs nothing. A client with no
+    validation score in a run (missing from a Flower round at the end) never has that run chosen for it."""
+    def own_score(run: dict, cid: int) -> float:
+        score = run["val"].get(cid, {}).get("score")
+        return -math.inf if score is None else score
+
+    clients = dict.fromkeys(cid for run in runs for cid in run["val"])
+    return {cid: max(runs, key=lambda run: (own_score(run, cid), -run["eta"])) for cid in clients}
 
 
 def warn_infeasible(cfg: RunConfig, plan) -> None:

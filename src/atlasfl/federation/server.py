@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from atlasfl.config import RunConfig
+from atlasfl.errors import AtlasError
 from atlasfl.federation.client import NOISE_KEYS
 from atlasfl.federation.methods import METHOD_SPECS
 from atlasfl.phases.aggregation import aggregate_states
@@ -195,16 +196,22 @@ class Server:
         """Client ids that upload their trained state this round (the members of `sharing_groups`)."""
         return sorted(c for group in self.sharing_groups() for c in group)
 
-    def aggregate(self, uploads: dict[int, State]) -> dict[int, State]:
-        """New trainable state for every client of every sharing group, at each client's own shapes.
+    def aggregate(self, uploads: dict[int, State], missing: frozenset[int] = frozenset()) -> dict[int, State]:
+        """New trainable state for every replying client of every sharing group, at each client's own shapes.
 
-        `uploads` must hold the state of every client in `sharing_clients()`; others are not used and
-        get nothing back."""
-        missing = [c for c in self.sharing_clients() if c not in uploads]
-        if missing:
-            raise ValueError(f"no upload from sharing client(s) {missing}")
+        `uploads` must hold the state of every client in `sharing_clients()` but those in `missing` (clients
+        that failed this round: they keep their last state and get nothing). A group aggregates over its
+        replying members only, so a lost client never enters its group's aggregate; a group left with fewer
+        than `min_replies_per_group` replies (or none) raises TooFewReplies."""
+        absent = [c for c in self.sharing_clients() if c not in uploads and c not in missing]
+        if absent:
+            raise ValueError(f"no upload from sharing client(s) {absent}")
         out: dict[int, State] = {}
-        for group in self.sharing_groups():
+        for full in self.sharing_groups():
+            group = [c for c in full if c not in missing]
+            if len(group) < max(1, min(self.cfg.min_replies_per_group, len(full))):
+                raise TooFewReplies(group=full, missing=[c for c in full if c in missing],
+                                    needed=min(self.cfg.min_replies_per_group, len(full)))
             states = [uploads[c] for c in group]
             if self.method.personalise:
                 new = personalise_states(states, affinity(self.affinity_space[group]), self.eta,
@@ -214,3 +221,12 @@ class Server:
                                        mode=self.aggregation)
             out.update(zip(group, new))
         return out
+
+
+class TooFewReplies(AtlasError):
+    """A sharing group had fewer replying clients than `min_replies_per_group` allows in a round."""
+
+    def __init__(self, group: list[int], missing: list[int], needed: int):
+        self.group, self.missing = group, missing
+        super().__init__(f"group {group} had {len(group) - len(missing)} replying client(s), fewer than "
+                         f"--min-replies-per-group {needed} (missing: {missing})")

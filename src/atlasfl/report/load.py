@@ -66,7 +66,7 @@ def from_atlas(data: dict, path: Path) -> list[RunRecord]:
     common = dict(
         source=path, model=r.model, method=r.method, seed=r.seed, client_tasks={c.client_id: c.task for c in r.clients},
         **_costs(r), time_s=r.time_metrics.total_s, peak_memory_bytes=r.memory.peak_measured_bytes,
-        clustering=r.phase1_clustering or {}, lambda_sweep=r.lambda_sweep,
+        clustering=r.phase1_clustering or {}, lambda_sweep=r.lambda_sweep, diverged=list(r.diverged_clients),
     )
     selections = (r.lambda_sweep or {}).get("selections")
     if not selections:

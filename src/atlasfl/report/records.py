@@ -43,6 +43,7 @@ class RunRecord:
     protocol: str = "global"  # which test sets the scores above come from: 'global' or 'personal'
     references: dict[str, dict[str, TaskScore]] | None = None  # task -> 'majority'/'chance', on this protocol
     personal: dict[str, Any] | None = None  # the personal protocol's values of the fields above (schema 1.2 on)
+    diverged: list[int] = field(default_factory=list)  # clients flagged by the divergence rule (diverged_clients)
 
     @property
     def method_label(self) -> str:

@@ -147,22 +147,25 @@ def scores_table(groups: list[Group], protocol: str = "global") -> Table:
     task_cols = _task_columns(groups)
     columns = [Column("model"), Column("method"), Column("n"),
                *(Column(f"{t} ({METRIC_SHORT.get(m, m)})", "{:.4f}") for t, m in task_cols),
-               Column("task mean", "{:.4f}")]
+               Column("task mean", "{:.4f}"), Column("diverged")]
     rows = []
     for model in dict.fromkeys(g.model for g in groups):
         mine = [g for g in groups if g.model == model]
         rows += [[g.model, g.label, len(g.runs),
                   *(_stat(_task_value(r, t, m) for r in g.runs) for t, m in task_cols),
-                  _stat(r.task_mean for r in g.runs)] for g in mine]
+                  _stat(r.task_mean for r in g.runs), sum(len(r.diverged) for r in g.runs)] for g in mine]
         rows += _reference_rows(model, [r for g in mine for r in g.runs], task_cols)
     notes = [f"Each task's GLUE metric (acc; F1 of the positive class; MCC) at the last round on the "
              f"{PROTOCOL_NOTES[protocol]}, mean of the task's clients; cells are mean ± sample std over seeds, n = "
-             "seeds; task mean = mean of the task scores."]
+             "seeds; task mean = mean of the task scores; diverged = clients whose training diverged, summed over "
+             "seeds (their scores are in the means)."]
     if any(r.references for g in groups for r in g.runs):
         notes.append("Reference rows (mean ± std over the model's runs that record them, n = runs): majority class = "
                      "always predicting the majority label of the training data (global: the task's training pool; "
                      "personal: each client's own shard, mean over clients); chance = uniform random guessing, from "
                      "expected counts (acc 1/K, F1 2p/(2p+1) for positive-class prevalence p, MCC 0).")
+    notes += [f"DIVERGED: {g.model} {g.label} seed {r.seed}: client(s) {', '.join(map(str, r.diverged))} "
+              f"({r.source.name})." for g in groups for r in g.runs if r.diverged]
     for note, count in Counter(r.note for g in groups for r in g.runs if r.note).items():
         notes.append(f"{count} file(s) in the {note}.")
     return Table(_key("scores", protocol), f"Test scores per task, {protocol} protocol", columns, rows, notes)
@@ -177,7 +180,7 @@ def _reference_rows(model: str, runs: list[RunRecord], task_cols: list[tuple[str
     for kind, label in REFERENCE_ROWS:
         cells = [_stat(_value(ref.get(t, {}).get(kind), m) for ref in refs.values()) for t, m in task_cols]
         means = [sum(ref[t][kind].score for t in ref) / len(ref) for ref in refs.values()]
-        rows.append([model, label, len(refs), *cells, _stat(means)])
+        rows.append([model, label, len(refs), *cells, _stat(means), None])
     return rows
 
 

@@ -42,7 +42,8 @@ def build_result(cfg: RunConfig, shards: list, tasks: dict[str, TaskData], plan:
     finals = shared = final_metrics(tasks, _per_client(shards, plan, {s.client_id: run for s in shards}, num_labels))
     if sweep is not None:
         chosen = select_eta_per_client(runs)
-        own = final_metrics(tasks, _per_client(shards, plan, chosen, num_labels))
+        own_runs = {s.client_id: chosen.get(s.client_id, run) for s in shards}
+        own = final_metrics(tasks, _per_client(shards, plan, own_runs, num_labels))
         sweep["selections"] = dict(
             headline=cfg.eta_selection, shared=dict(eta=run["eta"], rule=SHARED_RULE, final_metrics=shared),
             per_client=dict(etas={str(c): r["eta"] for c, r in chosen.items()}, rule=PER_CLIENT_RULE,
@@ -107,7 +108,7 @@ def _per_client(shards: list, plan: Plan, chosen: dict[int, dict], num_labels: d
         if "personal_metric" in c:
             entry.update({f"personal_{k}": c[f"personal_{k}"] for k in PERSONAL_KEYS},
                          personal_score=c["personal_metric"])
-        out[str(s.client_id)] = dict(entry, val_score=run["val"][s.client_id]["score"],
+        out[str(s.client_id)] = dict(entry, val_score=run["val"].get(s.client_id, {}).get("score"),
                                      device=plan.devices[s.client_id], diverged=s.client_id in diverged[id(run)])
     return out
 

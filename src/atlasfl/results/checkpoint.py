@@ -13,6 +13,8 @@ import json
 import os
 import random
 import shutil
+import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +23,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from atlasfl.errors import AtlasError
+from atlasfl.models.lora import state_digest
 
 KEEP_LAST = 2
 TORCH_RNG_KEY = "__rng__/torch"
-# Config keys that say where files go or how many to keep, not what is computed: a resume may change them.
+# Config keys that say where files go, how many to keep or when to give up, not what is computed: a resume
+# may change them (e.g. a lower min_replies_per_group to continue a run that stopped for lack of replies).
 NON_RESULT_KEYS = ("output_dir", "log_dir", "checkpoint_dir", "keep_checkpoints", "save_adapters",
-                   "tensorboard")
+                   "tensorboard", "min_replies_per_group")
 
 
 def _folder_name(eta_index: int, round_idx: int) -> str:
@@ -89,6 +93,41 @@ def load_checkpoint(path: Path) -> tuple[dict, dict[int, dict[str, torch.Tensor]
         cid, key = name.split("/", 1)
         states.setdefault(int(cid), {})[key] = tensor
     return meta, states
+
+
+def latest_checkpoint(cfg) -> tuple[dict, dict[int, dict[str, torch.Tensor]]] | None:
+    """The newest complete checkpoint of this run (`cfg`: a RunConfig), or None (with a notice) when there is
+    none; one made with other settings is refused, naming the keys that differ."""
+    found = complete_checkpoints(cfg.checkpoint_path)
+    if not found:
+        print(f"no checkpoint of {cfg.run_name} under {cfg.checkpoint_dir}/: starting from the beginning",
+              file=sys.stderr)
+        return None
+    meta, states = load_checkpoint(found[-1])
+    differing = config_differences(meta["config"], cfg.model_dump(mode="json"))
+    if differing:
+        raise AtlasError(f"checkpoint {found[-1]} was made with a different config ({', '.join(differing)} "
+                         "differ); rerun with the same flags, or without --resume to start afresh")
+    return meta, states
+
+
+def checkpoint_label(meta: dict) -> str:
+    return f"round {meta['round']}" + (f" of eta #{meta['eta_index']}" if meta["eta_index"] else "")
+
+
+def checkpoint_payload(cfg, plan, rounds: list[dict], runs: list[dict], states: dict[int, dict[str, torch.Tensor]],
+                       **extra) -> dict:
+    """What both engines keep beside the states: config, plan, the current eta's rounds so far, the finished
+    etas' runs and the states' digests; `extra` holds an engine's own (the Flower server's bookkeeping)."""
+    return dict(config=cfg.model_dump(mode="json"), plan=asdict(plan), rounds=rounds,
+                runs=[dict(run, val={str(c): v for c, v in run["val"].items()}) for run in runs],
+                digests={str(c): state_digest(st) for c, st in states.items()},
+                optimizer="AdamW is created afresh each round: no moments to keep", **extra)
+
+
+def restored_runs(meta: dict) -> list[dict]:
+    """The finished etas' runs of a checkpoint, client ids back to ints."""
+    return [dict(run, val={int(c): v for c, v in run["val"].items()}) for run in meta["runs"]]
 
 
 def config_differences(saved: dict, current: dict) -> list[str]:

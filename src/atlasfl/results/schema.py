@@ -10,7 +10,8 @@ from pydantic import BaseModel, ConfigDict, Field
 SCHEMA_VERSION = "1.2"
 # 1.1: per-round phase clocks and work (time_metrics.rounds/totals), lambda-sweep totals
 # 1.2: the personal protocol (personal_* per client, round and task), `references`, per-client eta selection;
-#      phase1_clustering's spread-to-noise rule: threshold_by_k, dof_by_k, significance (noise_ratio dropped)
+#      phase1_clustering's spread-to-noise rule: threshold_by_k, dof_by_k, significance (noise_ratio dropped);
+#      Flower rounds record the clients missing from them (missing_clients, missing_reasons, ClientRound.missing)
 KNOWN_SCHEMA_VERSIONS = ("1.0", "1.1", "1.2")
 PERSONAL = ("personal protocol (1.2 on): the client's personal test set, rows of the task's test set whose label mix "
             "follows the client's training shard (data.partition.personal_test_rows), scored from the same predictions")
@@ -40,6 +41,11 @@ class ClientRound(_Strict):
     personal_mcc: Optional[float] = None
     personal_metric: Optional[float] = Field(default=None, description="the task's GLUE metric on the personal set")
     personal_n: Optional[int] = Field(default=None, description="rows in the client's personal test set")
+    missing: bool = Field(default=False, description="Flower: the client failed or did not reply this round; it "
+                                                     "kept its last state and its metrics are those of "
+                                                     "`metrics_from_round`")
+    metrics_from_round: Optional[int] = Field(default=None, description="the round a missing client's metrics "
+                                                                         "(train loss included) come from")
 
 
 class RoundEntry(_Strict):
@@ -55,6 +61,9 @@ class RoundEntry(_Strict):
     lambda_eta: Optional[float] = None
     personal_task_scores: Optional[dict[str, float]] = Field(default=None, description=PERSONAL)
     mean_personal_task_score: Optional[float] = None
+    missing_clients: list[int] = Field(default=[], description="Flower: clients that failed or did not reply this "
+                                                               "round; the round went on without them")
+    missing_reasons: dict[str, str] = Field(default={}, description="client id -> why it was missing (Flower's error)")
 
 
 class Work(_Strict):

@@ -12,6 +12,7 @@ Every handler calls the same client functions as the in-process engine.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass
 
@@ -24,6 +25,8 @@ from atlasfl.config import RunConfig
 from atlasfl.data.batching import Tally, encode
 from atlasfl.engines.flower.records import (
     ATLAS,
+    BACKUP,
+    RESTORE,
     STATE,
     config_from_json,
     plain_record,
@@ -47,6 +50,7 @@ from atlasfl.models.lora import FederatedLoRAModel, state_digest
 from atlasfl.models.registry import load_backbone, resolve_device
 from atlasfl.results.build import peak_memory
 
+TEST_ONLY_FAIL_VAR = "ATLASFL_TEST_ONLY_FAIL_CLIENT"
 INITIAL = "initial"  # ArrayRecord in Context.state: the state before round 1, restored for each eta of a sweep
 
 app = ClientApp(mods=[transport_size_mod])
@@ -127,18 +131,34 @@ def fingerprint_phase(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"fingerprint": arrays, ATLAS: ConfigRecord({"client": json.dumps(info)})}), reply_to=msg)
 
 
+@app.query("identify")
+def identify(msg: Message, context: Context) -> Message:
+    """Which client this node serves: asked of a node the ServerApp has not met in this run (a restarted
+    SuperNode, or every node of a resumed run), whose state then comes from the server's copy."""
+    return Message(RecordDict({ATLAS: ConfigRecord({"client_id": int(context.node_config["partition-id"])})}),
+                   reply_to=msg)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Local training from the client's current state; the trained state is uploaded if the server asks
-    (the client shares with somebody this round: `Server.sharing_clients`).
-    The first round's message brings the client's ranks (phase 2's outcome)."""
+    (the client shares with somebody this round: `Server.sharing_clients`), or sent as a BACKUP for the
+    server's checkpoint if it shares nothing. The first round's message brings the client's ranks (phase 2's
+    outcome); a node that lost the run (restarted, failed, or a resumed run) also gets the run config and,
+    after round 1, its last state (RESTORE)."""
     conf = msg.content[ATLAS]
-    if conf["reset"]:  # first round of an eta: build the adapter at the planned ranks, or restore its start
-        if INITIAL not in context.state:
-            context.state[ATLAS]["ranks"] = conf["ranks"]
-            _, cid, fm, _ = _client(context)
-            context.state[INITIAL] = plain_record(fm.get_state(cid))
+    if "config" in conf:
+        context.state[ATLAS] = ConfigRecord({"config": conf["config"]})
+    _test_only_failure(context, "train", int(conf["round"]))
+    if "ranks" in conf:
+        context.state[ATLAS]["ranks"] = conf["ranks"]
+    if INITIAL not in context.state:  # build the adapter at the planned ranks, keep its start
+        _, cid, fm, _ = _client(context)
+        context.state[INITIAL] = plain_record(fm.get_state(cid))
+    if conf["reset"]:  # first round of an eta: start from the initial state
         context.state[STATE] = context.state[INITIAL]
+    elif RESTORE in msg.content.array_records:
+        context.state[STATE] = msg.content[RESTORE]
     cfg, cid, fm, (_, _, train_enc, _, _) = _client(context)
     t0, tally = time.perf_counter(), Tally()
     loss = train_local(fm, cid, train_enc, epochs=cfg.local_epochs, lr=cfg.lr, batch_size=cfg.batch_size,
@@ -150,6 +170,8 @@ def train(msg: Message, context: Context) -> Message:
     if conf["upload"]:
         content[STATE], nbytes = state_to_record(fm.get_state(cid), cfg.wire_dtype)
         content["metrics"]["bytes_up"] = nbytes
+    else:
+        content[BACKUP] = plain_record(fm.get_state(cid))
     return Message(content, reply_to=msg)
 
 
@@ -157,6 +179,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Adopt the state the server sent (if any), then score it on the test set and, from the same
     predictions, on its personal rows (and on the local validation set after the last round)."""
+    _test_only_failure(context, "evaluate", int(msg.content[ATLAS]["round"]))
     cfg, cid, fm, (shard, task, _, val_enc, test_enc) = _client(context)
     if STATE in msg.content.array_records:
         fm.set_state(cid, record_to_state(msg.content[STATE], cfg.wire_dtype))
@@ -168,6 +191,14 @@ def evaluate(msg: Message, context: Context) -> Message:
     if msg.content[ATLAS]["validate"]:
         reply["val"] = evaluate_client(fm, cid, val_enc, task, cfg.eval_batch_size)
     return Message(RecordDict({ATLAS: ConfigRecord({"eval": json.dumps(reply)})}), reply_to=msg)
+
+
+def _test_only_failure(context: Context, phase: str, round_idx: int) -> None:
+    """TEST-ONLY fault injection: raise in `phase` of round `round_idx` for a client named in the environment
+    variable TEST_ONLY_FAIL_VAR ("phase:client:round", comma-separated), as a crashing ClientApp would."""
+    spec = os.environ.get(TEST_ONLY_FAIL_VAR, "")
+    if f"{phase}:{context.node_config.get('partition-id')}:{round_idx}" in spec.split(","):
+        raise RuntimeError(f"{TEST_ONLY_FAIL_VAR}: injected failure in {phase} of round {round_idx}")
 
 
 def _peak_memory(device: torch.device) -> dict:

@@ -20,6 +20,12 @@ from atlasfl.federation.client import WIRE_DTYPES
 State = dict[str, torch.Tensor]
 ATLAS = "atlas"  # ConfigRecord of control values (round, flags, config, ranks, replies' metrics)
 STATE = "state"  # ArrayRecord of a trainable state (adapter factors and head)
+# Copies that only make a run survive, never part of the algorithm's traffic: a client's exact float32 state
+# sent back to the ServerApp's checkpoint (BACKUP: clients that share nothing this round) or restored to a
+# node that lost it (RESTORE: a restarted SuperNode, a failed round, a resumed run).
+BACKUP = "backup"
+RESTORE = "restore"
+SURVIVAL = (BACKUP, RESTORE)
 TRANSPORT = "transport"  # MetricRecord the ClientApp adds to each reply: what Flower carried both ways
 # bfloat16 has no NumPy dtype: it travels as its 16-bit patterns and is viewed back on arrival.
 _BITS = {torch.bfloat16: torch.int16}
@@ -66,13 +72,17 @@ def config_from_json(text: str, **updates) -> RunConfig:
 
 def content_sizes(content: RecordDict) -> dict[str, int]:
     """message: Flower's count of all records; arrays: its count of the ArrayRecords (data plus
-    serialisation headers and keys); payload: the tensor bytes alone (numel x itemsize)."""
-    payload = 0
-    for record in content.array_records.values():
-        for array in record.values():
-            payload += int(np.prod(array.shape)) * np.dtype(array.dtype).itemsize
-    return dict(message=sum(r.count_bytes() for r in content.values()),
-                arrays=sum(r.count_bytes() for r in content.array_records.values()), payload=payload)
+    serialisation headers and keys); payload: the tensor bytes alone (numel x itemsize); all three without
+    the SURVIVAL copies, whose tensor bytes are `survival_payload`."""
+    def payload(record: ArrayRecord) -> int:
+        return sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in record.values())
+
+    kept = {name: r for name, r in content.items() if name not in SURVIVAL}
+    arrays = {name: r for name, r in content.array_records.items() if name not in SURVIVAL}
+    return dict(message=sum(r.count_bytes() for r in kept.values()),
+                arrays=sum(r.count_bytes() for r in arrays.values()),
+                payload=sum(payload(r) for r in arrays.values()),
+                survival_payload=sum(payload(r) for name, r in content.array_records.items() if name in SURVIVAL))
 
 
 def transport_size_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:

@@ -23,6 +23,7 @@ from atlasfl.results.schema import validate_result
 
 log = logging.getLogger("atlasfl")
 FLOWER_ONLY = ("engine",)  # always `flower` inside the app
+RESUME_KEY = "resume"  # not a setting (as --resume is not): continue from the run's last checkpoint
 
 
 def run_config_key(name: str) -> str:
@@ -43,6 +44,7 @@ def run_config_defaults() -> dict[str, str | int | float | bool]:
         empty = kind() if kind in (int, float, bool) else ""
         value = empty if _unset_by_empty(name) else field.default
         table[run_config_key(name)] = " ".join(map(str, value)) if isinstance(value, tuple) else value
+    table[RESUME_KEY] = False
     return table
 
 
@@ -51,6 +53,8 @@ def config_from_run_config(run_config: dict) -> RunConfig:
     fields = RunConfig.model_fields
     values = {}
     for key, value in run_config.items():
+        if key == RESUME_KEY:
+            continue
         name = key.replace("-", "_")
         if name not in fields or name in FLOWER_ONLY:
             raise AtlasError(f"unknown run-config key {key!r}; the keys are those of [tool.flwr.app.config] "
@@ -66,15 +70,24 @@ def config_from_run_config(run_config: dict) -> RunConfig:
                         **values, engine="flower")
 
 
-def make_server_app(cfg: RunConfig | None = None, sink: Callable[[dict], None] | None = None) -> ServerApp:
-    """A ServerApp for `cfg` (else the run config of `flwr run`); the result goes to `sink` (else it is
-    validated and written to the config's result path, as `atlas run` writes it)."""
+def make_server_app(cfg: RunConfig | None = None, sink: Callable[[dict], None] | None = None,
+                    resume: bool = False) -> ServerApp:
+    """A ServerApp for `cfg` (else the run config of `flwr run`, whose `resume = true` continues from the
+    last checkpoint); the result goes to `sink` (else it is validated and written to the config's result
+    path, as `atlas run` writes it); an AtlasError that stops the run goes to `sink` too."""
     server_app = ServerApp()
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         run_cfg = cfg or config_from_run_config(dict(context.run_config))
-        result = AtlasStrategy(run_cfg).run(grid)
+        try:
+            result = AtlasStrategy(run_cfg).run(grid, resume=resume or bool(context.run_config.get(RESUME_KEY)))
+        except AtlasError as exc:  # one line in the log; a simulation's caller re-raises it
+            log.error("%s", exc)
+            if sink is None:
+                raise
+            sink(exc)
+            return
         validate_result(result)
         if sink is not None:
             sink(result)

@@ -13,8 +13,9 @@ from atlasfl.models.registry import resolve_device
 def run_flower(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> dict:
     """Run `cfg` through the Flower ServerApp and ClientApp on the Simulation Runtime.
 
-    Flower's own progress log replaces the progress bar. No checkpoints: a Flower run restarts from
-    round 1 (the client states live on the nodes, which a restart does not keep)."""
+    Flower's own progress log replaces the progress bar. The ServerApp checkpoints every round (with its
+    copy of every client's state); with `resume` it continues from the last checkpoint and the new virtual
+    SuperNodes get their states from it."""
     import warnings
 
     os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # a research run sends nothing home unless asked
@@ -23,10 +24,7 @@ def run_flower(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -
     from atlasfl.engines.flower.client_app import app as client_app
     from atlasfl.engines.flower.server_app import make_server_app
 
-    if resume:
-        raise AtlasError("--resume is not available with --engine flower (a Flower run restarts from round 1); "
-                         "drop --resume, or use --engine inprocess")
-    results: list[dict] = []
+    results: list[dict | AtlasError] = []
     cpus = os.cpu_count() or 1
     # One CPU per virtual SuperNode; on CUDA the concurrent ones share the GPU (Ray hides it from 0-GPU actors).
     gpus = 1.0 / cpus if resolve_device(cfg.device).startswith("cuda") else 0.0
@@ -34,8 +32,11 @@ def run_flower(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -
                       "init_args": {"num_cpus": cpus, "include_dashboard": False}}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        run_simulation(server_app=make_server_app(cfg.model_copy(update={"engine": "flower"}), sink=results.append),
+        run_simulation(server_app=make_server_app(cfg.model_copy(update={"engine": "flower"}), sink=results.append,
+                                                   resume=resume),
                        client_app=client_app, num_supernodes=num_clients(cfg), backend_config=backend_config)
     if not results:
         raise AtlasError("the Flower simulation ended without a result; its log above names the failing step")
+    if isinstance(results[0], AtlasError):
+        raise results[0]
     return results[0]
