@@ -18,8 +18,9 @@ SCALING = dict(clients=(3, 12, 24), models=("tiny-bert", "minilm", "distilbert")
 
 
 def bench_rows(model: str, settings: dict) -> list[list[str]]:
-    """The plain loop and ATLAS's round (and, with group_by_length, ATLAS with length-grouped batches from the
-    same states), alternately for `rounds` rounds on one shared set-up, the order flipped every round."""
+    """The plain loop and ATLAS's round, sequential and client-batched (and, with group_by_length, both again with
+    length-grouped batches), each from the same states, alternately for `rounds` rounds on one shared set-up,
+    the order flipped every round. `client_batch_rows` caps the client-batched passes."""
     from atlasfl.config import build_config
     from atlasfl.engines.inprocess import RunProgress, plan_or_restore, run_round, set_up
 
@@ -31,8 +32,11 @@ def bench_rows(model: str, settings: dict) -> list[list[str]]:
         plan_or_restore(fed, None)
         fed.server.eta = cfg.eta
         plain = PlainLoop(fed)
-        variants = {"atlas": cfg, **({"atlas, grouped": cfg.model_copy(update=dict(group_by_length=True))}
-                                    if grouped else {})}
+        variants = {}
+        for label, group in (("atlas", False), ("atlas, grouped", True))[:1 + grouped]:
+            variants[label] = cfg.model_copy(update=dict(group_by_length=group))
+            variants[f"{label} + client batching"] = cfg.model_copy(update=dict(group_by_length=group,
+                                                                                client_batching=True))
 
         def ours(name, r):
             fed.cfg = variants[name]

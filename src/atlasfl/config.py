@@ -67,6 +67,13 @@ class RunConfig(BaseModel):
     group_by_length: bool = setting(
         "Training batches of similar lengths (seeded: shuffle, sort within groups of 50 batches, shuffle the "
         "batches), so less padding is computed.", False)
+    client_batching: bool = setting(
+        "Train all clients of a round together through the one frozen base, each row through its own client's "
+        "adapter and head (in-process engine; Flower trains one client per message). Same results as one client "
+        "after another up to float rounding, except dropout masks.", False)
+    client_batch_rows: int | None = setting(
+        "--client-batching: at most this many rows per forward pass, to cap memory (default: every client's "
+        "batch of a step in one pass).", None, gt=0)
     dirichlet_alpha: float | None = setting("Dirichlet label skew within a task (default: IID shards).", None, gt=0)
     data_dir: str | None = setting("Local GLUE folder: DIR/<task>/train.* and validation.*", None, min_length=1)
     init: Literal["pretrained", "random"] = setting(
@@ -134,6 +141,9 @@ class RunConfig(BaseModel):
                              "be ignored; drop it, or use atlas_no_laplacian to compare the two aggregations")
         if self.eta_selection == "per_client" and not self.lambda_sweep:
             raise ValueError("--eta-selection per_client chooses among the etas of a sweep; add --lambda-sweep")
+        if self.client_batching and self.engine == "flower":
+            raise ValueError("the Flower engine trains one client per message; --client-batching needs "
+                             "--engine inprocess")
         if self.save_adapters is not None and self.engine == "flower":
             raise ValueError("the Flower engine's adapters live on its SuperNodes; --save-adapters needs "
                              "--engine inprocess")

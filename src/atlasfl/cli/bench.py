@@ -19,7 +19,9 @@ def bench(
     data_dir: Optional[str] = typer.Option(None, help="GLUE-shaped folder (../shared/bench/make_glue_shaped.py)."),
     models: List[str] = typer.Option(["distilbert"], "--model", help="random: preset models, --init random."),
     rounds: int = typer.Option(2, help="Rounds timed (each: the plain loop, then ATLAS, alternately)."),
-    group_by_length: bool = typer.Option(False, help="ATLAS with length-grouped training batches."),
+    group_by_length: bool = typer.Option(False, help="ATLAS also with length-grouped training batches."),
+    client_batch_rows: Optional[int] = typer.Option(
+        None, min=1, help="Client-batched rows: at most this many rows per forward pass (default: all)."),
     threads: int = typer.Option(0, help="torch intra-op threads (0: torch's default)."),
     scaling: bool = typer.Option(False, help="12/48/96 clients for tiny-bert, minilm, distilbert (random)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
@@ -45,8 +47,9 @@ def bench(
                 "train tok/s", "eval ex/s", "eval tok/s", "padding %", "plain/ours"):
         table.add_column(col, justify="left" if col in ("model", "loop") else "right")
     for model, overrides in runs:
-        for row in bench_rows(model, dict(IDENTICAL, data_dir=data_dir, device=device, group_by_length=group_by_length,
-                                          **dict(dict(rounds=rounds), **overrides))):
+        settings = dict(IDENTICAL, data_dir=data_dir, device=device, group_by_length=group_by_length,
+                        client_batch_rows=client_batch_rows, **dict(dict(rounds=rounds), **overrides))
+        for row in bench_rows(model, settings):
             table.add_row(*row)
     console = Console(width=200)
     console.print(table)

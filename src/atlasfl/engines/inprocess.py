@@ -15,7 +15,17 @@ from atlasfl.data.batching import Tally, encode
 from atlasfl.data.partition import ClientShard, make_shards
 from atlasfl.data.tasks import TaskData, expand_tasks, load_task
 from atlasfl.errors import AtlasError
-from atlasfl.federation.client import client_seed, evaluate_client, fingerprint, predict, test_scores, train_local, wire
+from atlasfl.federation.client import (
+    TrainJob,
+    client_seed,
+    evaluate_client,
+    fingerprint,
+    predict,
+    test_scores,
+    train_clients,
+    train_local,
+    wire,
+)
 from atlasfl.federation.methods import METHOD_SPECS, MethodSpec
 from atlasfl.federation.records import (
     client_references,
@@ -197,12 +207,19 @@ def run_round(fed: Federation, r: int, bars: RunProgress) -> dict:
     t0 = time.perf_counter()
     losses, up, down, work = {}, {}, {}, {"train": Tally(), "evaluate": Tally()}
     bars.start_clients(len(fed.shards))
-    for s in fed.shards:
-        losses[s.client_id] = _guard_oom(cfg, s, "training", lambda s=s: train_local(
-            fm, s.client_id, fed.train_enc[s.client_id], epochs=cfg.local_epochs, lr=cfg.lr,
-            batch_size=cfg.batch_size, seed=client_seed(cfg.seed, r, s.client_id),
-            group_by_length=cfg.group_by_length, tally=work["train"]))
-        bars.advance("client")
+    if cfg.client_batching:
+        losses = _guard_oom(cfg, None, "training", lambda: train_clients(
+            fm, [TrainJob(s.client_id, fed.train_enc[s.client_id], client_seed(cfg.seed, r, s.client_id))
+                 for s in fed.shards], epochs=cfg.local_epochs, lr=cfg.lr, batch_size=cfg.batch_size,
+            max_rows=cfg.client_batch_rows, group_by_length=cfg.group_by_length, tally=work["train"]))
+        bars.advance("client", len(fed.shards))
+    else:
+        for s in fed.shards:
+            losses[s.client_id] = _guard_oom(cfg, s, "training", lambda s=s: train_local(
+                fm, s.client_id, fed.train_enc[s.client_id], epochs=cfg.local_epochs, lr=cfg.lr,
+                batch_size=cfg.batch_size, seed=client_seed(cfg.seed, r, s.client_id),
+                group_by_length=cfg.group_by_length, tally=work["train"]))
+            bars.advance("client")
     t_train = time.perf_counter()
     sharing = fed.server.sharing_clients()  # clients of a singleton group, or at eta 0, send nothing
     if sharing:
@@ -244,13 +261,17 @@ def _save(fed: Federation, plan: Plan, eta_index: int, round_idx: int, rounds: l
     return seconds
 
 
-def _guard_oom(cfg: RunConfig, shard: ClientShard, what: str, step):
-    """Run one client step; a CUDA out-of-memory becomes one message naming the client and the remedies."""
+def _guard_oom(cfg: RunConfig, shard: ClientShard | None, what: str, step):
+    """Run one client step (all clients' at once when `shard` is None); a CUDA out-of-memory becomes one message
+    naming the client and the remedies."""
     try:
         return step()
     except torch.OutOfMemoryError:
+        who = (f"client {shard.client_id} ({shard.task})" if shard is not None else
+               f"all clients together (--client-batching, at most {cfg.client_batch_rows or 'all'} rows a pass; "
+               "lower --client-batch-rows)")
         raise AtlasError(
-            f"CUDA out of memory while {what} client {shard.client_id} ({shard.task}) of {cfg.model} at batch size "
+            f"CUDA out of memory while {what} {who} of {cfg.model} at batch size "
             f"{cfg.batch_size}; lower --batch-size or --fingerprint-samples, or use a smaller model "
             "(distilbert, gpt2); the last checkpoint is kept, rerun with --resume") from None
 
@@ -283,6 +304,6 @@ class RunProgress:
                 self.clients = self.bar.add_task("clients", total=total)
             self.bar.reset(self.clients, total=total)
 
-    def advance(self, which: str) -> None:
+    def advance(self, which: str, steps: int = 1) -> None:
         if self.bar is not None:
-            self.bar.advance(self.rounds if which == "round" else self.clients)
+            self.bar.advance(self.rounds if which == "round" else self.clients, steps)

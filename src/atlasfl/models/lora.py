@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -227,6 +229,55 @@ class FederatedLoRAModel:
 
     def logits(self, cid: int, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.heads[str(cid)](self.pool(self.hidden_states(batch), batch["attention_mask"]))
+
+    # ---- several clients in one forward pass --------------------------------------------------
+    @contextmanager
+    def training_together(self, cids: Sequence[int]) -> Iterator[None]:
+        """Train mode with no PEFT adapter active (its layers compute the frozen base alone) and every listed
+        client's factors trainable: `routed_logits` adds each row's own delta. On exit the first client is
+        active again, as after `activate`."""
+        for _, layer in self._lora_layers():
+            layer.set_adapter([])  # PEFT adds no delta and freezes every adapter ...
+        for cid in cids:
+            for p in self.trainable_parameters(cid):
+                p.requires_grad_(True)  # ... so the clients trained here are thawed again
+        self.peft.train(True)
+        try:
+            yield
+        finally:
+            self.activate(cids[0], train=True)
+
+    def routed_logits(self, spans: Sequence[tuple[int, int, int]], batch: dict[str, torch.Tensor]
+                      ) -> list[torch.Tensor]:
+        """One forward pass of the frozen base over `batch`, whose rows `start:stop` belong to client `cid` for each
+        (cid, start, stop) of `spans` (contiguous, covering every row): every adapted module adds to those rows
+        the LoRA delta of that client's adapter, as PEFT's forward does for the active one (dropout, then A, B
+        and scaling), and each client's head scores its pooled rows. Use inside `training_together`.
+
+        Its own hooks rather than PEFT's mixed-batch `adapter_names` (inference only at PeftModel level): rows
+        of a client are contiguous here, so slices replace PEFT's row gathers and scatters."""
+        if spans[0][1] != 0 or spans[-1][2] != len(batch["input_ids"]) or \
+                any(a[2] != b[1] for a, b in zip(spans, spans[1:])):
+            raise ValueError("spans must cover the batch's rows contiguously, in order")
+        names = [(_name(cid), start, stop) for cid, start, stop in spans]
+
+        def add_deltas(layer, args, output):
+            x = args[0]
+            deltas = []
+            for name, start, stop in names:
+                rows = x[start:stop].to(layer.lora_A[name].weight.dtype)
+                deltas.append(layer.lora_B[name](layer.lora_A[name](layer.lora_dropout[name](rows)))
+                              * layer.scaling[name])
+            return output + torch.cat(deltas).to(output.dtype)
+
+        handles = [layer.register_forward_hook(add_deltas) for _, layer in self._lora_layers()]
+        try:
+            hidden = self.hidden_states(batch)
+        finally:
+            for h in handles:
+                h.remove()
+        pooled = self.pool(hidden, batch["attention_mask"])
+        return [self.heads[str(cid)](pooled[start:stop]) for cid, start, stop in spans]
 
 
 def _name(cid: int) -> str:
