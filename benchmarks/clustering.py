@@ -48,10 +48,11 @@ def phase1(model: str, seed: int, a, cache: dict) -> dict:
     cfg = build_config(model, seed, a.method, tasks=tuple(a.tasks), init=a.init, max_samples=a.max_samples,
                        clients_per_task=a.clients_per_task, fingerprint_samples=a.fingerprint_samples,
                        fingerprint=a.fingerprint, batch_size=a.batch_size, device="cpu",
-                       representation_samples=a.representation_samples)
+                       representation_samples=a.representation_samples, dirichlet_alpha=a.dirichlet_alpha,
+                       val_fraction=a.val_fraction)
     tasks = {n: load_task(n, data_dir=cfg.data_dir) for n in expand_tasks(cfg.tasks)}
     shards = make_shards(list(tasks.values()), cfg.clients_per_task, seed=cfg.seed, max_samples=cfg.max_samples,
-                         dirichlet_alpha=cfg.dirichlet_alpha)
+                         dirichlet_alpha=cfg.dirichlet_alpha, val_fraction=cfg.val_fraction)
     # Pretrained weights do not depend on the seed: load them once. Random ones are drawn from the seed.
     key = (model, seed if (cfg.init == "random" or model in TINY_CONFIGS) else None)
     if key not in cache:
@@ -91,7 +92,8 @@ def versus(model: str, path: str, a) -> None:
     cfg = build_config(model, seed_list(a.seeds)[0], a.method, tasks=tuple(a.tasks), init=a.init,
                        max_samples=a.max_samples, clients_per_task=a.clients_per_task,
                        fingerprint_samples=a.fingerprint_samples, batch_size=a.batch_size, device="cpu",
-                       representation_samples=a.representation_samples)
+                       representation_samples=a.representation_samples, dirichlet_alpha=a.dirichlet_alpha,
+                       val_fraction=a.val_fraction)
     tasks = {n: load_task(n, data_dir=cfg.data_dir) for n in expand_tasks(cfg.tasks)}
     shards = make_shards(list(tasks.values()), cfg.clients_per_task, seed=cfg.seed, max_samples=cfg.max_samples)
     backbone = load_backbone(cfg.model, init=cfg.init, seed=cfg.seed, device="cpu")
@@ -124,6 +126,8 @@ def main() -> None:
     p.add_argument("--init", default="pretrained", choices=("pretrained", "random"))
     p.add_argument("--max-samples", type=int, help="per client (train + local validation); default: the preset's")
     p.add_argument("--clients-per-task", type=int)
+    p.add_argument("--dirichlet-alpha", type=float, help="label-skewed shards (default: IID within task)")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="local validation share (default 0.1)")
     p.add_argument("--fingerprint-samples", type=int, help="gradient pass; default: the preset's")
     p.add_argument("--representation-samples", type=int, default=512, help="representation pass (default 512)")
     p.add_argument("--fingerprint", default="representation", choices=("representation", "gradient"))

@@ -11,7 +11,7 @@ from atlasfl.data.batching import encode
 from atlasfl.data.partition import make_shards
 from atlasfl.data.tasks import TASK_SETS, load_task
 from atlasfl.engines import inprocess
-from atlasfl.federation.client import NOISE_KEYS, fingerprint
+from atlasfl.federation.client import NOISE_KEYS, fingerprint, representation_pass
 from atlasfl.federation.server import ClientInfo, Server
 from atlasfl.models.lora import FederatedLoRAModel
 from atlasfl.models.registry import load_backbone
@@ -68,8 +68,9 @@ def test_fingerprint_leaves_the_base_bit_identical():
     before = {k: v.clone() for k, v in fm.backbone.model.state_dict().items()}
     mode = fm.backbone.model.training
     flags = {n: p.requires_grad for n, p in fm.backbone.model.named_parameters()}
-    ups = []
+    ups, held = [], []
     for s in make_shards(tasks, 2, seed=3, max_samples=40):
+        held.append(len({ex.label for ex in s.train}))
         ups.append(fingerprint(fm, encode(fm.backbone.tokenizer, s.train), num_labels=4, samples=16, batch_size=8,
                                layers=2, dim=64, seed=3, representation_samples=512))
     after = fm.backbone.model.state_dict()
@@ -77,10 +78,12 @@ def test_fingerprint_leaves_the_base_bit_identical():
     assert {n: p.requires_grad for n, p in fm.backbone.model.named_parameters()} == flags
     assert all(p.grad is None for p in fm.backbone.model.parameters())
     assert fm.backbone.model.training == mode  # left in the mode it was found in
-    for u in ups:
+    for u, labels in zip(ups, held, strict=True):
+        # 36 examples (40, less 10 % validation) of `labels` labels: 36 − labels degrees of freedom, plus one.
+        assert u["representation_count"] == 36 - labels + 1
         assert u["representation"].shape == (64,) and u["gradient"].shape == (64,)
         assert set(u["importance"]) == set(fm.modules) and all(v > 0 for v in u["importance"].values())
-        assert u["representation_noise"] > 0 and u["representation_count"] == 36  # 40, less 10 % validation
+        assert u["representation_noise"] > 0
         assert 1 <= u["representation_dims"] <= 64
 
 
@@ -103,6 +106,20 @@ def test_fingerprint_reads_only_the_examples_it_is_given_up_to_its_limits():
         fingerprint(fm, train + [Poison()], samples=12, representation_samples=21, **kw)
     with pytest.raises(AssertionError, match="must not read"):
         fingerprint(fm, train + [Poison()], samples=21, representation_samples=20, **kw)
+
+
+def test_the_representation_fingerprint_does_not_move_with_the_label_mix():
+    # Two clients hold the same examples of each label, one with label 0 three times as often, the other label 1:
+    # their label-balanced fingerprints agree, where the plain means of the same representations do not.
+    fm = FederatedLoRAModel(load_backbone("tiny-bert", seed=2), alpha=16, dropout=0.0, seed=2)
+    train = encode(fm.backbone.tokenizer, load_task("gen_topic").train[:40])
+    zeros, ones = [e for e in train if e["labels"] == 0][:3], [e for e in train if e["labels"] == 1][:3]
+    kw = dict(num_labels=4, samples=4, batch_size=8, layers=2, dim=64, seed=2, representation_samples=512)
+    a, b = fingerprint(fm, zeros * 3 + ones, **kw), fingerprint(fm, zeros + ones * 3, **kw)
+    assert np.allclose(a["representation"], b["representation"], rtol=1e-5, atol=1e-6)
+    plain = [representation_pass(fm, enc, batch_size=8, max_examples=512)[0].mean(0)
+             for enc in (zeros * 3 + ones, zeros + ones * 3)]
+    assert not torch.allclose(*plain, rtol=1e-3, atol=1e-4)
 
 
 def test_the_engine_fingerprints_each_client_on_its_training_examples_only(make_config, monkeypatch):

@@ -123,6 +123,30 @@ def test_a_checkpoint_write_cut_short_leaves_the_previous_one_and_resume_is_exac
     assert _resume(tmp_path) == reference
 
 
+def test_an_interrupted_demo_continues_where_it_stopped(tmp_path, reference, monkeypatch):
+    from atlasfl.cli import run as cli_run
+
+    monkeypatch.setattr(cli_run, "DEMO", dict(
+        model="tiny-bert", seed=3, method="atlas", tasks=("gen_sentiment", "gen_pair"), clients_per_task=2,
+        rounds=ROUNDS, max_samples=160, max_test_samples=32, batch_size=8, fingerprint_samples=16,
+        checkpoint_dir=str(tmp_path / "ck")))
+    real, writes = ckpt.save_file, []
+
+    def counting_writer(tensors, filename):
+        writes.append(filename)
+        if len(writes) == 4:  # round 3's checkpoint (round 0 is the plan): the demo is stopped
+            raise KeyboardInterrupt
+        real(tensors, filename)
+
+    monkeypatch.setattr(ckpt, "save_file", counting_writer)
+    with pytest.raises(KeyboardInterrupt):
+        cli_run.demo(output_dir=str(tmp_path / "results"), overwrite=True)
+    writes.clear()
+    cli_run.demo(output_dir=str(tmp_path / "results"), overwrite=True)
+    assert len(writes) == 3  # rounds 3, 4 and 5 only: it continued from round 2's checkpoint
+    assert _comparable(json.loads((tmp_path / "results" / f"{run_name()}.json").read_text())) == reference
+
+
 def test_resume_refuses_a_different_config_and_a_corrupt_checkpoint(tmp_path, capsys):
     from atlasfl.cli.app import main
 

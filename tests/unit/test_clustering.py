@@ -5,7 +5,7 @@ import pytest
 from sklearn.cluster import KMeans
 from sklearn.metrics import silhouette_score
 
-from atlasfl.federation.client import effective_dims
+from atlasfl.federation.client import effective_dims, label_balanced_mean
 from atlasfl.phases.clustering import (
     MAX_DOF,
     MIN_CRITICAL_RATIO,
@@ -144,6 +144,38 @@ def test_effective_dims_exact_and_bounded():
     rng = np.random.default_rng(0)  # Σ = diag(1, 1, 1, 1, 0, …): four dimensions
     X = torch.tensor(rng.normal(size=(2000, 16)) * (np.arange(16) < 4), dtype=torch.float64)
     assert effective_dims(X) == pytest.approx(4.0, rel=0.05)
+
+
+def test_effective_dims_within_labels():
+    torch = pytest.importorskip("torch")
+    # Labels 0 and 1 sit 10 apart on the second axis; within each label the rows spread on the first axis only:
+    # residuals ±1, ±2, so S_w = diag(5, 0, 0) on ν = 4 − 2 = 2 and tr S² estimate 4/(1·4)·(25 − 25/2) = 12.5.
+    X = torch.tensor([[1.0, 0, 0], [-1, 0, 0], [2, 10, 0], [-2, 10, 0]], dtype=torch.float64)
+    labels = torch.tensor([0, 0, 1, 1])
+    assert effective_dims(X, labels) == pytest.approx(25 / 12.5)
+    assert effective_dims(X) != pytest.approx(25 / 12.5)  # the label offset counts as noise without labels
+    assert effective_dims(X[:3], labels[:3]) == 1.0  # ν = 1: too few to estimate
+
+
+def test_label_balanced_mean_exact():
+    torch = pytest.importorskip("torch")
+    # Label 0: (1,0), (3,0): mean (2,0), squared residuals 2. Label 1: (0,1), (0,3), (0,5): mean (0,3), residuals 8.
+    X = torch.tensor([[1.0, 0], [0, 1], [3, 0], [0, 3], [0, 5]], dtype=torch.float64)
+    labels = torch.tensor([0, 1, 0, 1, 1])
+    mean, variance, dof = label_balanced_mean(X, labels)
+    assert torch.allclose(mean, torch.tensor([1.0, 1.5], dtype=torch.float64))  # ((2,0) + (0,3)) / 2
+    assert dof == 3 and variance == pytest.approx(10 / 3 * (1 / 2 + 1 / 3) / 4)  # tr S_w · Σ 1/n_l / L²
+    # The same rows in another label mix (label 0 three times as often): the same fingerprint, where the plain
+    # mean moves with the mix.
+    skewed = torch.cat([X[labels == 0]] * 3 + [X[labels == 1]])
+    skewed_labels = torch.tensor([0] * 6 + [1] * 3)
+    assert torch.allclose(label_balanced_mean(skewed, skewed_labels)[0], mean)
+    assert not torch.allclose(skewed.mean(0), X.mean(0))
+    # One label: the plain mean, its variance tr S / n and n − 1 degrees of freedom.
+    one = torch.zeros(5, dtype=torch.long)
+    mean, variance, dof = label_balanced_mean(X, one)
+    assert torch.allclose(mean, X.mean(0)) and dof == 4
+    assert variance == pytest.approx(float(X.var(0).sum()) / 5)
 
 
 def _clients(rng, task_means, per_task, count, scales):

@@ -10,7 +10,7 @@ from rich.table import Table
 from atlasfl.cli.options import CONFIG_HELP, merge_config_file, parse_seed, with_overrides
 from atlasfl.config import METHODS, POSITIONAL, build_config, overridable_settings
 from atlasfl.errors import AtlasError
-from atlasfl.experiment import run_and_save
+from atlasfl.experiment import is_complete, run_and_save
 from atlasfl.presets import PRESETS
 
 # The embedded offline default: packaged MiniLM on the offline task set, sized for ~minutes on 2 CPU cores.
@@ -44,10 +44,11 @@ def run(
 
 def demo(output_dir: str = typer.Option("results", help="Folder for the result JSON."),
          overwrite: bool = typer.Option(True, help="Replace the previous demo result.")):
-    """The embedded offline default: packaged MiniLM, offline tasks, 12 clients, no model hub needed."""
+    """The embedded offline default: packaged MiniLM, offline tasks, 12 clients, no model hub needed.
+    An interrupted demo continues from its last checkpoint; a finished one starts over (or is kept)."""
     d = dict(DEMO)
     cfg = build_config(d.pop("model"), d.pop("seed"), d.pop("method"), output_dir=output_dir, **d)
-    result, path = run_and_save(cfg, overwrite=overwrite)
+    result, path = run_and_save(cfg, overwrite=overwrite, resume=not is_complete(cfg.result_path))
     print_summary(result, path)
 
 

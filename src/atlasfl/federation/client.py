@@ -197,8 +197,8 @@ def predict(fm: FederatedLoRAModel, cid: int, encoded: list[dict], *, batch_size
     return y_true, preds, losses
 
 
-# What the representation rule needs besides the fingerprint: its sampling variance, the examples behind it and the
-# effective dimensions of its noise (phases.clustering.SamplingNoise), each one float32 on the wire.
+# What the representation rule needs besides the fingerprint: its sampling variance, that variance's degrees of freedom
+# plus one, and the effective dimensions of its noise (phases.clustering.SamplingNoise), each one float32 on the wire.
 NOISE_KEYS = ("representation_noise", "representation_count", "representation_dims")
 
 
@@ -215,11 +215,12 @@ class _Stop(Exception):
 
 
 def representation_pass(fm: FederatedLoRAModel, encoded: list[dict], *, batch_size: int,
-                        max_examples: int) -> torch.Tensor:
+                        max_examples: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward passes only (frozen base, eval mode, adapters off, inference mode): the mean-pooled output of
     block `representation_layer` for each of the first `max_examples` training examples, as an n×hidden
-    float64 matrix. Examples go through in length order so that batches carry little padding (the order
-    does not matter for a mean and a variance), and each pass stops after that block."""
+    float64 matrix, with their labels in the same row order. Examples go through in length order so that
+    batches carry little padding (the order does not matter for means and variances), and each pass stops
+    after that block."""
     examples = sorted(encoded[:max_examples], key=lambda e: len(e["input_ids"]))
     _, blocks = transformer_blocks(fm.backbone.model)
     captured = []
@@ -246,7 +247,7 @@ def representation_pass(fm: FederatedLoRAModel, encoded: list[dict], *, batch_si
     finally:
         handle.remove()
         model.train(was_training)
-    return torch.cat(pooled)
+    return torch.cat(pooled), torch.tensor([e["labels"] for e in examples], dtype=torch.long)
 
 
 def gradient_pass(fm: FederatedLoRAModel, encoded: list[dict], *, num_labels: int,
@@ -276,45 +277,70 @@ def gradient_pass(fm: FederatedLoRAModel, encoded: list[dict], *, num_labels: in
         model.train(was_training)
 
 
-def effective_dims(X: torch.Tensor) -> float:
+def within_label_residuals(X: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each row less its label's mean: (residuals, the per-label means, the per-label counts), labels in
+    ascending order, only those present."""
+    held, index, counts = labels.unique(return_inverse=True, return_counts=True)
+    means = torch.zeros(len(held), X.shape[1], dtype=X.dtype).index_add_(0, index, X) / counts.unsqueeze(1).to(X.dtype)
+    return X - means[index], means, counts
+
+
+def effective_dims(X: torch.Tensor, labels: torch.Tensor | None = None) -> float:
     """(tr Σ)² / tr Σ² of the rows' covariance: how many dimensions their noise really spreads over (1 … d).
-    tr Σ² comes from its estimator unbiased under normality, (n−1)²/((n−2)(n+1))·(tr S² − (tr S)²/(n−1))
-    (Srivastava 2005); with fewer than 3 rows, or an estimate ≤ 0, the bounds 1 resp. d stand in."""
+    With `labels`, Σ is the pooled within-label covariance (each row centred on its label's mean, ν = n − L
+    degrees of freedom for L labels), else the plain one (ν = n − 1). tr Σ² comes from its estimator unbiased
+    under normality, ν²/((ν−1)(ν+2))·(tr S² − (tr S)²/ν) (Srivastava 2005, with ν for n − 1); with ν < 2, or
+    an estimate ≤ 0, the bounds 1 resp. d stand in."""
     n, d = X.shape
-    if n < 3:
+    labels = torch.zeros(n, dtype=torch.long) if labels is None else labels
+    residuals, means, _ = within_label_residuals(X, labels)
+    dof = n - len(means)
+    if dof < 2:
         return 1.0
-    centred = X - X.mean(0)
-    S = centred.T @ centred / (n - 1)
+    S = residuals.T @ residuals / dof
     tr, tr2 = float(S.trace()), float((S * S).sum())
-    a2 = (n - 1) ** 2 / ((n - 2) * (n + 1)) * (tr2 - tr ** 2 / (n - 1))
+    a2 = dof ** 2 / ((dof - 1) * (dof + 2)) * (tr2 - tr ** 2 / dof)
     return float(min(max(tr ** 2 / a2, 1.0), d)) if a2 > 0 else float(d)
 
 
-def package_fingerprint(pooled: torch.Tensor, grads: dict[str, torch.Tensor], modules: list[str], *, layers: int,
-                        dim: int, seed: int) -> dict:
+def label_balanced_mean(X: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+    """The mean over the labels a client holds of its per-label mean row, with its sampling variance and
+    that variance's degrees of freedom. Two clients of one task with different label mixes (Dirichlet
+    shards) then share the expectation (1/L) Σ_l μ_l as long as they hold the same labels, where the plain
+    mean would sit at their own mix Σ_l p_l μ_l and split the task. The variance is tr Cov of the estimate,
+    tr S_w · Σ_l (1/n_l) / L², with S_w the pooled within-label covariance (n − L degrees of freedom); with
+    one label, or balanced labels, all three equal the plain mean's."""
+    residuals, means, counts = within_label_residuals(X, labels)
+    held, dof = len(means), len(X) - len(means)
+    pooled_trace = float((residuals ** 2).sum()) / max(dof, 1)
+    return means.mean(0), pooled_trace * float((1 / counts.double()).sum()) / held ** 2, dof
+
+
+def package_fingerprint(pooled: torch.Tensor, labels: torch.Tensor, grads: dict[str, torch.Tensor],
+                        modules: list[str], *, layers: int, dim: int, seed: int) -> dict:
     """What leaves the client, all float32 aggregates (never one example's numbers):
 
-    - `representation`: the count sketch (shared seed) of the mean pooled representation, `dim` numbers;
-    - `representation_noise`: the sampling variance of that mean, tr Cov / n, measured on the sketched
-      examples (the sketch is linear), so in the very space the server compares clients in;
-    - `representation_count`: n, the examples behind that mean;
-    - `representation_dims`: the effective dimensions of their spread (`effective_dims`), which with n sets
-      how noisy the server's spread-to-noise ratio is;
+    - `representation`: the count sketch (shared seed) of the label-balanced mean pooled representation
+      (`label_balanced_mean`), `dim` numbers;
+    - `representation_noise`: the sampling variance of that mean, measured on the sketched examples (the
+      sketch is linear), so in the very space the server compares clients in;
+    - `representation_count`: the degrees of freedom of that variance plus one, n − L + 1 for n examples of
+      L labels (n when one label): what the server's test needs of the examples behind it;
+    - `representation_dims`: the effective dimensions of the examples' within-label spread
+      (`effective_dims`), which with the count sets how noisy the server's spread-to-noise ratio is;
     - `gradient`: the count sketch of the gradient on the last `layers` blocks' adapted modules;
     - `importance`: each adapted module's gradient norm.
     """
     sketched = count_sketch_rows(pooled, dim, seed)
-    n = len(sketched)
-    mean = sketched.mean(0)
-    noise = float(((sketched - mean) ** 2).sum()) / max(n - 1, 1) / n
+    mean, noise, dof = label_balanced_mean(sketched, labels)
     last_blocks = sorted({layer_index(m) for m in modules})[-layers:]
     grad_vec = torch.cat([grads[m].flatten() for m in modules if layer_index(m) in last_blocks])
     # Every number is float32, as uploaded and as counted, so both engines plan from identical values.
     return {
         "representation": mean.float().numpy(),
         "representation_noise": float(np.float32(noise)),
-        "representation_count": float(n),
-        "representation_dims": float(np.float32(effective_dims(sketched))),
+        "representation_count": float(dof + 1),
+        "representation_dims": float(np.float32(effective_dims(sketched, labels))),
         "gradient": count_sketch(grad_vec, dim, seed).float().numpy(),
         "importance": {m: float(np.float32(g.norm())) for m, g in grads.items()},
     }
@@ -328,6 +354,6 @@ def fingerprint(fm: FederatedLoRAModel, encoded: list[dict], *, num_labels: int,
     `samples` of them for the gradient fingerprint and the importances; see `package_fingerprint` for what
     is uploaded."""
     forward_batch = max(4 * batch_size, 32)  # no activations kept for a backward: larger batches fit
-    pooled = representation_pass(fm, encoded, batch_size=forward_batch, max_examples=representation_samples)
+    pooled, labels = representation_pass(fm, encoded, batch_size=forward_batch, max_examples=representation_samples)
     grads = gradient_pass(fm, encoded[:samples], num_labels=num_labels, batch_size=batch_size)
-    return package_fingerprint(pooled, grads, fm.modules, layers=layers, dim=dim, seed=seed)
+    return package_fingerprint(pooled, labels, grads, fm.modules, layers=layers, dim=dim, seed=seed)

@@ -2,9 +2,12 @@
 
 The rule, with the clients' sampling noise (representation fingerprints, the default):
 
-- Client i uploads its fingerprint f_i (the mean of n_i sketched example representations), σ²_i (the
-  sampling variance of that mean: trace of the examples' covariance over n_i), n_i, and r_i, the effective
-  number of dimensions of that noise ((tr Σ)² / tr Σ², 1 … fingerprint_dim).
+- Client i uploads its fingerprint f_i, the label-balanced mean of its sketched example representations
+  (the mean over the L_i labels it holds of each label's mean: clients of one task with different label
+  mixes then share one expectation, where the plain mean would follow each client's mix and split the
+  task), σ²_i (the sampling variance of f_i: tr S_w · Σ_l (1/n_l) / L_i², S_w the pooled within-label
+  covariance), n_i (that variance's degrees of freedom plus one, examples less labels plus one) and r_i,
+  the effective number of dimensions of that noise ((tr Σ)² / tr Σ², 1 … fingerprint_dim).
 - For each k = 1 … kmax, a partition P_k: seeded k-means with many inits, on the centred fingerprints
   and on their unit-length rows, keeping whichever of the two is tighter.
 - Its spread-to-noise ratio  T_k = Σ_i ‖f_i − f̄_c(i)‖² / Σ_c (1 − 1/n_c) Σ_{i∈c} σ²_i : the within-cluster
@@ -53,7 +56,7 @@ class SamplingNoise:
     """What each client says about the noise of its fingerprint (one entry per client)."""
 
     variance: np.ndarray  # σ²_i: trace of the sampling covariance of f_i
-    count: np.ndarray  # n_i: examples behind f_i
+    count: np.ndarray  # n_i: degrees of freedom of σ²_i plus one (examples behind f_i less its labels, plus one)
     dims: np.ndarray  # r_i: effective dimensions of that noise, (tr Σ)² / tr Σ²
 
     @classmethod
