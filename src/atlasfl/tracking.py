@@ -6,6 +6,7 @@ Scalars, x = round: `summary/mean_task_score`, `summary/mean_accuracy`, `task_sc
 `train_loss/c<k>`, `test_loss/c<k>`, `test_score/c<k>` (the task's GLUE metric), `test_accuracy/c<k>`,
 `communication/MB_up` and `MB_down` (that round) and their `_cumulative` totals, `time/round_s`, and
 `time/phase_s/<phase>` (seconds spent so far in each timed phase). The run's config is its `config` text.
+A resumed run continues its curves in the same folder.
 Tracking only reads the round records both engines already keep: the result JSON is the same with or
 without it. `torch.utils.tensorboard` needs the `tensorboard` package (`pip install 'atlasfl[tensorboard]'`).
 """
@@ -22,6 +23,9 @@ class Tracker:
 
     def round(self, eta: float, entry: dict, phases_s: dict[str, float] | None = None) -> None:
         """One round's record (federation.records.round_summary) of the eta being trained."""
+
+    def resume(self, eta: float, rounds: list[dict]) -> None:
+        """A resumed run continues `eta` after its checkpoint's `rounds` (records as in `round`)."""
 
     def close(self) -> None:
         """Flush and close whatever the tracker holds."""
@@ -41,11 +45,11 @@ class TensorBoardTracker(Tracker):
         self.writers: dict[float, object] = {}
         self.sent: dict[float, list[float]] = {}  # eta -> cumulative MB up, down
 
-    def _writer(self, eta: float):
+    def _writer(self, eta: float, purge_step: int | None = None):
         if eta not in self.writers:
             folder = self.root / f"eta-{eta:g}" if self.per_eta else self.root
             try:
-                writer = self._writer_class(log_dir=str(folder))
+                writer = self._writer_class(log_dir=str(folder), purge_step=purge_step)
             except OSError as exc:
                 raise AtlasError(f"cannot write TensorBoard logs to {folder} ({exc.strerror}); "
                                  "choose another --tensorboard folder") from None
@@ -75,6 +79,12 @@ class TensorBoardTracker(Tracker):
         for phase, seconds in (phases_s or {}).items():
             w.add_scalar(f"time/phase_s/{phase}", seconds, step)
         w.flush()  # live: TensorBoard sees each round as it ends
+
+    def resume(self, eta: float, rounds: list[dict]) -> None:
+        """Points the interrupted run logged after its checkpoint are hidden (TensorBoard's purge_step), and
+        the cumulative traffic goes on from the checkpoint's rounds instead of from zero."""
+        self._writer(eta, purge_step=len(rounds) + 1)
+        self.sent[eta] = [sum(r[key] for r in rounds) / 1e6 for key in ("bytes_up_total", "bytes_down_total")]
 
     def close(self) -> None:
         for writer in self.writers.values():

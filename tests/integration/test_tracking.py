@@ -59,3 +59,32 @@ def test_lambda_sweep_writes_one_tensorboard_run_per_eta(tmp_path):
     assert sorted(p.name for p in root.iterdir()) == ["eta-0", "eta-0.5"]
     for eta in ("eta-0", "eta-0.5"):
         assert [e.step for e in _scalars(root / eta).Scalars("summary/mean_task_score")] == [1]
+
+
+def test_a_resumed_run_continues_its_curves(tmp_path, monkeypatch):
+    import atlasfl.results.checkpoint as ckpt
+
+    cfg = tiny_config(tmp_path, method="atlas", rounds=3, tensorboard=str(tmp_path / "tb"))
+    real, writes = ckpt.save_file, []
+
+    def dying_writer(tensors, filename):
+        writes.append(filename)
+        if len(writes) == 4:  # round 3's checkpoint (round 0 is the plan): rounds 1 and 2 are logged and saved
+            raise KeyboardInterrupt
+        real(tensors, filename)
+
+    monkeypatch.setattr(ckpt, "save_file", dying_writer)
+    with pytest.raises(KeyboardInterrupt):
+        run_and_save(cfg, progress=False)
+    monkeypatch.setattr(ckpt, "save_file", real)
+    result, _ = run_and_save(cfg, progress=False, resume=True)
+    acc = _scalars(tmp_path / "tb" / cfg.run_name)
+    curve = acc.Scalars("summary/mean_task_score")
+    assert [e.step for e in curve] == [1, 2, 3]
+    assert [e.value for e in curve] == pytest.approx([r["mean_task_score"] for r in result["round_metrics"]],
+                                                     rel=1e-6)
+    sent, total = [], 0.0
+    for r in result["round_metrics"]:
+        total += r["bytes_up_total"] / 1e6
+        sent.append(total)
+    assert [e.value for e in acc.Scalars("communication/MB_up_cumulative")] == pytest.approx(sent, rel=1e-6)

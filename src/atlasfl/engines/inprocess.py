@@ -178,6 +178,7 @@ def train_etas(fed: Federation, plan: Plan, initial: dict, checkpoint: tuple | N
             eta = fed.server.eta = etas[eta_index]
             if eta_index == start_eta and checkpoint is not None:
                 fed.load_states(saved_states)
+                fed.tracker.resume(eta, rounds)
             else:
                 start_round, rounds = 0, []
                 fed.load_states(initial)

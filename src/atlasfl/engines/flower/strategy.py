@@ -364,6 +364,8 @@ class AtlasStrategy(Strategy):
                 if checkpoint is None or eta_index != start_eta:
                     self._reset()
                     start_round = 0
+                else:
+                    self.tracker.resume(self.eta, self.rounds)
                 self.reports.next_eta(self.eta)
                 for r in range(start_round + 1, self.cfg.rounds + 1):
                     self.train_round(grid, r)
