@@ -244,7 +244,7 @@ def skewed(tmp_path_factory) -> Path:
 def test_report_shows_both_protocols_references_and_the_per_client_eta_row(skewed):
     runs = _load(skewed)
     tables = _tables(load_results([skewed]))
-    assert {"scores", "scores_personal", "costs", "paired", "paired_personal"} == set(tables)
+    assert {"scores", "scores_personal", "costs", "lambda_sweep", "paired", "paired_personal"} == set(tables)
     per_client_label = "atlas (η=per client)"
     for key, prefix in (("scores", ""), ("scores_personal", "personal_")):
         table = tables[key]
@@ -269,7 +269,20 @@ def test_report_shows_both_protocols_references_and_the_per_client_eta_row(skewe
     diffs = [runs[("atlas", s)]["lambda_sweep"]["selections"]["per_client"]["final_metrics"]["personal_task_mean"]
              - runs[("local_only", s)]["final_metrics"]["personal_task_mean"] for s in SWEEP_SEEDS]
     assert row[4] == 2 and row[5] == pytest.approx(statistics.mean(diffs))
-    assert set(_tables(load_results([skewed]), ("personal",))) == {"scores_personal", "costs", "paired_personal"}
+    assert set(_tables(load_results([skewed]), ("personal",))) == {"scores_personal", "costs", "lambda_sweep",
+                                                                   "paired_personal"}
+    # The sweep table: every η's scores over seeds, the shared choices and the per-client shares, by hand.
+    sweep = tables["lambda_sweep"]
+    assert [r[1] for r in sweep.rows] == ["0", "0.5"]
+    raw = [runs[("atlas", s)]["lambda_sweep"] for s in SWEEP_SEEDS]
+    per_client = [e for x in raw for e in x["selections"]["per_client"]["etas"].values()]
+    for i, eta in enumerate((0.0, 0.5)):
+        row = sweep.rows[i]
+        _assert_stat(row[3], [x["val_scores"][i] for x in raw])
+        _assert_stat(row[4], [x["test_scores"][i] for x in raw])
+        _assert_stat(row[5], [x["personal_test_scores"][i] for x in raw])
+        assert row[6] == f"{sum(x['selected_eta'] == eta for x in raw)} of {len(raw)}"
+        assert row[7] == pytest.approx(100 * per_client.count(eta) / len(per_client))
 
 
 def test_cli_renders_both_protocols_and_their_plots(skewed, tmp_path):

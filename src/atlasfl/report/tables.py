@@ -92,7 +92,9 @@ def build_tables(records: list[RunRecord], baselines: Sequence[str] = ("local_on
     same on both)."""
     views = {p: [v for r in records if (v := in_protocol(r, p)) is not None] for p in protocols}
     views = {p: groups for p, recs in views.items() if (groups := group_runs(recs))}
-    return [*(scores_table(g, p) for p, g in views.items()), costs_table(group_runs(records)),
+    groups = group_runs(records)
+    sweep = [sweep_table(groups)] if any(g.eta == "sweep" for g in groups) else []
+    return [*(scores_table(g, p) for p, g in views.items()), costs_table(groups), *sweep,
             *(paired_table(g, b, p, key=_paired_key(b, baselines)) for b in dict.fromkeys(baselines)
               for p, g in views.items())]
 
@@ -216,6 +218,30 @@ def costs_table(groups: list[Group]) -> Table:
         notes.append(f"{sweeps} run(s) chose η by a lambda sweep: their bytes, time and s/round cover every η of the "
                      "grid (the sweep trained and sent them all), not only the chosen η's run.")
     return Table("costs", "Communication, time, memory and clustering", columns, rows, notes)
+
+
+def sweep_table(groups: list[Group]) -> Table:
+    """Every η of each model's lambda sweeps: its run's mean local-validation and test scores over seeds, how
+    often the shared rule chose it, and the share of clients the per-client rule gave it."""
+    columns = [Column("model"), Column("η"), Column("n"), Column("validation", "{:.4f}"),
+               Column("test, global", "{:.4f}"), Column("test, personal", "{:.4f}"), Column("chosen (shared)"),
+               Column("clients (per client) %", "{:.0f}")]
+    rows = []
+    for g in (g for g in groups if g.eta == "sweep"):
+        sweeps = [r.lambda_sweep for r in g.runs if r.lambda_sweep and r.lambda_sweep.get("grid")]
+        for eta in sorted({e for sw in sweeps for e in sw["grid"]}):
+            at = [(sw, sw["grid"].index(eta)) for sw in sweeps if eta in sw["grid"]]
+            etas = [e for sw in sweeps for e in sw.get("selections", {}).get("per_client", {}).get("etas", {}).values()]
+            rows.append([g.model, f"{eta:g}", len(at), _stat(sw["val_scores"][i] for sw, i in at),
+                         _stat(sw["test_scores"][i] for sw, i in at),
+                         _stat(sw["personal_test_scores"][i] for sw, i in at),
+                         f"{sum(sw['selected_eta'] == eta for sw, _ in at)} of {len(at)}",
+                         100 * etas.count(eta) / len(etas) if etas else None])
+    notes = ["Each η's federation of the lambda sweeps, mean ± sample std over seeds: mean local-validation score "
+             "(what the shared rule maximises), and the task-mean test score on each protocol at the last round "
+             "(never used for a choice); chosen (shared): seeds whose shared rule picked this η; clients (per "
+             "client): share of all clients over seeds whose own validation picked it."]
+    return Table("lambda_sweep", "Lambda sweep: every η", columns, rows, notes)
 
 
 def paired_table(groups: list[Group], baseline: str, protocol: str = "global", key: str = "paired") -> Table:
