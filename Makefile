@@ -37,8 +37,10 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 # The research benchmark of docs/benchmark.md: per regime, the five methods and the atlas eta sweep over seeds
-# 42 123 456, then the report's tables and plots in docs/benchmark/<regime>/. Finished runs are skipped, so an
-# interrupted benchmark resumes. Both regimes at once on two cores: `make -j2 benchmark OMP_NUM_THREADS=1`.
+# 42 123 456; their result files are copied to docs/benchmark/<regime>/runs/, the report's tables written beside
+# them, all its plots to reports/benchmark/<regime>/ and the score curves and score-vs-communication plots
+# copied to the docs. Finished runs are skipped, so an interrupted benchmark resumes. Both regimes at once on
+# two cores: `make -j2 benchmark OMP_NUM_THREADS=1`.
 BENCH_REGIMES := scarce_iid skewed
 
 benchmark: $(addprefix benchmark-,$(BENCH_REGIMES))
@@ -46,8 +48,11 @@ benchmark: $(addprefix benchmark-,$(BENCH_REGIMES))
 benchmark-%: $(STAMP)
 	$(BIN)/atlas sweep --config benchmarks/research/$*.toml
 	$(BIN)/atlas sweep --config benchmarks/research/$*.toml --methods atlas --lambda-sweep
-	$(BIN)/atlas report results/benchmark/$* --out docs/benchmark/$* --plots docs/benchmark/$* \
+	mkdir -p docs/benchmark/$*/runs
+	cp results/benchmark/$*/*.json docs/benchmark/$*/runs/
+	$(BIN)/atlas report docs/benchmark/$*/runs --out docs/benchmark/$* --plots reports/benchmark/$* \
 		--baseline local_only fedavg_cluster
+	cp reports/benchmark/$*/curves_minilm*.png reports/benchmark/$*/score_vs_comm_minilm*.png docs/benchmark/$*/
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -212,7 +212,8 @@ def costs_table(groups: list[Group]) -> Table:
              "time: wall time of the run; s/round: mean seconds per trained round of each phase (aggregate: "
              "aggregation or the Laplacian step); padding %: share of the token positions computed in training "
              "and evaluation that are padding; peak mem: measured peak; ARI and k of the fingerprint clustering "
-             "(— where the method used none); mean ± sample std over seeds."]
+             "(every method runs phase 1, though local_only and standard_fl do not use its clusters; — where a file "
+             "does not record it); mean ± sample std over seeds."]
     sweeps = sum(r.sweep_totals for g in groups for r in g.runs)
     if sweeps:
         notes.append(f"{sweeps} run(s) chose η by a lambda sweep: their bytes, time and s/round cover every η of the "
