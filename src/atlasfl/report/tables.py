@@ -230,9 +230,9 @@ def sweep_table(groups: list[Group]) -> Table:
     rows = []
     for g in (g for g in groups if g.eta == "sweep"):
         sweeps = [r.lambda_sweep for r in g.runs if r.lambda_sweep and r.lambda_sweep.get("grid")]
+        etas = [e for sw in sweeps for e in sw.get("selections", {}).get("per_client", {}).get("etas", {}).values()]
         for eta in sorted({e for sw in sweeps for e in sw["grid"]}):
             at = [(sw, sw["grid"].index(eta)) for sw in sweeps if eta in sw["grid"]]
-            etas = [e for sw in sweeps for e in sw.get("selections", {}).get("per_client", {}).get("etas", {}).values()]
             rows.append([g.model, f"{eta:g}", len(at), _stat(sw["val_scores"][i] for sw, i in at),
                          _stat(sw["test_scores"][i] for sw, i in at),
                          _stat(sw["personal_test_scores"][i] for sw, i in at),

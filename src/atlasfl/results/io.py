@@ -8,6 +8,7 @@ from pathlib import Path
 
 
 def current_umask() -> int:
+    """The process's umask: os.umask can be read only by setting it, so it is set back at once."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
