@@ -56,6 +56,17 @@ def test_run_config_file_sets_everything_and_flags_win(tmp_path, captured):
     assert (captured[-1].model, captured[-1].seed, captured[-1].method) == ("tiny-gpt2", 6, "local_only")
 
 
+def test_a_no_flag_turns_off_what_the_file_turns_on(tmp_path, captured):
+    path = _toml(tmp_path / "exp.toml", 'model = "tiny-bert"\nseed = 5\nmethod = "atlas"\ngroup_by_length = true\n'
+                 'client_batching = true\n')
+    assert main(["run", "--config", path, "--no-group-by-length"]) == 0
+    assert not captured[-1].group_by_length and captured[-1].client_batching  # an unset flag keeps the file's
+    grid = _toml(tmp_path / "grid.toml", 'models = ["tiny-bert"]\nmethods = ["atlas"]\nseeds = [5]\n'
+                 'group_by_length = true\nclient_batching = true\n')
+    assert main(["sweep", "--config", grid, "--no-client-batching"]) == 0
+    assert captured[-1].group_by_length and not captured[-1].client_batching
+
+
 def test_unknown_key_is_one_line_naming_it(tmp_path, capsys, captured):
     path = _toml(tmp_path / "exp.toml", 'model = "tiny-bert"\nseed = 1\nmethod = "atlas"\nnum_rounds = 3\n')
     assert main(["run", "--config", path]) == 2

@@ -51,7 +51,8 @@ def option_for(name: str) -> tuple[object, object]:
     field = RunConfig.model_fields[name]
     bare, help_text = setting_type(name), field.description
     if bare is bool:
-        return Annotated[bool, typer.Option(flag(name), help=help_text)], False
+        on, off = flag(name), "--no-" + flag(name)[2:]
+        return Annotated[Optional[bool], typer.Option(f"{on}/{off}", help=help_text, show_default=field.default)], None
     if typing.get_origin(bare) is Literal:
         help_text += " One of: " + " | ".join(typing.get_args(bare)) + "."
         cli_type = Optional[str]
@@ -75,7 +76,7 @@ def config_overrides(**values) -> dict:
     for key, value in values.items():
         if isinstance(value, list):
             value = tuple(split_values(value)) or None
-        out[key] = None if value is False else value
+        out[key] = value
     return out
 
 
