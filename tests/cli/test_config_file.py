@@ -56,15 +56,16 @@ def test_run_config_file_sets_everything_and_flags_win(tmp_path, captured):
     assert (captured[-1].model, captured[-1].seed, captured[-1].method) == ("tiny-gpt2", 6, "local_only")
 
 
-def test_a_no_flag_turns_off_what_the_file_turns_on(tmp_path, captured):
-    path = _toml(tmp_path / "exp.toml", 'model = "tiny-bert"\nseed = 5\nmethod = "atlas"\ngroup_by_length = true\n'
+def test_on_off_flags_win_over_the_file_both_ways(tmp_path, captured):
+    # The file sets both switches against their defaults (grouping on, client batching off).
+    path = _toml(tmp_path / "exp.toml", 'model = "tiny-bert"\nseed = 5\nmethod = "atlas"\ngroup_by_length = false\n'
                  'client_batching = true\n')
-    assert main(["run", "--config", path, "--no-group-by-length"]) == 0
-    assert not captured[-1].group_by_length and captured[-1].client_batching  # an unset flag keeps the file's
+    assert main(["run", "--config", path, "--no-client-batching"]) == 0
+    assert not captured[-1].group_by_length and not captured[-1].client_batching  # an unset flag keeps the file's
     grid = _toml(tmp_path / "grid.toml", 'models = ["tiny-bert"]\nmethods = ["atlas"]\nseeds = [5]\n'
-                 'group_by_length = true\nclient_batching = true\n')
-    assert main(["sweep", "--config", grid, "--no-client-batching"]) == 0
-    assert captured[-1].group_by_length and not captured[-1].client_batching
+                 'group_by_length = false\nclient_batching = true\n')
+    assert main(["sweep", "--config", grid, "--group-by-length"]) == 0
+    assert captured[-1].group_by_length and captured[-1].client_batching
 
 
 def test_unknown_key_is_one_line_naming_it(tmp_path, capsys, captured):
