@@ -112,3 +112,21 @@ def test_atlas_integrated_accepts_the_seed_flags(tmp_path):
     assert (tmp_path / "atlas_tiny-qwen2_local_only_seed5_r1.json").exists()
     bad = _script(sys.executable, str(script), "--ablation", "fedprox", cwd=tmp_path)
     assert bad.returncode == 2 and "invalid choice" in bad.stderr and "local_only" in bad.stderr
+
+
+def test_bench_scaling_runs_the_models_and_sizes_asked_for(monkeypatch, capsys):
+    seen = []
+
+    def fake_rows(model, settings):
+        seen.append((model, settings["clients_per_task"], settings["init"], settings["rounds"]))
+        return [[model, str(4 * settings["clients_per_task"]), "plain loop", *["0"] * 9, "1.00x"]]
+
+    monkeypatch.setattr("atlasfl.cli.bench.bench_rows", fake_rows)
+    assert main(["bench", "identical", "--scaling", "--model", "minilm", "--clients-per-task", "24"]) == 0
+    assert seen == [("minilm", 24, "pretrained", 1)]
+    seen.clear()
+    assert main(["bench", "identical", "--scaling"]) == 0  # the default sweep: 3 models x 12/48/96 clients
+    models = ("tiny-bert", "minilm", "distilbert")
+    assert [(m, c) for m, c, _, _ in seen] == [(m, c) for m in models for c in (3, 12, 24)]
+    assert {i for m, _, i, _ in seen if m != "minilm"} == {"random"}
+    assert "peak memory" in capsys.readouterr().out

@@ -17,13 +17,18 @@ from atlasfl.errors import AtlasError
 def bench(
     workload: str = typer.Argument("identical", help="identical (MiniLM) | random (full-size random presets)"),
     data_dir: Optional[str] = typer.Option(None, help="GLUE-shaped folder (../shared/bench/make_glue_shaped.py)."),
-    models: List[str] = typer.Option(["distilbert"], "--model", help="random: preset models, --init random."),
+    models: Optional[List[str]] = typer.Option(
+        None, "--model", help="random: preset models, --init random (default distilbert); --scaling: the models "
+        "swept (default tiny-bert minilm distilbert; all but minilm random)."),
     rounds: int = typer.Option(2, help="Rounds timed (each: the plain loop, then ATLAS, alternately)."),
     group_by_length: bool = typer.Option(False, help="ATLAS also with length-grouped training batches."),
     client_batch_rows: Optional[int] = typer.Option(
         None, min=1, help="Client-batched rows: at most this many rows per forward pass (default: all)."),
     threads: int = typer.Option(0, help="torch intra-op threads (0: torch's default)."),
     scaling: bool = typer.Option(False, help="12/48/96 clients for tiny-bert, minilm, distilbert (random)."),
+    clients_per_task: Optional[List[int]] = typer.Option(
+        None, min=1, help="--scaling: clients per task of each step (default 3 12 24: 12, 48, 96 clients). One "
+        "model and one size per call gives each its own peak memory."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
 ):
     """Time a workload: s/round by phase, examples/s and real tokens/s, padding, peak memory, ratio to a plain loop."""
@@ -36,11 +41,11 @@ def bench(
     if scaling:
         runs = [(m, dict(clients_per_task=c, max_samples=SCALING["max_samples"], rounds=1,
                          init="pretrained" if m == "minilm" else "random"))
-                for m in SCALING["models"] for c in SCALING["clients"]]
+                for m in models or SCALING["models"] for c in clients_per_task or SCALING["clients"]]
     elif workload == "identical":
         runs = [("minilm", {})]
     else:
-        runs = [(m, dict(init="random")) for m in models]
+        runs = [(m, dict(init="random")) for m in models or ["distilbert"]]
     table = Table(title=f"atlas bench {workload}{' --scaling' if scaling else ''} (torch threads "
                         f"{torch.get_num_threads()})")
     for col in ("model", "clients", "loop", "train s/rd", "agg s/rd", "eval s/rd", "total s/rd", "train ex/s",
