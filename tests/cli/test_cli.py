@@ -119,6 +119,7 @@ def test_bench_scaling_runs_the_models_and_sizes_asked_for(monkeypatch, capsys):
 
     def fake_rows(model, settings):
         seen.append((model, settings["clients_per_task"], settings["init"], settings["rounds"]))
+        assert settings["client_batch_rows"] == 96  # the scaling steps cap a client-batched pass
         return [[model, str(4 * settings["clients_per_task"]), "plain loop", *["0"] * 9, "1.00x"]]
 
     monkeypatch.setattr("atlasfl.cli.bench.bench_rows", fake_rows)

@@ -23,7 +23,8 @@ def bench(
     rounds: int = typer.Option(2, help="Rounds timed (each: the plain loop, then ATLAS, alternately)."),
     group_by_length: bool = typer.Option(False, help="ATLAS also with length-grouped training batches."),
     client_batch_rows: Optional[int] = typer.Option(
-        None, min=1, help="Client-batched rows: at most this many rows per forward pass (default: all)."),
+        None, min=1, help="Client-batched rows: at most this many rows per forward pass (default: all; with "
+        f"--scaling {SCALING['client_batch_rows']}, as all 48 or 96 clients in one pass would not fit in memory)."),
     threads: int = typer.Option(0, help="torch intra-op threads (0: torch's default)."),
     scaling: bool = typer.Option(False, help="12/48/96 clients for tiny-bert, minilm, distilbert (random)."),
     clients_per_task: Optional[List[int]] = typer.Option(
@@ -39,6 +40,7 @@ def bench(
     if workload not in ("identical", "random"):
         raise AtlasError(f"unknown workload {workload!r}; choose identical or random")
     if scaling:
+        client_batch_rows = client_batch_rows or SCALING["client_batch_rows"]
         runs = [(m, dict(clients_per_task=c, max_samples=SCALING["max_samples"], rounds=1,
                          init="pretrained" if m == "minilm" else "random"))
                 for m in models or SCALING["models"] for c in clients_per_task or SCALING["clients"]]
