@@ -52,7 +52,8 @@ def option_for(name: str) -> tuple[object, object]:
     bare, help_text = setting_type(name), field.description
     if bare is bool:
         on, off = flag(name), "--no-" + flag(name)[2:]
-        return Annotated[Optional[bool], typer.Option(f"{on}/{off}", help=help_text, show_default=field.default)], None
+        shown = "on" if field.default else "off"
+        return Annotated[Optional[bool], typer.Option(f"{on}/{off}", help=help_text, show_default=shown)], None
     if typing.get_origin(bare) is Literal:
         help_text += " One of: " + " | ".join(typing.get_args(bare)) + "."
         cli_type = Optional[str]
