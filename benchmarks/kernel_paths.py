@@ -17,7 +17,7 @@ import warnings
 import torch
 from torch.nn.functional import cross_entropy
 
-from atlasfl.bench import IDENTICAL
+from atlasfl.bench import IDENTICAL, PlainLoop, pooled_logits
 from atlasfl.config import build_config
 from atlasfl.data.batching import batches
 from atlasfl.engines.inprocess import set_up
@@ -34,31 +34,21 @@ def main() -> None:
     warnings.simplefilter("ignore", FutureWarning)
     if a.threads:
         torch.set_num_threads(a.threads)
-    from peft import LoraConfig, get_peft_model
-
     with tempfile.TemporaryDirectory() as tmp:
-        settings = {k: v for k, v in IDENTICAL.items() if k != "rounds"}
         fed = set_up(build_config("minilm", 42, "local_only", data_dir=a.data_dir, output_dir=tmp, log_dir=tmp,
-                                  checkpoint_dir=tmp, **settings))
+                                  checkpoint_dir=tmp, device="cpu", lora_dropout=0.0, **IDENTICAL))
     client = fed.shards[0]
-    pad = fed.fm.backbone.tokenizer.pad_token_id
-    steps = list(batches(fed.train_enc[client.client_id], 16, shuffle=True, seed=0, pad_token_id=pad))
+    steps = list(batches(fed.train_enc[client.client_id], 16, shuffle=True, seed=0,
+                         pad_token_id=fed.fm.backbone.tokenizer.pad_token_id))
     torch.manual_seed(0)
-    model = get_peft_model(fed.fm.backbone.model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
-                                                             target_modules=fed.fm.modules))
+    model = PlainLoop(fed).model  # the plain loop's base with one PEFT LoRA (r=8, dropout 0 as set above)
     head = torch.nn.Linear(model.config.hidden_size, fed.tasks[client.task].num_labels)
     params = [q for q in model.parameters() if q.requires_grad] + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=2e-5)
 
-    def pooled_logits(net, batch):
-        mask = batch["attention_mask"]
-        hidden = net(input_ids=batch["input_ids"], attention_mask=mask).last_hidden_state
-        m = mask.unsqueeze(-1).to(hidden.dtype)
-        return head((hidden * m).sum(1) / m.sum(1))
-
     def step(net, batch, autocast: bool):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            loss = cross_entropy(pooled_logits(net, batch).float(), batch["labels"])
+            loss = cross_entropy(pooled_logits(net, head, batch, "cpu").float(), batch["labels"])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

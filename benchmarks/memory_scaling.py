@@ -21,24 +21,22 @@ def current_mb() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 1e6
 
 
-def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e6  # KiB on Linux
-
-
 def measure(model: str, clients_per_task: int, data_dir: str, rounds: int) -> None:
     """One size in this process: print the memory after each stage."""
     warnings.simplefilter("ignore")
     import torch
 
-    from atlasfl.bench import IDENTICAL, SCALING
+    from atlasfl.bench import IDENTICAL, scaling_settings
     from atlasfl.config import build_config
     from atlasfl.engines.inprocess import RunProgress, plan_or_restore, run_round, set_up
+    from atlasfl.results.build import peak_memory
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
-        settings = dict(IDENTICAL, rounds=rounds, clients_per_task=clients_per_task, max_samples=SCALING["max_samples"])
+        settings = dict(IDENTICAL, **scaling_settings(model, clients_per_task))
+        settings["rounds"] = rounds
         cfg = build_config(model, 42, "atlas", data_dir=data_dir, output_dir=tmp, log_dir=tmp, checkpoint_dir=tmp,
-                           init="pretrained" if model == "minilm" else "random", **settings)
+                           **settings)
         stages = {"imports": current_mb()}
         fed = set_up(cfg)
         stages["set-up"] = current_mb()
@@ -51,7 +49,7 @@ def measure(model: str, clients_per_task: int, data_dir: str, rounds: int) -> No
         stages[f"after {rounds} rounds"] = current_mb()
         adapter_mb = sum(t.numel() * t.element_size() for s in fed.states().values() for t in s.values()) / 1e6
     cells = "  ".join(f"{k}: {v:.0f}" for k, v in stages.items())
-    print(f"{model:10} {len(fed.shards):>4} clients  resident MB  {cells}  peak: {peak_mb():.0f}  "
+    print(f"{model:10} {len(fed.shards):>4} clients  resident MB  {cells}  peak: {peak_memory('cpu')[0] / 1e6:.0f}  "
           f"adapters and heads of all clients: {adapter_mb:.1f} MB", flush=True)
 
 

@@ -19,6 +19,21 @@ SCALING = dict(clients=(3, 12, 24), models=("tiny-bert", "minilm", "distilbert")
                client_batch_rows=96)
 
 
+def scaling_settings(model: str, clients_per_task: int) -> dict:
+    """One step of the scaling sweep: the identical workload's shape, smaller shards, one round; every model but
+    the packaged MiniLM at full size with random weights."""
+    return dict(clients_per_task=clients_per_task, max_samples=SCALING["max_samples"], rounds=1,
+                init="pretrained" if model == "minilm" else "random")
+
+
+def pooled_logits(model, head, batch: dict, device) -> torch.Tensor:
+    """The head over the mean of the last hidden states of the real (non-padding) tokens."""
+    mask = batch["attention_mask"].to(device)
+    hidden = model(input_ids=batch["input_ids"].to(device), attention_mask=mask).last_hidden_state
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return head((hidden * m).sum(1) / m.sum(1))
+
+
 def bench_rows(model: str, settings: dict) -> list[list[str]]:
     """The plain loop and ATLAS's round, sequential and client-batched (and, with group_by_length, both again with
     length-grouped batches), each from the same states, alternately for `rounds` rounds on one shared set-up,
@@ -91,12 +106,6 @@ class PlainLoop:
                                                                target_modules=fed.fm.modules))
         self.pad = backbone.tokenizer.pad_token_id
 
-    def _logits(self, head, batch):
-        mask = batch["attention_mask"].to(self.fed.device)
-        hidden = self.model(input_ids=batch["input_ids"].to(self.fed.device), attention_mask=mask).last_hidden_state
-        m = mask.unsqueeze(-1).to(hidden.dtype)
-        return head((hidden * m).sum(1) / m.sum(1))
-
     def round(self, r: int) -> dict:
         from atlasfl.data.batching import Tally, batches
         from atlasfl.federation.client import client_seed
@@ -114,7 +123,8 @@ class PlainLoop:
             for epoch in range(cfg.local_epochs):
                 for batch in batches(fed.train_enc[s.client_id], cfg.batch_size, shuffle=True, seed=seed + epoch,
                                      pad_token_id=self.pad, tally=work["train"]):
-                    loss = cross_entropy(self._logits(head, batch), batch["labels"].to(fed.device))
+                    logits = pooled_logits(self.model, head, batch, fed.device)
+                    loss = cross_entropy(logits, batch["labels"].to(fed.device))
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -125,7 +135,7 @@ class PlainLoop:
             for s in fed.shards:
                 for batch in batches(fed.test_enc[s.task], cfg.eval_batch_size, shuffle=False, seed=None,
                                      pad_token_id=self.pad, tally=work["evaluate"]):
-                    self._logits(heads[s.client_id], batch).argmax(-1)
+                    pooled_logits(self.model, heads[s.client_id], batch, fed.device).argmax(-1)
         t_end = time.perf_counter()
         return dict(train_s=t_train - t0, aggregate_s=0.0, evaluate_s=t_end - t_train,
                     train=asdict(work["train"]), evaluate=asdict(work["evaluate"]))

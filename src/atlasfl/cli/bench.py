@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from atlasfl.bench import IDENTICAL, SCALING, bench_rows
+from atlasfl.bench import IDENTICAL, SCALING, bench_rows, scaling_settings
 from atlasfl.errors import AtlasError
 
 
@@ -41,8 +41,7 @@ def bench(
         raise AtlasError(f"unknown workload {workload!r}; choose identical or random")
     if scaling:
         client_batch_rows = client_batch_rows or SCALING["client_batch_rows"]
-        runs = [(m, dict(clients_per_task=c, max_samples=SCALING["max_samples"], rounds=1,
-                         init="pretrained" if m == "minilm" else "random"))
+        runs = [(m, scaling_settings(m, c))
                 for m in models or SCALING["models"] for c in clients_per_task or SCALING["clients"]]
     elif workload == "identical":
         runs = [("minilm", {})]
