@@ -3,20 +3,25 @@ each, its shard chosen by its node config), then `flwr run` of `fedavg_cluster` 
 
 Every process is started by this test in its own session, on 127.0.0.1 and free ports, under one
 hard deadline, and killed in `finally` together with everything it spawned (Flower's SuperExec
-and the per-message `flwr-clientapp`/`flwr-serverapp` processes)."""
+and the per-message `flwr-clientapp`/`flwr-serverapp` processes); the ClientApp's resident workers
+(`engines.flower.resident`) must then exit by themselves, their SuperNode gone."""
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
+from atlasfl.engines.flower.resident import DIR_VAR
 from atlasfl.results.schema import validate_result
 
 REPO = Path(__file__).resolve().parents[2]
@@ -117,10 +122,12 @@ class Loopback:
         home, self.out, self.logs = tmp_path / "flwr-home", tmp_path / "results", tmp_path / "logs"
         for d in (home, self.out, self.logs):
             d.mkdir()
+        self.resident = Path(tempfile.mkdtemp(prefix="atlasfl-"))  # short: it holds Unix sockets
         (home / "config.toml").write_text(f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n'
                                           f'address = "127.0.0.1:{self.link_port}"\ninsecure = true\n')
         self.env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", FLWR_HOME=str(home),
-                        FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", OMP_NUM_THREADS="1")
+                        FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", OMP_NUM_THREADS="1",
+                        **{DIR_VAR: str(self.resident)})
         self.procs: list[subprocess.Popen] = []
         self.log_files = []
 
@@ -138,8 +145,21 @@ class Loopback:
         survivors = _teardown(self.procs)
         for log in self.log_files:
             log.close()
+        self.served = self._resident_workers_exit()
+        self.worker_logs = [log.read_text() for log in sorted(self.resident.glob("*.log"))]
+        shutil.rmtree(self.resident, ignore_errors=True)
         if exc[0] is None:
             assert not survivors, f"processes left running: {sorted(survivors)}"
+            assert all(n is not None for n in self.served), f"resident workers left running: {self.served}"
+
+    def _resident_workers_exit(self, within_s: float = 15) -> list[int | None]:
+        """How many messages each resident worker served, once it has exited (None: it is still running)."""
+        deadline = time.monotonic() + within_s
+        while True:
+            served = [re.search(r"exits after (\d+) messages", log.read_text()) for log in self.resident.glob("*.log")]
+            if all(served) or time.monotonic() > deadline:
+                return [int(m.group(1)) if m else None for m in served]
+            time.sleep(0.3)
 
     def launch(self, name: str, *args: str) -> subprocess.Popen:
         log = open(self.logs / f"{name}.log", "a")
@@ -149,10 +169,10 @@ class Loopback:
         self.procs.append(proc)
         return proc
 
-    def node(self, i: int, port: int) -> subprocess.Popen:
+    def node(self, i: int, port: int, node_config: str = "") -> subprocess.Popen:
         return self.launch(f"supernode{i}", "flower-supernode", "--insecure", "--superlink",
                            f"127.0.0.1:{self.link_port}", "--host", "127.0.0.1", "--port", str(port),
-                           "--node-config", f"partition-id={i} num-partitions={CLIENTS}")
+                           "--node-config", f"partition-id={i} num-partitions={CLIENTS} {node_config}".strip())
 
     def submit(self, name: str, **config) -> subprocess.Popen:
         """`flwr run` of RUN and OVERRIDES with `config` on top, written as a TOML file (no quoting of JSON
@@ -182,6 +202,8 @@ def test_loopback_federation_runs_fedavg_cluster_and_atlas(tmp_path):
         # submitted together: the SuperNodes serve both runs
         runs = {method: loop.submit(method, method=method) for method in ("fedavg_cluster", "atlas")}
         results = {method: loop.finish(run, f"atlas_tiny-bert_{method}_seed0_r1") for method, run in runs.items()}
+    # One resident worker per node and run answered all of that node's messages (fingerprint, train, evaluate).
+    assert len(loop.served) == CLIENTS * len(runs) and min(loop.served) >= 3
 
     for method, result in results.items():
         validate_result(result)

@@ -103,15 +103,17 @@ def test_pyproject_declares_the_flower_app_and_its_run_config_builds_a_run():
 
     from flwr.cli.config_utils import load_and_validate
 
-    from atlasfl.engines.flower import client_app, server_app
+    from atlasfl.engines.flower import client_app, resident, server_app
     from atlasfl.engines.flower.server_app import config_from_run_config, run_config_defaults
 
     pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
     config, _ = load_and_validate(pyproject)
     app = config["tool"]["flwr"]["app"]
     assert app["components"] == {"serverapp": "atlasfl.engines.flower.server_app:app",
-                                 "clientapp": "atlasfl.engines.flower.client_app:app"}
-    assert server_app.app is not None and client_app.app is not None
+                                 "clientapp": "atlasfl.engines.flower.resident:app"}
+    assert server_app.app is not None
+    # The deployed app relays every message type the ATLAS ClientApp answers.
+    assert set(resident.app._registered_funcs) == set(client_app.app._registered_funcs)
     table = tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["config"]
     # The table mirrors RunConfig: one key per setting, of the setting's type.
     derived = run_config_defaults()

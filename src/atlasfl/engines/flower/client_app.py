@@ -5,7 +5,8 @@ task), optionally `data-dir` (this machine's GLUE folder) and `device`. The run 
 the server in the first message and stays in `Context.state`, with everything else that must
 survive between messages: the client's ranks, its initial state (for a lambda sweep) and its
 current adapter and head. The model and the encoded shard are only a per-process cache, rebuilt
-whenever a process (a Ray actor, a `flwr-clientapp` subprocess) meets the client for the first time.
+whenever a process (a Ray actor, a resident worker of `resident.py`, a `flwr-clientapp` process) meets the
+client for the first time.
 
 Every handler calls the same client functions as the in-process engine.
 """
