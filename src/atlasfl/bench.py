@@ -50,7 +50,7 @@ def bench_rows(model: str, settings: dict) -> list[list[str]]:
         fed.server.eta = cfg.eta
         plain = PlainLoop(fed)
         variants = {}
-        for label, group in (("atlas", False), ("atlas, grouped", True))[:1 + grouped]:
+        for label, group in (("atlas, ungrouped", False), ("atlas, grouped", True))[:1 + grouped]:
             variants[label] = cfg.model_copy(update=dict(group_by_length=group))
             variants[f"{label} + client batching"] = cfg.model_copy(update=dict(group_by_length=group,
                                                                                 client_batching=True))

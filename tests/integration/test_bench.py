@@ -9,10 +9,11 @@ def test_bench_rows_time_the_plain_loop_and_atlas_on_the_same_clients():
                     batch_size=8, fingerprint_samples=8, local_epochs=1, rounds=1, group_by_length=True,
                     data_dir=None, device="cpu")
     rows = bench_rows("tiny-bert", settings)
-    assert [r[2] for r in rows] == ["plain loop", "atlas", "atlas + client batching", "atlas, grouped",
-                                    "atlas, grouped + client batching"]
+    assert [r[2] for r in rows] == ["plain loop", "atlas, ungrouped", "atlas, ungrouped + client batching",
+                                    "atlas, grouped", "atlas, grouped + client batching"]
     assert all(r[0] == "tiny-bert" and r[1] == "4" for r in rows)
     assert rows[0][-1] == "1.00x" and all(float(r[-1].rstrip("x")) > 0 for r in rows)
     padding = {r[2]: float(r[-2]) for r in rows}
-    assert padding["atlas, grouped"] <= padding["atlas"]  # length-grouped batches never pad more here
-    assert padding["atlas + client batching"] >= padding["atlas"]  # a pass pads to its widest client's batch
+    assert padding["atlas, grouped"] <= padding["atlas, ungrouped"]  # length-grouped batches never pad more here
+    # a pass pads to its widest client's batch
+    assert padding["atlas, ungrouped + client batching"] >= padding["atlas, ungrouped"]

@@ -21,7 +21,8 @@ def bench(
         None, "--model", help="random: preset models, --init random (default distilbert); --scaling: the models "
         "swept (default tiny-bert minilm distilbert; all but minilm random)."),
     rounds: int = typer.Option(2, help="Rounds timed (each: the plain loop, then ATLAS, alternately)."),
-    group_by_length: bool = typer.Option(False, help="ATLAS also with length-grouped training batches."),
+    group_by_length: bool = typer.Option(False, help="ATLAS also with length-grouped training batches (a run's "
+                                         "default; the 'ungrouped' rows take the plain loop's batches)."),
     client_batch_rows: Optional[int] = typer.Option(
         None, min=1, help="Client-batched rows: at most this many rows per forward pass (default: all; with "
         f"--scaling {SCALING['client_batch_rows']}, as all 48 or 96 clients in one pass would not fit in memory)."),
