@@ -5,7 +5,7 @@ client, as `tests/integration/test_flower_deployment.py` starts them), with the 
 process), beside the same run on Flower's Simulation Runtime and in-process.
 
     python benchmarks/flower_deployment.py                 # the deployment test's configuration, 3 rounds
-    python benchmarks/flower_deployment.py --rounds 5 --method fedavg_cluster
+    python benchmarks/flower_deployment.py --rounds 5 --method fedavg_cluster --only resident fresh
 
 The four runs take turns in this one process's session on the same machine, so compare their ratios; every
 process started for a deployment is torn down before the next run. Prints one line per run: the result's
@@ -51,22 +51,29 @@ def local(folder: Path, method: str, rounds: int, engine: str) -> tuple[list[flo
     return result["time_metrics"]["per_round_s"], time.monotonic() - start, ""
 
 
+RUNS = {"resident": lambda d, method, rounds: deployed(d, method, rounds, ""),
+        "fresh": lambda d, method, rounds: deployed(d, method, rounds, "keep-alive-s=0"),
+        "simulation": lambda d, method, rounds: local(d, method, rounds, "flower"),
+        "inprocess": lambda d, method, rounds: local(d, method, rounds, "inprocess")}
+LABELS = {"resident": "deployed, resident workers", "fresh": "deployed, keep-alive-s=0",
+          "simulation": "simulation (Ray)", "inprocess": "in-process"}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--method", default="atlas")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--only", nargs="+", choices=list(RUNS), help="these runs alone (default: all four)")
     a = p.parse_args()
-    runs = {"deployed, resident workers": lambda d: deployed(d, a.method, a.rounds, ""),
-            "deployed, keep-alive-s=0": lambda d: deployed(d, a.method, a.rounds, "keep-alive-s=0"),
-            "simulation (Ray)": lambda d: local(d, a.method, a.rounds, "flower"),
-            "in-process": lambda d: local(d, a.method, a.rounds, "inprocess")}
+    runs = {name: RUNS[name] for name in a.only or RUNS}
     print(f"{RUN['model']}, {a.method}, {CLIENTS} clients, {a.rounds} rounds (tests/integration/"
           "test_flower_deployment.py's configuration)")
     for name, run in runs.items():
         with tempfile.TemporaryDirectory() as folder:
-            per_round, wall, note = run(Path(folder))
-        print(f"{name:28s} s/round {' '.join(f'{s:6.1f}' for s in per_round)} | mean {statistics.mean(per_round):6.1f}"
-              f" | wall {wall:6.1f} s{note}", flush=True)
+            per_round, wall, note = run(Path(folder), a.method, a.rounds)
+        seconds = " ".join(f"{s:6.1f}" for s in per_round)
+        mean = statistics.mean(per_round)
+        print(f"{LABELS[name]:28s} s/round {seconds} | mean {mean:6.1f} | wall {wall:6.1f} s{note}", flush=True)
 
 
 if __name__ == "__main__":
