@@ -32,7 +32,7 @@ from atlasfl.data.tasks import expand_tasks, load_task
 from atlasfl.federation.client import fingerprint
 from atlasfl.federation.server import ClientInfo, Server
 from atlasfl.models.lora import FederatedLoRAModel
-from atlasfl.models.registry import TINY_CONFIGS, load_backbone
+from atlasfl.models.registry import TINY_CONFIGS, load_backbone, resolve_device
 
 
 def seed_list(text: str) -> list[int]:
@@ -47,7 +47,7 @@ def seed_list(text: str) -> list[int]:
 def phase1(model: str, seed: int, a, cache: dict) -> dict:
     cfg = build_config(model, seed, a.method, tasks=tuple(a.tasks), init=a.init, max_samples=a.max_samples,
                        clients_per_task=a.clients_per_task, fingerprint_samples=a.fingerprint_samples,
-                       fingerprint=a.fingerprint, batch_size=a.batch_size, device="cpu",
+                       fingerprint=a.fingerprint, batch_size=a.batch_size, device=a.device,
                        representation_samples=a.representation_samples, dirichlet_alpha=a.dirichlet_alpha,
                        val_fraction=a.val_fraction)
     tasks = {n: load_task(n, data_dir=cfg.data_dir) for n in expand_tasks(cfg.tasks)}
@@ -57,7 +57,7 @@ def phase1(model: str, seed: int, a, cache: dict) -> dict:
     key = (model, seed if (cfg.init == "random" or model in TINY_CONFIGS) else None)
     if key not in cache:
         cache.clear()
-        cache[key] = load_backbone(cfg.model, init=cfg.init, seed=cfg.seed, device="cpu")
+        cache[key] = load_backbone(cfg.model, init=cfg.init, seed=cfg.seed, device=resolve_device(a.device))
     backbone = cache[key]
     # A run encodes whole shards; the fingerprint reads only the first examples, so encoding those is the same work.
     needed = max(cfg.representation_samples, cfg.fingerprint_samples)
@@ -91,12 +91,12 @@ def versus(model: str, path: str, a) -> None:
     spec.loader.exec_module(other)
     cfg = build_config(model, seed_list(a.seeds)[0], a.method, tasks=tuple(a.tasks), init=a.init,
                        max_samples=a.max_samples, clients_per_task=a.clients_per_task,
-                       fingerprint_samples=a.fingerprint_samples, batch_size=a.batch_size, device="cpu",
+                       fingerprint_samples=a.fingerprint_samples, batch_size=a.batch_size, device=a.device,
                        representation_samples=a.representation_samples, dirichlet_alpha=a.dirichlet_alpha,
                        val_fraction=a.val_fraction)
     tasks = {n: load_task(n, data_dir=cfg.data_dir) for n in expand_tasks(cfg.tasks)}
     shards = make_shards(list(tasks.values()), cfg.clients_per_task, seed=cfg.seed, max_samples=cfg.max_samples)
-    backbone = load_backbone(cfg.model, init=cfg.init, seed=cfg.seed, device="cpu")
+    backbone = load_backbone(cfg.model, init=cfg.init, seed=cfg.seed, device=resolve_device(a.device))
     fm = FederatedLoRAModel(backbone, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, seed=cfg.seed)
     times = {"this": [], "other": []}
     for s in shards[::cfg.clients_per_task]:
@@ -134,6 +134,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--method", default="atlas")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (default cpu)")
     p.add_argument("--versus", metavar="CLIENT_PY", help="time another version's federation/client.py side by side")
     a = p.parse_args()
     warnings.simplefilter("ignore", FutureWarning)

@@ -63,9 +63,9 @@ def relay(msg: Message, context: Context) -> Message:
     if keep_alive <= 0:
         from atlasfl.engines.flower.client_app import app as client_app
         return client_app(message=msg, context=context)
-    request = [bytes(message_to_proto(msg).SerializeToString()), bytes(context_to_proto(context).SerializeToString())]
+    request = [message_to_proto(msg).SerializeToString(), context_to_proto(context).SerializeToString()]
     path = _socket_path(context)
-    for attempt in (1, 2):  # a worker that timed out as we connected: start a new one, once
+    for attempt in (1, 2):  # a worker that died, or ran out of keep-alive as we connected: start another, once
         try:
             status, *blobs = _exchange(_connect(path, keep_alive), request)
             break
