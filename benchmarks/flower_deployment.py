@@ -41,7 +41,7 @@ def deployed(folder: Path, method: str, rounds: int, node_config: str) -> tuple[
     return result["time_metrics"]["per_round_s"], wall, note
 
 
-def local(folder: Path, method: str, rounds: int, engine: str) -> tuple[list[float], float]:
+def local(folder: Path, method: str, rounds: int, engine: str) -> tuple[list[float], float, str]:
     tasks = tuple(RUN["tasks"].split())
     cfg = build_config(RUN["model"], 0, method, mode=RUN["mode"], tasks=tasks, rounds=rounds, engine=engine,
                        output_dir=str(folder / "results"), checkpoint_dir=str(folder / "checkpoints"),

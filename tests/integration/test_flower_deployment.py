@@ -27,6 +27,7 @@ from atlasfl.results.schema import validate_result
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 DEADLINE_S = 300
+_EXITED = re.compile(r"exits after (\d+) messages")  # a resident worker's last log line
 CLIENTS = 4  # two tasks x two clients
 RUN = dict(model="tiny-bert", mode="quick", tasks="gen_sentiment gen_pair", rounds=1)
 OVERRIDES = dict(clients_per_task=2, max_samples=24, max_test_samples=16, batch_size=8, fingerprint_samples=8)
@@ -145,21 +146,25 @@ class Loopback:
         survivors = _teardown(self.procs)
         for log in self.log_files:
             log.close()
-        self.served = self._resident_workers_exit()
-        self.worker_logs = [log.read_text() for log in sorted(self.resident.glob("*.log"))]
+        self.worker_logs = self._resident_worker_logs()
         shutil.rmtree(self.resident, ignore_errors=True)
         if exc[0] is None:
             assert not survivors, f"processes left running: {sorted(survivors)}"
-            assert all(n is not None for n in self.served), f"resident workers left running: {self.served}"
+            assert None not in self.served, f"resident workers left running: {self.served}"
 
-    def _resident_workers_exit(self, within_s: float = 15) -> list[int | None]:
-        """How many messages each resident worker served, once it has exited (None: it is still running)."""
+    def _resident_worker_logs(self, within_s: float = 15) -> list[str]:
+        """Every resident worker's log, once all have exited (or `within_s` has passed)."""
         deadline = time.monotonic() + within_s
         while True:
-            served = [re.search(r"exits after (\d+) messages", log.read_text()) for log in self.resident.glob("*.log")]
-            if all(served) or time.monotonic() > deadline:
-                return [int(m.group(1)) if m else None for m in served]
+            logs = [log.read_text() for log in sorted(self.resident.glob("*.log"))]
+            if all(_EXITED.search(log) for log in logs) or time.monotonic() > deadline:
+                return logs
             time.sleep(0.3)
+
+    @property
+    def served(self) -> list[int | None]:
+        """How many messages each resident worker served (None: it had not exited)."""
+        return [int(m.group(1)) if (m := _EXITED.search(log)) else None for log in self.worker_logs]
 
     def launch(self, name: str, *args: str) -> subprocess.Popen:
         log = open(self.logs / f"{name}.log", "a")

@@ -67,7 +67,9 @@ def relay(msg: Message, context: Context) -> Message:
     path = _socket_path(context)
     for attempt in (1, 2):  # a worker that died, or ran out of keep-alive as we connected: start another, once
         try:
-            status, *blobs = _exchange(_connect(path, keep_alive), request)
+            with _connect(path, keep_alive) as conn:
+                _send(conn, request)
+                status, *blobs = _receive(conn)
             break
         except (ConnectionError, EOFError):
             if attempt == 2:
@@ -143,12 +145,6 @@ def _open(path: Path) -> socket.socket:
     return conn
 
 
-def _exchange(conn: socket.socket, blobs: list[bytes]) -> list[bytes]:
-    with conn:
-        _send(conn, blobs)
-        return _receive(conn)
-
-
 def _send(conn: socket.socket, blobs: list[bytes]) -> None:
     """A frame: the number of blobs, then each blob's length and bytes (unsigned 64-bit, big-endian)."""
     conn.sendall(struct.pack(">Q", len(blobs)) + b"".join(struct.pack(">Q", len(b)) + b for b in blobs))
@@ -169,9 +165,8 @@ def _receive(conn: socket.socket) -> list[bytes]:
     return [exactly(struct.unpack(">Q", exactly(8))[0]) for _ in range(count)]
 
 
-def answer(request: list[bytes]) -> list[bytes]:
+def answer(client_app: ClientApp, request: list[bytes]) -> list[bytes]:
     """The worker's side of one message: run the ATLAS ClientApp on it; its reply and Context.state, or its error."""
-    from atlasfl.engines.flower.client_app import app as client_app
     msg = message_from_proto(ProtoMessage.FromString(request[0]))
     context = context_from_proto(ProtoContext.FromString(request[1]))
     try:
@@ -190,7 +185,7 @@ def serve(path: Path, keep_alive: float, parent_pid: int) -> None:
     listener.listen(16)
     listener.settimeout(1.0)
     print(f"resident worker {os.getpid()} listening on {path}", flush=True)
-    from atlasfl.engines.flower import client_app  # noqa: F401  (the slow imports, while the relay waits anyway)
+    from atlasfl.engines.flower.client_app import app as client_app  # the slow imports, while the relay waits
     last, served = time.monotonic(), 0
     try:
         while time.monotonic() - last < keep_alive and _alive(parent_pid):
@@ -201,7 +196,7 @@ def serve(path: Path, keep_alive: float, parent_pid: int) -> None:
             with conn:
                 conn.settimeout(None)
                 start = time.monotonic()
-                _send(conn, answer(_receive(conn)))
+                _send(conn, answer(client_app, _receive(conn)))
             served += 1
             last = time.monotonic()
             print(f"message {served} answered in {last - start:.3f} s", flush=True)
@@ -216,8 +211,8 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
+    except PermissionError:  # alive, another user's
+        pass
     return True
 
 
