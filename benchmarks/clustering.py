@@ -5,6 +5,9 @@
     python benchmarks/clustering.py minilm --tasks offline --seeds 0-49 --max-samples 80
     python benchmarks/clustering.py tiny-bert tiny-gpt2 tiny-qwen2 tiny-llama --tasks generated --seeds 0-49
     python benchmarks/clustering.py distilbert gpt2 --init random --tasks offline --seeds 0-4
+    python benchmarks/clustering.py qwen2.5 --init random --weights-seed 0 --seeds 0-49 --fingerprint-samples 1 \
+        --reuse-representations ~/.cache/atlas-representations
+    python benchmarks/clustering.py minilm --tasks sst2 mrpc cola qnli --data-dir bench-data/glue-shaped --seeds 0-49
     python benchmarks/clustering.py minilm --tasks offline --seeds 0 --versus old/src/atlasfl/federation/client.py
 
 For every model and seed it does what a run does before round 1 (engines.inprocess: set_up, plan_or_restore):
@@ -12,16 +15,23 @@ the run's shards, backbone and encodings, `client.fingerprint` on every client, 
 one line per seed (k, ARI against the true tasks, the margin of the choice in the rule's own units, the
 spread-to-noise ratios that decided it, the gradient fingerprint's k and ARI, seconds of fingerprinting
 per client) and a summary per model. Nothing is trained; figures are printed, never asserted.
+`--weights-seed N` holds one random draw for every data seed, as pretrained weights are held, and
+`--reuse-representations DIR` then computes each example's representation once and stores it, so fifty seeds
+cost about five seeds' forward passes (offline tasks at preset sizes) and a stopped job resumes where it stopped.
 `--versus FILE` times another version's `client.py` (e.g. from `git archive`) against this one side by side
 instead: same clients (one per task), calls interleaved, median seconds per client.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
+import os
 import statistics
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -29,7 +39,7 @@ from atlasfl.config import build_config
 from atlasfl.data.batching import encode
 from atlasfl.data.partition import make_shards
 from atlasfl.data.tasks import expand_tasks, load_task
-from atlasfl.federation.client import fingerprint
+from atlasfl.federation.client import fingerprint, gradient_pass, package_fingerprint, representation_pass
 from atlasfl.federation.server import ClientInfo, Server
 from atlasfl.models.lora import FederatedLoRAModel
 from atlasfl.models.registry import TINY_CONFIGS, load_backbone, resolve_device
@@ -44,20 +54,33 @@ def seed_list(text: str) -> list[int]:
     return out
 
 
-def phase1(model: str, seed: int, a, cache: dict) -> dict:
+def run_setup(model: str, seed: int, a):
+    """The run's configuration, its tasks and its shards, as `atlas run` builds them from these flags."""
     cfg = build_config(model, seed, a.method, tasks=tuple(a.tasks), init=a.init, max_samples=a.max_samples,
                        clients_per_task=a.clients_per_task, fingerprint_samples=a.fingerprint_samples,
-                       fingerprint=a.fingerprint, batch_size=a.batch_size, device=a.device,
+                       fingerprint=a.fingerprint, batch_size=a.batch_size, device=a.device, data_dir=a.data_dir,
                        representation_samples=a.representation_samples, dirichlet_alpha=a.dirichlet_alpha,
                        val_fraction=a.val_fraction)
     tasks = {n: load_task(n, data_dir=cfg.data_dir) for n in expand_tasks(cfg.tasks)}
     shards = make_shards(list(tasks.values()), cfg.clients_per_task, seed=cfg.seed, max_samples=cfg.max_samples,
                          dirichlet_alpha=cfg.dirichlet_alpha, val_fraction=cfg.val_fraction)
-    # Pretrained weights do not depend on the seed: load them once. Random ones are drawn from the seed.
-    key = (model, seed if (cfg.init == "random" or model in TINY_CONFIGS) else None)
+    return cfg, tasks, shards
+
+
+def phase1(model: str, seed: int, a, cache: dict) -> dict:
+    cfg, tasks, shards = run_setup(model, seed, a)
+    # Pretrained weights do not depend on the seed: load them once. Random ones are drawn from the seed, or from
+    # --weights-seed, held for every data seed as pretrained weights are.
+    random_weights = cfg.init == "random" or model in TINY_CONFIGS
+    weights_seed = seed if random_weights and a.weights_seed is None else a.weights_seed
+    key = (model, weights_seed)
     if key not in cache:
         cache.clear()
-        cache[key] = load_backbone(cfg.model, init=cfg.init, seed=cfg.seed, device=resolve_device(a.device))
+        cache[key] = load_backbone(cfg.model, init=cfg.init, seed=cfg.seed if weights_seed is None else weights_seed,
+                                   device=resolve_device(a.device))
+        if a.reuse_representations:
+            weights = f"w{weights_seed}" if random_weights else "pretrained"
+            cache["store"] = RepresentationStore(Path(a.reuse_representations) / f"{model}-{cfg.init}-{weights}")
     backbone = cache[key]
     # A run encodes whole shards; the fingerprint reads only the first examples, so encoding those is the same work.
     needed = max(cfg.representation_samples, cfg.fingerprint_samples)
@@ -66,11 +89,14 @@ def phase1(model: str, seed: int, a, cache: dict) -> dict:
     server = Server(cfg, [ClientInfo(s.client_id, s.task, len(s.train), tasks[s.task].num_labels) for s in shards],
                     modules=fm.modules, shapes=fm.module_shapes(), facts=fm.facts())
     t0 = time.perf_counter()
-    uploads = {s.client_id: fingerprint(fm, train_enc[s.client_id], num_labels=tasks[s.task].num_labels,
-                                        samples=cfg.fingerprint_samples, batch_size=cfg.batch_size,
-                                        layers=cfg.fingerprint_layers, dim=cfg.fingerprint_dim, seed=cfg.seed,
-                                        representation_samples=cfg.representation_samples)
-               for s in shards}
+    if a.reuse_representations:
+        uploads = reused_fingerprints(fm, shards, train_enc, tasks, cfg, cache["store"])
+    else:
+        uploads = {s.client_id: fingerprint(fm, train_enc[s.client_id], num_labels=tasks[s.task].num_labels,
+                                            samples=cfg.fingerprint_samples, batch_size=cfg.batch_size,
+                                            layers=cfg.fingerprint_layers, dim=cfg.fingerprint_dim, seed=cfg.seed,
+                                            representation_samples=cfg.representation_samples)
+                   for s in shards}
     seconds = (time.perf_counter() - t0) / len(shards)
     plan = server.plan(uploads)
     p = plan.phase1
@@ -84,18 +110,67 @@ def phase1(model: str, seed: int, a, cache: dict) -> dict:
                 train=sorted({len(s.train) for s in shards}), fingerprint_samples=cfg.fingerprint_samples)
 
 
+class RepresentationStore:
+    """Each example's pooled representation under one set of weights, computed once and reused by every seed that
+    reads it (`--reuse-representations DIR`). Kept in DIR as chunk files, each written whole (temporary file, then
+    rename) as soon as it is computed, so a long job that stops keeps what it finished and a later call resumes.
+    Keyed by the example's token ids; the weights are named by the folder."""
+
+    CHUNK = 256
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.rows = {}
+        for f in sorted(folder.glob("chunk-*.pt")):
+            chunk = torch.load(f)
+            self.rows.update(zip(chunk["keys"], chunk["rows"]))
+
+    @staticmethod
+    def key(example: dict) -> str:
+        return hashlib.blake2b(str(list(example["input_ids"])).encode(), digest_size=16).hexdigest()
+
+    def fill(self, fm, examples: list[dict], batch_size: int) -> int:
+        """Compute the examples not stored yet, in length order, a chunk at a time; returns how many were new."""
+        todo = sorted({self.key(e): e for e in examples if self.key(e) not in self.rows}.items(),
+                      key=lambda item: len(item[1]["input_ids"]))
+        for start in range(0, len(todo), self.CHUNK):
+            keys, chunk = zip(*todo[start:start + self.CHUNK])
+            # representation_pass returns rows in length order (a stable sort); `chunk` is in that order already.
+            rows, _ = representation_pass(fm, list(chunk), batch_size=batch_size, max_examples=len(chunk))
+            name = self.folder / f"chunk-{len(list(self.folder.glob('chunk-*.pt'))):06d}-{os.getpid()}.pt"
+            tmp = name.with_suffix(".tmp")
+            torch.save({"keys": list(keys), "rows": rows}, tmp)
+            os.replace(tmp, name)
+            self.rows.update(zip(keys, rows))
+            print(f"  representations: {start + len(chunk)}/{len(todo)} new examples stored", file=sys.stderr,
+                  flush=True)
+        return len(todo)
+
+
+def reused_fingerprints(fm, shards, train_enc, tasks, cfg, store: RepresentationStore) -> dict:
+    """What `client.fingerprint` uploads, with each example's representation taken from `store`: the client's
+    representation pass is the same function of each example, only batched with other clients' examples here,
+    which changes its numbers by float rounding alone. The gradient pass and the packaging are the client's code."""
+    reads = {s.client_id: train_enc[s.client_id][:cfg.representation_samples] for s in shards}
+    store.fill(fm, [e for examples in reads.values() for e in examples], batch_size=max(4 * cfg.batch_size, 32))
+    uploads = {}
+    for s in shards:
+        examples = reads[s.client_id]
+        grads = gradient_pass(fm, train_enc[s.client_id][:cfg.fingerprint_samples],
+                              num_labels=tasks[s.task].num_labels, batch_size=cfg.batch_size)
+        uploads[s.client_id] = package_fingerprint(
+            torch.stack([store.rows[store.key(e)] for e in examples]), torch.tensor([e["labels"] for e in examples]),
+            grads, fm.modules, layers=cfg.fingerprint_layers, dim=cfg.fingerprint_dim, seed=cfg.seed)
+    return uploads
+
+
 def versus(model: str, path: str, a) -> None:
     """Median seconds per client of this fingerprint and of the one in `path`, called alternately."""
     spec = importlib.util.spec_from_file_location("other_client", path)
     other = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(other)
-    cfg = build_config(model, seed_list(a.seeds)[0], a.method, tasks=tuple(a.tasks), init=a.init,
-                       max_samples=a.max_samples, clients_per_task=a.clients_per_task,
-                       fingerprint_samples=a.fingerprint_samples, batch_size=a.batch_size, device=a.device,
-                       representation_samples=a.representation_samples, dirichlet_alpha=a.dirichlet_alpha,
-                       val_fraction=a.val_fraction)
-    tasks = {n: load_task(n, data_dir=cfg.data_dir) for n in expand_tasks(cfg.tasks)}
-    shards = make_shards(list(tasks.values()), cfg.clients_per_task, seed=cfg.seed, max_samples=cfg.max_samples)
+    cfg, tasks, shards = run_setup(model, seed_list(a.seeds)[0], a)
     backbone = load_backbone(cfg.model, init=cfg.init, seed=cfg.seed, device=resolve_device(a.device))
     fm = FederatedLoRAModel(backbone, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, seed=cfg.seed)
     times = {"this": [], "other": []}
@@ -118,11 +193,12 @@ def fmt(x, spec=".3f"):
     return "-" if x is None else format(x, spec)
 
 
-def main() -> None:
+def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("models", nargs="+")
     p.add_argument("--seeds", default="0-49", help="e.g. 0-49 or 1,4,7")
     p.add_argument("--tasks", nargs="+", default=["offline"])
+    p.add_argument("--data-dir", help="local GLUE folder, as `atlas run --data-dir`")
     p.add_argument("--init", default="pretrained", choices=("pretrained", "random"))
     p.add_argument("--max-samples", type=int, help="per client (train + local validation); default: the preset's")
     p.add_argument("--clients-per-task", type=int)
@@ -132,11 +208,22 @@ def main() -> None:
     p.add_argument("--representation-samples", type=int, default=512, help="representation pass (default 512)")
     p.add_argument("--fingerprint", default="representation", choices=("representation", "gradient"))
     p.add_argument("--batch-size", type=int)
+    p.add_argument("--weights-seed", type=int,
+                   help="random weights: draw them once from this seed and keep them for every data seed, as "
+                        "pretrained weights are (default: drawn from each seed, as a run does)")
+    p.add_argument("--reuse-representations", metavar="DIR",
+                   help="compute each example's representation once per set of weights, keep it in DIR and reuse it "
+                        "across seeds and calls (many seeds at the cost of a few; s/client then counts new "
+                        "examples only)")
     p.add_argument("--method", default="atlas")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (default cpu)")
     p.add_argument("--versus", metavar="CLIENT_PY", help="time another version's federation/client.py side by side")
-    a = p.parse_args()
+    return p.parse_args(argv)
+
+
+def main() -> None:
+    a = arguments()
     warnings.simplefilter("ignore", FutureWarning)
     warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
     if a.threads:
