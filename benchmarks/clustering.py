@@ -39,7 +39,13 @@ from atlasfl.config import build_config
 from atlasfl.data.batching import encode
 from atlasfl.data.partition import make_shards
 from atlasfl.data.tasks import expand_tasks, load_task
-from atlasfl.federation.client import fingerprint, gradient_pass, package_fingerprint, representation_pass
+from atlasfl.federation.client import (
+    fingerprint,
+    forward_batch,
+    gradient_pass,
+    package_fingerprint,
+    representation_pass,
+)
 from atlasfl.federation.server import ClientInfo, Server
 from atlasfl.models.lora import FederatedLoRAModel
 from atlasfl.models.registry import TINY_CONFIGS, load_backbone, resolve_device
@@ -153,7 +159,7 @@ def reused_fingerprints(fm, shards, train_enc, tasks, cfg, store: Representation
     representation pass is the same function of each example, only batched with other clients' examples here,
     which changes its numbers by float rounding alone. The gradient pass and the packaging are the client's code."""
     reads = {s.client_id: train_enc[s.client_id][:cfg.representation_samples] for s in shards}
-    store.fill(fm, [e for examples in reads.values() for e in examples], batch_size=max(4 * cfg.batch_size, 32))
+    store.fill(fm, [e for examples in reads.values() for e in examples], batch_size=forward_batch(cfg.batch_size))
     uploads = {}
     for s in shards:
         examples = reads[s.client_id]

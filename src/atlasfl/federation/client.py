@@ -214,6 +214,12 @@ class _Stop(Exception):
     """Raised by a forward hook once the pooled block has run: the blocks above it are not needed."""
 
 
+def forward_batch(batch_size: int) -> int:
+    """Batch size of the forward-only representation pass: no activations are kept for a backward, so batches
+    several times the training batch fit."""
+    return max(4 * batch_size, 32)
+
+
 def representation_pass(fm: FederatedLoRAModel, encoded: list[dict], *, batch_size: int,
                         max_examples: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward passes only (frozen base, eval mode, adapters off, inference mode): the mean-pooled output of
@@ -353,7 +359,7 @@ def fingerprint(fm: FederatedLoRAModel, encoded: list[dict], *, num_labels: int,
     to a round's training, so it can read many more than the gradient pass), a forward and backward pass over
     `samples` of them for the gradient fingerprint and the importances; see `package_fingerprint` for what
     is uploaded."""
-    forward_batch = max(4 * batch_size, 32)  # no activations kept for a backward: larger batches fit
-    pooled, labels = representation_pass(fm, encoded, batch_size=forward_batch, max_examples=representation_samples)
+    pooled, labels = representation_pass(fm, encoded, batch_size=forward_batch(batch_size),
+                                         max_examples=representation_samples)
     grads = gradient_pass(fm, encoded[:samples], num_labels=num_labels, batch_size=batch_size)
     return package_fingerprint(pooled, labels, grads, fm.modules, layers=layers, dim=dim, seed=seed)
