@@ -19,7 +19,7 @@ The rule, with the clients' sampling noise (representation fingerprints, the def
   when few clients or few examples stand behind the fingerprints, near 1 when many do. The former rule kept
   it at least 2, an allowance measured for the plain mean (MiniLM, seed 31: a right partition at
   T = 1.34 against an F bar of 1.38). With the label-balanced mean no right partition came above 0.89 × c_k
-  over 500 IID cases (10 configurations × seeds 0–49), while that floor merged two tasks that the F bar
+  over 650 IID cases (13 configurations × seeds 0–49), while that floor merged two tasks that the F bar
   separates (GLUE-shaped mrpc/qnli, 48 of 50 seeds), so the bar is now the F quantile alone.
 - k is the smallest k with T_k ≤ c_k (k = 1 is the explicit test "all clients alike").
 - The margin is how far the decision sits from flipping, in ln units of T over its critical value:
