@@ -198,7 +198,7 @@ def test_laplacian_step_of_a_run_is_the_formula_on_each_clients_own_update(make_
 @pytest.mark.parametrize("seed", [0, 1])
 def test_fedavg_cluster_groups_the_true_tasks(make_config, model, seed):
     # The seeds the end-to-end tests run. This configuration (4 clients of 22 examples on 32-wide random
-    # models) is the hardest one measured: docs/clustering.md gives its record over seeds 0-19.
+    # models) is the hardest one measured: docs/clustering.md gives its record over seeds 0-49.
     result = _run(make_config, model=model, method="fedavg_cluster", seed=seed, rounds=1)
     phase1 = result["phase1_clustering"]
     assert result["cluster_source"] == "fingerprint" and result["cluster_labels"] == [0, 0, 1, 1]

@@ -219,7 +219,7 @@ def test_separated_tasks_are_recovered_with_few_examples():
 
 def test_the_bar_is_the_f_quantile_so_two_close_tasks_are_kept_apart_where_the_former_floor_merged_them():
     # Four tasks of three clients with 200 examples each, Gaussian as the model assumes; tasks 2 and 3 sit so
-    # close that merging them gives T_3 between the F bar (~1.3) and the former floor of 2 (GLUE-shaped mrpc/qnli).
+    # close that merging them gives T_3 between the F bar (~1.4) and the former floor of 2 (GLUE-shaped mrpc/qnli).
     rng = np.random.default_rng(3)
     d, count = 16, 200
     means = rng.normal(size=(4, d)) * 5
