@@ -39,13 +39,7 @@ from atlasfl.config import build_config
 from atlasfl.data.batching import encode
 from atlasfl.data.partition import make_shards
 from atlasfl.data.tasks import expand_tasks, load_task
-from atlasfl.federation.client import (
-    fingerprint,
-    forward_batch,
-    gradient_pass,
-    package_fingerprint,
-    representation_pass,
-)
+from atlasfl.federation import client
 from atlasfl.federation.server import ClientInfo, Server
 from atlasfl.models.lora import FederatedLoRAModel
 from atlasfl.models.registry import TINY_CONFIGS, load_backbone, resolve_device
@@ -78,12 +72,11 @@ def phase1(model: str, seed: int, a, cache: dict) -> dict:
     # Pretrained weights do not depend on the seed: load them once. Random ones are drawn from the seed, or from
     # --weights-seed, held for every data seed as pretrained weights are.
     random_weights = cfg.init == "random" or model in TINY_CONFIGS
-    weights_seed = seed if random_weights and a.weights_seed is None else a.weights_seed
-    key = (model, weights_seed)
+    weights_seed = seed if a.weights_seed is None else a.weights_seed
+    key = (model, weights_seed if random_weights else None)
     if key not in cache:
         cache.clear()
-        cache[key] = load_backbone(cfg.model, init=cfg.init, seed=cfg.seed if weights_seed is None else weights_seed,
-                                   device=resolve_device(a.device))
+        cache[key] = load_backbone(cfg.model, init=cfg.init, seed=weights_seed, device=resolve_device(a.device))
         if a.reuse_representations:
             weights = f"w{weights_seed}" if random_weights else "pretrained"
             cache["store"] = RepresentationStore(Path(a.reuse_representations) / f"{model}-{cfg.init}-{weights}")
@@ -95,14 +88,12 @@ def phase1(model: str, seed: int, a, cache: dict) -> dict:
     server = Server(cfg, [ClientInfo(s.client_id, s.task, len(s.train), tasks[s.task].num_labels) for s in shards],
                     modules=fm.modules, shapes=fm.module_shapes(), facts=fm.facts())
     t0 = time.perf_counter()
-    if a.reuse_representations:
-        uploads = reused_fingerprints(fm, shards, train_enc, tasks, cfg, cache["store"])
-    else:
-        uploads = {s.client_id: fingerprint(fm, train_enc[s.client_id], num_labels=tasks[s.task].num_labels,
-                                            samples=cfg.fingerprint_samples, batch_size=cfg.batch_size,
-                                            layers=cfg.fingerprint_layers, dim=cfg.fingerprint_dim, seed=cfg.seed,
-                                            representation_samples=cfg.representation_samples)
-                   for s in shards}
+    represent = cache["store"].represent if a.reuse_representations else client.representation_pass
+    uploads = {s.client_id: client.fingerprint(fm, train_enc[s.client_id], num_labels=tasks[s.task].num_labels,
+                                               samples=cfg.fingerprint_samples, batch_size=cfg.batch_size,
+                                               layers=cfg.fingerprint_layers, dim=cfg.fingerprint_dim, seed=cfg.seed,
+                                               representation_samples=cfg.representation_samples, represent=represent)
+               for s in shards}
     seconds = (time.perf_counter() - t0) / len(shards)
     plan = server.plan(uploads)
     p = plan.phase1
@@ -120,7 +111,7 @@ class RepresentationStore:
     """Each example's pooled representation under one set of weights, computed once and reused by every seed that
     reads it (`--reuse-representations DIR`). Kept in DIR as chunk files, each written whole (temporary file, then
     rename) as soon as it is computed, so a long job that stops keeps what it finished and a later call resumes.
-    Keyed by the example's token ids; the weights are named by the folder."""
+    Keyed by the example's token ids; the folder names the weights."""
 
     CHUNK = 256
 
@@ -138,37 +129,27 @@ class RepresentationStore:
 
     def fill(self, fm, examples: list[dict], batch_size: int) -> int:
         """Compute the examples not stored yet, in length order, a chunk at a time; returns how many were new."""
-        todo = sorted({self.key(e): e for e in examples if self.key(e) not in self.rows}.items(),
+        new = {self.key(e): e for e in examples}
+        todo = sorted(((k, e) for k, e in new.items() if k not in self.rows),
                       key=lambda item: len(item[1]["input_ids"]))
         for start in range(0, len(todo), self.CHUNK):
             keys, chunk = zip(*todo[start:start + self.CHUNK])
             # representation_pass returns rows in length order (a stable sort); `chunk` is in that order already.
-            rows, _ = representation_pass(fm, list(chunk), batch_size=batch_size, max_examples=len(chunk))
-            name = self.folder / f"chunk-{len(list(self.folder.glob('chunk-*.pt'))):06d}-{os.getpid()}.pt"
-            tmp = name.with_suffix(".tmp")
-            torch.save({"keys": list(keys), "rows": rows}, tmp)
-            os.replace(tmp, name)
+            rows, _ = client.representation_pass(fm, list(chunk), batch_size=batch_size, max_examples=len(chunk))
+            name = self.folder / f"chunk-{keys[0]}.pt"  # a chunk's first key names it: no counter to keep
+            torch.save({"keys": list(keys), "rows": rows}, name.with_suffix(".tmp"))
+            os.replace(name.with_suffix(".tmp"), name)
             self.rows.update(zip(keys, rows))
             print(f"  representations: {start + len(chunk)}/{len(todo)} new examples stored", file=sys.stderr,
                   flush=True)
         return len(todo)
 
-
-def reused_fingerprints(fm, shards, train_enc, tasks, cfg, store: RepresentationStore) -> dict:
-    """What `client.fingerprint` uploads, with each example's representation taken from `store`: the client's
-    representation pass is the same function of each example, only batched with other clients' examples here,
-    which changes its numbers by float rounding alone. The gradient pass and the packaging are the client's code."""
-    reads = {s.client_id: train_enc[s.client_id][:cfg.representation_samples] for s in shards}
-    store.fill(fm, [e for examples in reads.values() for e in examples], batch_size=forward_batch(cfg.batch_size))
-    uploads = {}
-    for s in shards:
-        examples = reads[s.client_id]
-        grads = gradient_pass(fm, train_enc[s.client_id][:cfg.fingerprint_samples],
-                              num_labels=tasks[s.task].num_labels, batch_size=cfg.batch_size)
-        uploads[s.client_id] = package_fingerprint(
-            torch.stack([store.rows[store.key(e)] for e in examples]), torch.tensor([e["labels"] for e in examples]),
-            grads, fm.modules, layers=cfg.fingerprint_layers, dim=cfg.fingerprint_dim, seed=cfg.seed)
-    return uploads
+    def represent(self, fm, encoded: list[dict], *, batch_size: int, max_examples: int):
+        """`client.representation_pass`, from the store: computes only the examples it has not seen."""
+        examples = encoded[:max_examples]
+        self.fill(fm, examples, batch_size)
+        return (torch.stack([self.rows[self.key(e)] for e in examples]),
+                torch.tensor([e["labels"] for e in examples], dtype=torch.long))
 
 
 def versus(model: str, path: str, a) -> None:
@@ -186,7 +167,7 @@ def versus(model: str, path: str, a) -> None:
         kw = dict(num_labels=tasks[s.task].num_labels, samples=cfg.fingerprint_samples, batch_size=cfg.batch_size,
                   layers=cfg.fingerprint_layers, dim=cfg.fingerprint_dim, seed=cfg.seed)
         this = dict(representation_samples=cfg.representation_samples)
-        for name, fn, extra in [("other", other.fingerprint, {}), ("this", fingerprint, this)] * 2:
+        for name, fn, extra in [("other", other.fingerprint, {}), ("this", client.fingerprint, this)] * 2:
             t0 = time.perf_counter()
             fn(fm, enc, **kw, **extra)
             times[name].append(time.perf_counter() - t0)

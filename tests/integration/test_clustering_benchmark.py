@@ -1,6 +1,6 @@
 """benchmarks/clustering.py reuses each example's representation across seeds (how fifty seeds of a full-size
-model fit on a CPU): what it then uploads must be what the client's own `fingerprint` uploads, and a second
-call must find the stored representations instead of computing them again."""
+model fit on a CPU): the client's `fingerprint` fed from the store must upload what it uploads from its own
+representation pass, and a second store on the same folder must find every row instead of computing it again."""
 from __future__ import annotations
 
 import importlib.util
@@ -31,13 +31,13 @@ def test_reused_representations_upload_what_the_client_uploads_and_a_second_call
     fm = FederatedLoRAModel(load_backbone("tiny-bert", seed=0), alpha=cfg.lora_alpha, dropout=0.0, seed=0)
     encoded = {s.client_id: encode(fm.backbone.tokenizer, s.train, cfg.max_length) for s in shards}
     store = bench.RepresentationStore(tmp_path / "store")
-    reused = bench.reused_fingerprints(fm, shards, encoded, tasks, cfg, store)
     for s in shards:
-        own = fingerprint(fm, encoded[s.client_id], num_labels=tasks[s.task].num_labels,
-                          samples=cfg.fingerprint_samples, batch_size=cfg.batch_size, layers=cfg.fingerprint_layers,
-                          dim=cfg.fingerprint_dim, seed=cfg.seed, representation_samples=cfg.representation_samples)
-        mine = reused[s.client_id]
-        # Batched with other clients' examples: equal up to float32 rounding.
+        kw = dict(num_labels=tasks[s.task].num_labels, samples=cfg.fingerprint_samples, batch_size=cfg.batch_size,
+                  layers=cfg.fingerprint_layers, dim=cfg.fingerprint_dim, seed=cfg.seed,
+                  representation_samples=cfg.representation_samples)
+        own = fingerprint(fm, encoded[s.client_id], **kw)
+        mine = fingerprint(fm, encoded[s.client_id], **kw, represent=store.represent)
+        # Chunked and batched apart from the client's own pass: equal up to float32 rounding.
         np.testing.assert_allclose(mine["representation"], own["representation"], rtol=1e-5, atol=1e-6)
         for key in ("representation_noise", "representation_dims"):
             assert abs(mine[key] - own[key]) <= 1e-5 * abs(own[key]), (key, mine[key], own[key])

@@ -353,13 +353,14 @@ def package_fingerprint(pooled: torch.Tensor, labels: torch.Tensor, grads: dict[
 
 
 def fingerprint(fm: FederatedLoRAModel, encoded: list[dict], *, num_labels: int, samples: int, batch_size: int,
-                layers: int, dim: int, seed: int, representation_samples: int) -> dict:
+                layers: int, dim: int, seed: int, representation_samples: int,
+                represent=representation_pass) -> dict:
     """Phase 1 on the client (DESIGN §3.1), from its training examples only: forward passes over up to
     `representation_samples` of them for the representation fingerprint (forward-only passes are cheap next
     to a round's training, so it can read many more than the gradient pass), a forward and backward pass over
     `samples` of them for the gradient fingerprint and the importances; see `package_fingerprint` for what
-    is uploaded."""
-    pooled, labels = representation_pass(fm, encoded, batch_size=forward_batch(batch_size),
-                                         max_examples=representation_samples)
+    is uploaded. `represent` stands in for `representation_pass` where its rows are already known
+    (benchmarks/clustering.py reuses them across seeds)."""
+    pooled, labels = represent(fm, encoded, batch_size=forward_batch(batch_size), max_examples=representation_samples)
     grads = gradient_pass(fm, encoded[:samples], num_labels=num_labels, batch_size=batch_size)
     return package_fingerprint(pooled, labels, grads, fm.modules, layers=layers, dim=dim, seed=seed)
