@@ -11,11 +11,11 @@ from atlasfl.data.batching import encode
 from atlasfl.data.partition import make_shards
 from atlasfl.data.tasks import TASK_SETS, load_task
 from atlasfl.engines import inprocess
-from atlasfl.federation.client import NOISE_KEYS, fingerprint, representation_pass
-from atlasfl.federation.server import ClientInfo, Server
+from atlasfl.federation.client import LABEL_KEYS, NOISE_KEYS, fingerprint, representation_pass
+from atlasfl.federation.server import ClientInfo, Server, representation_noise
 from atlasfl.models.lora import FederatedLoRAModel
 from atlasfl.models.registry import load_backbone
-from atlasfl.phases.clustering import SamplingNoise, adjusted_rand, cluster_fingerprints
+from atlasfl.phases.clustering import adjusted_rand, cluster_fingerprints
 
 # Not the seeds the former threshold was calibrated on (42/123/456); 4 is the seed that merged two tasks.
 SEEDS = (0, 4, 31)
@@ -34,8 +34,7 @@ def _fingerprints(model, task_names, clients_per_task, seed, samples=64, max_sam
 
 def _cluster(ups, seed):
     F = np.stack([u["representation"] for u in ups])
-    noise = SamplingNoise.of(*([u[key] for u in ups] for key in NOISE_KEYS), len(ups))
-    return cluster_fingerprints(F, seed=seed, noise=noise)
+    return cluster_fingerprints(F, seed=seed, noise=representation_noise(ups))
 
 
 @pytest.mark.parametrize("model", ["tiny-bert", "tiny-gpt2", "tiny-qwen2", "tiny-llama"])
@@ -147,16 +146,23 @@ def test_the_engine_fingerprints_each_client_on_its_training_examples_only(make_
 def test_fingerprint_bytes_are_what_the_configured_kind_uploads(kind, method):
     ups, truth, fm = _fingerprints("tiny-bert", ["gen_topic", "gen_pair"], 2, 0, samples=8)
     cfg = build_config("tiny-bert", 0, method, tasks=("gen_topic", "gen_pair"), clients_per_task=2, fingerprint=kind)
-    server = Server(cfg, [ClientInfo(c, ["gen_topic", "gen_pair"][t], 10, 2) for c, t in enumerate(truth)],
+    names, num_labels = ["gen_topic", "gen_pair"], {"gen_topic": 4, "gen_pair": 2}
+    server = Server(cfg, [ClientInfo(c, names[t], 10, num_labels[names[t]]) for c, t in enumerate(truth)],
                     modules=fm.modules, shapes=fm.module_shapes(), facts=fm.facts())
     plan = server.plan(dict(enumerate(ups)))
-    sent = ["representation", *NOISE_KEYS] if kind == "representation" else ["gradient"]
+    sent = ["representation", *NOISE_KEYS, *LABEL_KEYS] if kind == "representation" else ["gradient"]
     if method == "atlas":  # ranks follow importance: one number per adapted module
         sent.append("importance")
-    floats = sum(np.asarray(list(ups[0][key].values()) if key == "importance" else ups[0][key]).size for key in sent)
-    expected = {"atlas": 4 * floats, "fedavg_cluster": 4 * floats, "standard_fl": 0}[method]
-    assert plan.fingerprint_bytes == {c: expected for c in range(4)}
-    # the figure itself, for the tiny BERT's 4 adapted modules (2 blocks × query, value) and 64-number sketches
-    assert expected == {("atlas", "representation"): 4 * 71, ("atlas", "gradient"): 4 * 68,
-                        ("fedavg_cluster", "representation"): 4 * 67, ("fedavg_cluster", "gradient"): 4 * 64,
-                        ("standard_fl", "representation"): 0, ("standard_fl", "gradient"): 0}[method, kind]
+    floats = [sum(np.asarray(list(u[key].values()) if key == "importance" else u[key]).size for key in sent)
+              for u in ups]
+    expected = {c: {"atlas": 4 * f, "fedavg_cluster": 4 * f, "standard_fl": 0}[method] for c, f in enumerate(floats)}
+    assert plan.fingerprint_bytes == expected
+    # the figure itself, for the tiny BERT's 4 adapted modules (2 blocks × query, value), 64-number sketches and
+    # a mean and a count per label (gen_topic: 4 labels, client 0; gen_pair: 2, client 2)
+    rep = {0: 64 + 3 + 4 * 65, 2: 64 + 3 + 2 * 65}
+    assert (expected[0], expected[2]) == {
+        ("atlas", "representation"): (4 * (rep[0] + 4), 4 * (rep[2] + 4)),
+        ("atlas", "gradient"): (4 * 68, 4 * 68),
+        ("fedavg_cluster", "representation"): (4 * rep[0], 4 * rep[2]),
+        ("fedavg_cluster", "gradient"): (4 * 64, 4 * 64),
+        ("standard_fl", "representation"): (0, 0), ("standard_fl", "gradient"): (0, 0)}[method, kind]

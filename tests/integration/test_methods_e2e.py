@@ -92,7 +92,8 @@ def test_result_reports_glue_metrics_and_communication(make_config, wire_dtype, 
     comm = result["communication_costs"]
     assert comm["total_bytes_up"] == sum(r["bytes_up_total"] for r in result["round_metrics"]) + \
         comm["fingerprint_bytes_up"]
-    assert comm["fingerprint_bytes_up"] == 4 * (64 + 3) * len(result["clients"])  # sketch, σ², n, dims: float32
+    # float32: sketch; σ², n, dims; a sketched mean and a count per label (both tasks have 2 labels)
+    assert comm["fingerprint_bytes_up"] == 4 * (64 + 3 + 2 * 65) * len(result["clients"])
     # Bytes are exactly the adapters and heads a client holds at the wire dtype, never the frozen backbone:
     # itemsize × (Σ_m r_m·(d_in + d_out) + head parameters), per client, per direction, per round.
     for entry in result["round_metrics"]:

@@ -122,10 +122,10 @@ def test_null_dof_and_critical_ratio_exact_on_a_hand_built_case():
     # Expected spread (1 − 1/2)(1 + 1) + (1 − 1/2)(2 + 2) = 3. Var(spread) = 2 Σ_c Σ_ij P_ij² √(q_i q_j) with
     # P_ij² = 1/4: 2·(4·¼·½) + 2·(4·¼·1) = 3, so ν₁ = 2·3²/3 = 6 (= Σ_c (n_c − 1)·r_c = 2 + 4).
     # Var(noise) = Σ_c ¼ Σ_i 2 q_i/(n_i − 1) = ¼(2·2·½/10) + ¼(2·2·1/20) = 0.1, so ν₂ = 2·3²/0.1 = 180.
-    assert null_dof([0, 0, 1, 1], noise) == pytest.approx((6.0, 180.0))
+    assert null_dof(np.zeros((4, 1)), [0, 0, 1, 1], noise) == pytest.approx((6.0, 180.0))
     # Clients at (0,0), (2,0) and (10,0), (10,2): spread 2 + 2 = 4 over its expectation 3.
     F = np.array([[0.0, 0], [2, 0], [10, 0], [10, 2]])
-    assert spread_to_noise(F, [0, 0, 1, 1], noise.variance) == pytest.approx(4 / 3)
+    assert spread_to_noise(F, [0, 0, 1, 1], noise) == pytest.approx(4 / 3)
     # With ν₂ unbounded, F(ν₁, ∞) is χ²_ν₁/ν₁: the tables' χ²_6 at 0.99 is 16.812, at 0.999 22.458.
     assert critical_ratio((6.0, MAX_DOF), 0.01) == pytest.approx(16.812 / 6, abs=1e-4)
     assert critical_ratio((6.0, MAX_DOF)) == pytest.approx(22.458 / 6, abs=1e-4)
@@ -198,7 +198,7 @@ def test_under_one_task_the_rule_keeps_one_cluster_at_the_configured_rate():
     kept = 0
     for _ in range(400):
         F, noise = _clients(rng, [np.zeros(16)], 4, 22, scales)
-        kept += spread_to_noise(F, [0] * 4, noise.variance) <= critical_ratio(null_dof([0] * 4, noise))
+        kept += spread_to_noise(F, [0] * 4, noise) <= critical_ratio(null_dof(F, [0] * 4, noise))
     assert kept >= 0.98 * 400  # α = 0.001 in theory; far above the 95 % asked of it
     for _ in range(3):  # and the rule itself does decide by that test
         F, noise = _clients(rng, [np.zeros(16)], 4, 22, scales)
@@ -234,8 +234,9 @@ def test_the_bar_is_the_f_quantile_so_two_close_tasks_are_kept_apart_where_the_f
 
 def test_the_bar_adapts_to_the_evidence_behind_the_fingerprints():
     # Four clients of 22 examples with few noise dimensions must clear a higher bar than 12 clients of 512.
-    few = critical_ratio(null_dof([0, 0, 1, 1], SamplingNoise.of(1.0, 22, 5, 4)))
-    many = critical_ratio(null_dof([0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3], SamplingNoise.of(1.0, 512, 20, 12)))
+    few = critical_ratio(null_dof(np.zeros((4, 1)), [0, 0, 1, 1], SamplingNoise.of(1.0, 22, 5, 4)))
+    many = critical_ratio(null_dof(np.zeros((12, 1)), [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3],
+                                   SamplingNoise.of(1.0, 512, 20, 12)))
     assert few > 2.5 and 1 < many < 1.5
 
 
@@ -310,3 +311,76 @@ def test_noise_must_be_finite_non_negative_and_one_per_client():
             SamplingNoise.of(*bad, 12)
     with pytest.raises(ValueError, match="3 entries for 12"):
         cluster_fingerprints(grouped(0), seed=0, noise=_noise(1.0, 3))
+
+
+def test_a_cluster_is_compared_on_the_labels_all_its_members_hold():
+    # Client 0 holds labels 0 and 1 (4 and 2 examples), client 1 only label 0 (5 examples); label space of 2.
+    means = np.array([[[1.0, 0], [0, 4]], [[3.0, 0], [0, 0]]])
+    counts = np.array([[4.0, 2], [5, 0]])
+    variance = np.array([0.6 * (1 / 4 + 1 / 2) / 4, 0.8 / 5])  # tr S_w (0.6, 0.8) · Σ_l 1/n_l / L², as uploaded
+    F = np.array([means[0].mean(0), means[1, 0]])  # each client's balanced mean over the labels it holds
+    noise = SamplingNoise.of(variance, [5, 5], [1, 1], 2, label_means=means, label_counts=counts)
+    shared, var = noise.members(F, np.array([True, True]))
+    assert np.allclose(shared, [[1, 0], [3, 0]])  # label 0 only: the label client 1 lacks is left out
+    assert np.allclose(var, [0.6 / 4, 0.8 / 5])  # tr S_w / n_0 for each
+    assert spread_to_noise(F, [0, 0], noise) == pytest.approx(2.0 / (0.5 * (0.6 / 4 + 0.8 / 5)))
+    # Without the per-label means the balanced means are compared: client 0's sits at (0.5, 2), off by label 1.
+    plain = SamplingNoise.of(variance, [5, 5], [1, 1], 2)
+    assert spread_to_noise(F, [0, 0], plain) == pytest.approx(((F[0] - F[1]) ** 2).sum() / 2 / (0.5 * variance.sum()))
+    # Each client alone is compared on all the labels it holds: its own uploaded fingerprint and σ².
+    alone = [noise.members(F, np.array([i == j for j in range(2)])) for i in range(2)]
+    assert all(np.allclose(f, F[i]) and np.allclose(v, variance[i]) for i, (f, v) in enumerate(alone))
+
+
+def test_with_every_label_held_by_every_client_the_per_label_means_change_nothing():
+    rng = np.random.default_rng(3)
+    means = rng.normal(size=(6, 3, 8))
+    counts = rng.integers(5, 40, size=(6, 3)).astype(float)
+    variance = rng.uniform(0.1, 1.0, size=6)
+    F = means.mean(axis=1)
+    labelled = SamplingNoise.of(variance, counts.sum(1) - 2, 4.0, 6, label_means=means, label_counts=counts)
+    plain = SamplingNoise.of(variance, counts.sum(1) - 2, 4.0, 6)
+    for partition in ([0] * 6, [0, 0, 0, 1, 1, 1], [0, 1, 0, 1, 2, 2]):
+        assert spread_to_noise(F, partition, labelled) == pytest.approx(spread_to_noise(F, partition, plain))
+        assert null_dof(F, partition, labelled) == pytest.approx(null_dof(F, partition, plain))
+
+
+def test_a_client_that_lacks_a_label_stays_with_its_task():
+    torch = pytest.importorskip("torch")
+    from atlasfl.federation.client import LABEL_KEYS, NOISE_KEYS, package_fingerprint
+    modules = ["layers.0.q", "layers.1.q"]
+    rng = np.random.default_rng(0)
+    centres = rng.normal(scale=2.0, size=(3, 16))
+    offset = rng.normal(scale=1.5, size=(3, 16))  # label 1 sits at centre + offset, label 0 at centre − offset
+    ups, truth = [], []
+    for task in range(3):
+        for client in range(4):
+            y = np.zeros(60, dtype=np.int64) if (task, client) == (0, 0) else np.repeat([0, 1], 30)
+            X = centres[task] + np.where(y[:, None] == 1, offset[task], -offset[task]) + rng.normal(size=(60, 16))
+            ups.append(package_fingerprint(torch.tensor(X), torch.tensor(y), {m: torch.ones(1) for m in modules},
+                                           modules, num_labels=2, layers=1, dim=16, seed=0))
+            truth.append(task)
+    assert ups[0]["label_counts"].tolist() == [60, 0]
+    F = np.stack([u["representation"] for u in ups])
+    scalars = [[u[key] for u in ups] for key in NOISE_KEYS]
+    labelled = SamplingNoise.of(*scalars, 12, **{key: np.stack([u[key] for u in ups]) for key in LABEL_KEYS})
+    result = cluster_fingerprints(F, seed=0, noise=labelled)
+    assert result.k == 3 and adjusted_rand(result.labels, truth) == 1.0
+    # Compared on its balanced mean alone, the client without label 1 sits apart and its task is split.
+    alone = cluster_fingerprints(F, seed=0, noise=SamplingNoise.of(*scalars, 12))
+    assert adjusted_rand(alone.labels, truth) < 1.0
+
+
+def test_a_label_held_fewer_than_three_times_is_left_out_of_the_fingerprint():
+    torch = pytest.importorskip("torch")
+    from atlasfl.federation.client import kept_examples, package_fingerprint
+    labels = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2])
+    assert kept_examples(labels).tolist() == [True] * 3 + [False] * 2 + [True] * 4
+    assert kept_examples(torch.tensor([0, 1, 1])).all()  # no label reaches three: all are kept
+    X = torch.arange(9 * 4, dtype=torch.float64).reshape(9, 4)
+    up = package_fingerprint(X, labels, {"layers.0.q": torch.ones(1)}, ["layers.0.q"], num_labels=4, layers=1,
+                             dim=4, seed=0)
+    assert up["label_counts"].tolist() == [3, 0, 4, 0]
+    assert np.allclose(up["label_means"][[1, 3]], 0)
+    assert np.allclose(up["representation"], up["label_means"][[0, 2]].mean(0), atol=1e-5)
+    assert up["representation_count"] == 7 - 2 + 1  # the kept examples less their labels, plus one

@@ -29,8 +29,10 @@ def _uploads(importance_by_task):
     ups = {}
     for c in range(6):
         task = "a" if c < 3 else "b"
-        ups[c] = dict(representation=centres[task] + 0.01 * rng.normal(size=64), representation_noise=1e-4,
-                      representation_count=100.0, representation_dims=20.0,
+        label_means = centres[task] + 0.01 * rng.normal(size=(2, 64))  # two labels, 50 examples each
+        ups[c] = dict(representation=label_means.mean(0), representation_noise=1e-4,
+                      representation_count=99.0, representation_dims=20.0,
+                      label_means=label_means, label_counts=np.array([50.0, 50.0]),
                       gradient=rng.normal(size=64), importance=importance_by_task[task])
     return ups
 
@@ -65,7 +67,7 @@ def test_homogeneous_methods_use_the_median_rank_and_count_no_importance_traffic
     imp = {m: float(i + 1) for i, m in enumerate(MODULES)}
     plan = _server("fedavg_cluster", None).plan(_uploads({"a": imp, "b": imp}))
     assert all(set(r.values()) == {8} for r in plan.ranks.values())  # lower middle of 2..64
-    assert plan.fingerprint_bytes[0] == 4 * (64 + 3)  # sketch, then σ², n and effective dimensions
+    assert plan.fingerprint_bytes[0] == 4 * (64 + 3 + 2 * 65)  # sketch; σ², n, dimensions; 2 labels' means, counts
     local = _server("local_only", None).plan(_uploads({"a": imp, "b": imp}))
     assert local.fingerprint_bytes[0] == 0 and _server("local_only", None).groups() == []
 

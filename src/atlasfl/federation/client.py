@@ -200,6 +200,12 @@ def predict(fm: FederatedLoRAModel, cid: int, encoded: list[dict], *, batch_size
 # What the representation rule needs besides the fingerprint: its sampling variance, that variance's degrees of freedom
 # plus one, and the effective dimensions of its noise (phases.clustering.SamplingNoise), each one float32 on the wire.
 NOISE_KEYS = ("representation_noise", "representation_count", "representation_dims")
+# Per label of the client's label space: the sketched mean of its examples and their count (0 for a label left out),
+# so the server can compare a cluster on the labels all its members hold (phases.clustering.SamplingNoise.members).
+LABEL_KEYS = ("label_means", "label_counts")
+# A label with fewer examples is left out of the fingerprint: a mean of one or two examples is nearly an example
+# (privacy), and its noise is the least well estimated (docs/clustering.md, "Label skew").
+MIN_LABEL_EXAMPLES = 3
 
 
 def representation_layer(num_layers: int) -> int:
@@ -322,12 +328,24 @@ def label_balanced_mean(X: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return means.mean(0), pooled_trace * float((1 / counts.double()).sum()) / held ** 2, dof
 
 
+def kept_examples(labels: torch.Tensor) -> torch.Tensor:
+    """Mask of the examples whose label the client holds at least MIN_LABEL_EXAMPLES of (all of them when no
+    label does: a client that small has no larger aggregate to send, and would otherwise send nothing)."""
+    _, index, counts = labels.unique(return_inverse=True, return_counts=True)
+    keep = (counts >= MIN_LABEL_EXAMPLES)[index]
+    return keep if keep.any() else torch.ones_like(keep)
+
+
 def package_fingerprint(pooled: torch.Tensor, labels: torch.Tensor, grads: dict[str, torch.Tensor],
-                        modules: list[str], *, layers: int, dim: int, seed: int) -> dict:
-    """What leaves the client, all float32 aggregates (never one example's numbers):
+                        modules: list[str], *, num_labels: int, layers: int, dim: int, seed: int) -> dict:
+    """What leaves the client, all float32 aggregates. The representation
+    numbers come from the examples of the labels it holds at least MIN_LABEL_EXAMPLES of (`kept_examples`):
 
     - `representation`: the count sketch (shared seed) of the label-balanced mean pooled representation
       (`label_balanced_mean`), `dim` numbers;
+    - `label_means`, `label_counts`: per label of its `num_labels`, the sketched mean of its examples and their
+      count (zeros for a label it lacks or left out), `num_labels` × (`dim` + 1) numbers: the server scores a
+      cluster on the labels every member holds, so a client that lacks a label is not taken for another task;
     - `representation_noise`: the sampling variance of that mean, measured on the sketched examples (the
       sketch is linear), so in the very space the server compares clients in;
     - `representation_count`: the degrees of freedom of that variance plus one, n − L + 1 for n examples of
@@ -337,8 +355,12 @@ def package_fingerprint(pooled: torch.Tensor, labels: torch.Tensor, grads: dict[
     - `gradient`: the count sketch of the gradient on the last `layers` blocks' adapted modules;
     - `importance`: each adapted module's gradient norm.
     """
-    sketched = count_sketch_rows(pooled, dim, seed)
+    keep = kept_examples(labels)
+    sketched, labels = count_sketch_rows(pooled[keep], dim, seed), labels[keep]
     mean, noise, dof = label_balanced_mean(sketched, labels)
+    _, means, counts = within_label_residuals(sketched, labels)
+    label_means, label_counts = torch.zeros(num_labels, dim, dtype=means.dtype), torch.zeros(num_labels)
+    label_means[labels.unique()], label_counts[labels.unique()] = means, counts.float()
     last_blocks = sorted({layer_index(m) for m in modules})[-layers:]
     grad_vec = torch.cat([grads[m].flatten() for m in modules if layer_index(m) in last_blocks])
     # Every number is float32, as uploaded and as counted, so both engines plan from identical values.
@@ -347,6 +369,8 @@ def package_fingerprint(pooled: torch.Tensor, labels: torch.Tensor, grads: dict[
         "representation_noise": float(np.float32(noise)),
         "representation_count": float(dof + 1),
         "representation_dims": float(np.float32(effective_dims(sketched, labels))),
+        "label_means": label_means.float().numpy(),
+        "label_counts": label_counts.numpy(),
         "gradient": count_sketch(grad_vec, dim, seed).float().numpy(),
         "importance": {m: float(np.float32(g.norm())) for m, g in grads.items()},
     }
@@ -363,4 +387,5 @@ def fingerprint(fm: FederatedLoRAModel, encoded: list[dict], *, num_labels: int,
     (benchmarks/clustering.py reuses them across seeds)."""
     pooled, labels = represent(fm, encoded, batch_size=forward_batch(batch_size), max_examples=representation_samples)
     grads = gradient_pass(fm, encoded[:samples], num_labels=num_labels, batch_size=batch_size)
-    return package_fingerprint(pooled, labels, grads, fm.modules, layers=layers, dim=dim, seed=seed)
+    return package_fingerprint(pooled, labels, grads, fm.modules, num_labels=num_labels, layers=layers, dim=dim,
+                               seed=seed)

@@ -58,6 +58,18 @@ class Plan:
                           fingerprint_bytes={int(c): b for c, b in d["fingerprint_bytes"].items()}))
 
 
+def representation_noise(uploads: list[dict]) -> SamplingNoise:
+    """The clients' noise figures and per-label means (label spaces padded with empty labels to the largest)."""
+    width = max(len(u["label_counts"]) for u in uploads)
+
+    def padded(key: str) -> np.ndarray:
+        rows = [np.asarray(u[key], dtype=np.float64) for u in uploads]
+        return np.stack([np.pad(x, [(0, width - len(x))] + [(0, 0)] * (x.ndim - 1)) for x in rows])
+
+    return SamplingNoise.of(*([float(u[key]) for u in uploads] for key in NOISE_KEYS), len(uploads),
+                            label_means=padded("label_means"), label_counts=padded("label_counts"))
+
+
 class Server:
     def __init__(self, cfg: RunConfig, clients: list[ClientInfo], *, modules: list[str],
                  shapes: dict[str, tuple[int, int]], facts: ModelFacts):
@@ -81,8 +93,7 @@ class Server:
         by_kind = {}
         for kind in FINGERPRINT_KINDS:
             F = np.stack([np.asarray(uploads[c][kind], dtype=np.float64) for c in cids])
-            noise = SamplingNoise.of(*([float(uploads[c][key]) for c in cids] for key in NOISE_KEYS), len(cids)) \
-                if kind == "representation" else None
+            noise = representation_noise([uploads[c] for c in cids]) if kind == "representation" else None
             result = cluster_fingerprints(F, seed=self.cfg.seed, noise=noise)
             by_kind[kind] = (F, result, adjusted_rand(result.labels, truth))
         F, chosen, ari = by_kind[self.cfg.fingerprint]
@@ -112,7 +123,7 @@ class Server:
         )
         plan = Plan(cluster_labels=list(labels), cluster_source="fingerprint" if self.cfg.clusters == "fingerprint"
                     else "oracle", ranks=ranks, devices=devices, phase1=phase1, phase2=phase2,
-                    fingerprint_bytes={c: self._fingerprint_bytes() for c in cids})
+                    fingerprint_bytes={c: self._fingerprint_bytes(self.clients[c].num_labels) for c in cids})
         self.adopt(plan)
         return plan
 
@@ -121,17 +132,18 @@ class Server:
         self.cluster_labels = list(plan.cluster_labels)
         self.affinity_space = centred_unit_rows(np.asarray(plan.phase1["fingerprints"], dtype=np.float64))
 
-    def _fingerprint_bytes(self) -> int:
+    def _fingerprint_bytes(self, num_labels: int) -> int:
         """Float32 bytes one client uploads for the configured fingerprint kind: its `fingerprint_dim` sketch,
-        plus the sampling-noise numbers the representation rule needs (`client.NOISE_KEYS`: σ², n, effective
-        dimensions), plus one importance per module where ranks follow importance. Counted only where the
-        method uses it (clusters or importance-driven ranks)."""
+        plus, for the representation rule, the sampling-noise numbers (`client.NOISE_KEYS`: σ², n, effective
+        dimensions) and a sketched mean and a count per label of its label space (`client.LABEL_KEYS`), plus one
+        importance per module where ranks follow importance. Counted only where the method uses it (clusters or
+        importance-driven ranks)."""
         m = self.method
         if not m.communicates or not (m.group == "cluster" or m.heterogeneous_ranks):
             return 0
-        floats = self.cfg.fingerprint_dim + len(NOISE_KEYS) * (self.cfg.fingerprint == "representation") \
-            + (len(self.modules) if m.heterogeneous_ranks else 0)
-        return floats * 4
+        dim = self.cfg.fingerprint_dim
+        representation = len(NOISE_KEYS) + num_labels * (dim + 1) if self.cfg.fingerprint == "representation" else 0
+        return 4 * (dim + representation + (len(self.modules) if m.heterogeneous_ranks else 0))
 
     def _cluster_importance(self, uploads, labels) -> dict[int, dict[str, float]]:
         """Mean over each cluster of its clients' layer importances, each client's normalised to sum 1."""

@@ -7,12 +7,17 @@ The rule, with the clients' sampling noise (representation fingerprints, the def
   mixes then share one expectation, where the plain mean would follow each client's mix and split the
   task), σ²_i (the sampling variance of f_i: tr S_w · Σ_l (1/n_l) / L_i², S_w the pooled within-label
   covariance), n_i (that variance's degrees of freedom plus one, examples less labels plus one) and r_i,
-  the effective number of dimensions of that noise ((tr Σ)² / tr Σ², 1 … fingerprint_dim).
+  the effective number of dimensions of that noise ((tr Σ)² / tr Σ², 1 … fingerprint_dim); and each label's
+  mean and count. Labels it holds fewer than 3 examples of are left out of all of these.
 - For each k = 1 … kmax, a partition P_k: seeded k-means with many inits, on the centred fingerprints
   and on their unit-length rows, keeping whichever of the two is tighter.
 - Its spread-to-noise ratio  T_k = Σ_i ‖f_i − f̄_c(i)‖² / Σ_c (1 − 1/n_c) Σ_{i∈c} σ²_i : the within-cluster
   spread over its expectation when every cluster holds clients of one task (clients of one task differ
-  only by sampling).
+  only by sampling). Each cluster is compared on the labels all its members hold: f_i is then the mean of
+  client i's means of those labels and σ²_i its variance (`SamplingNoise.members`), because a client that
+  lacks a label sits at the mean of the others, away from its task's (label skew; measured in
+  docs/clustering.md). Where every client holds every label this is the uploaded f_i and σ²_i; a cluster
+  whose members share no label is compared on the uploaded ones.
 - When every cluster is one task, T_k is a ratio of two noisy quadratic forms whose degrees of freedom
   follow from (σ²_i, n_i, r_i) (Satterthwaite): ν₁ ≈ (K − k)·r for the spread, ν₂ ≈ Σ_i (n_i − 1)·r for the
   noise estimate, so T_k ~ F(ν₁, ν₂). Its critical value c_k is the F quantile at 1 − SIGNIFICANCE: large
@@ -51,21 +56,49 @@ MAX_DOF = 1e9  # degrees of freedom beyond this give the F quantile's limit to f
 
 @dataclass(frozen=True)
 class SamplingNoise:
-    """What each client says about the noise of its fingerprint (one entry per client)."""
+    """What each client says about the noise of its fingerprint (one entry per client), and optionally the
+    per-label means behind it, which let a cluster be scored on the labels all its members hold."""
 
     variance: np.ndarray  # σ²_i: trace of the sampling covariance of f_i
     count: np.ndarray  # n_i: degrees of freedom of σ²_i plus one (examples behind f_i less its labels, plus one)
     dims: np.ndarray  # r_i: effective dimensions of that noise, (tr Σ)² / tr Σ²
+    label_means: np.ndarray | None = None  # K×L×d: client i's mean of label l (zero where it holds none)
+    label_counts: np.ndarray | None = None  # K×L: the examples behind each (0: label not held)
 
     @classmethod
-    def of(cls, variance, count, dims, num_clients: int) -> SamplingNoise:
-        """Broadcast to one entry per client and check: finite, σ² ≥ 0, n ≥ 1, r ≥ 1."""
+    def of(cls, variance, count, dims, num_clients: int, label_means=None, label_counts=None) -> SamplingNoise:
+        """Broadcast to one entry per client and check: finite, σ² ≥ 0, n ≥ 1, r ≥ 1; label counts ≥ 0, at
+        least one label per client, label means finite and of the same number of labels."""
         arrays = [np.broadcast_to(np.asarray(x, dtype=np.float64), (num_clients,)) for x in (variance, count, dims)]
         if not all(np.all(np.isfinite(a)) for a in arrays) or np.any(arrays[0] < 0):
             raise ValueError("noise must be finite and non-negative")
         if np.any(arrays[1] < 1) or np.any(arrays[2] < 1):
             raise ValueError("noise counts and effective dimensions must be at least 1")
-        return cls(*arrays)
+        if label_means is None:
+            return cls(*arrays)
+        means, counts = np.asarray(label_means, dtype=np.float64), np.asarray(label_counts, dtype=np.float64)
+        if means.ndim != 3 or counts.shape != means.shape[:2] or len(counts) != num_clients:
+            raise ValueError(f"label means {means.shape} and counts {counts.shape} must be K×L×d and K×L")
+        if not (np.all(np.isfinite(means)) and np.all(np.isfinite(counts))) or np.any(counts < 0):
+            raise ValueError("label means must be finite and label counts non-negative")
+        if not np.all((counts > 0).any(axis=1)):
+            raise ValueError("every client must hold at least one label")
+        return cls(*arrays, means, counts)
+
+    def members(self, F: np.ndarray, members: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The members' fingerprints and variances as the rule compares them. With per-label means and a label
+        every member holds: each member's balanced mean over the labels all of them hold, with its variance
+        tr S_w,i Σ_l (1/n_il) / L_c² (tr S_w,i = σ²_i L_i² / Σ_{l held} 1/n_il, the pooled within-label trace
+        behind σ²_i), so a member that lacks a label its mates hold is compared on what they share, not taken
+        for another task. Otherwise (no label held by all) the uploaded fingerprints and σ²."""
+        counts = None if self.label_counts is None else self.label_counts[members]
+        shared = None if counts is None else (counts > 0).all(axis=0)
+        if shared is None or not shared.any():
+            return F[members], self.variance[members]
+        inverse = np.divide(1.0, counts, out=np.zeros_like(counts), where=counts > 0)
+        within_trace = self.variance[members] * (counts > 0).sum(axis=1) ** 2 / inverse.sum(axis=1)
+        return (self.label_means[members][:, shared].mean(axis=1),
+                within_trace * inverse[:, shared].sum(axis=1) / shared.sum() ** 2)
 
 
 @dataclass
@@ -117,33 +150,39 @@ def within_cluster_spread(F: np.ndarray, labels: Sequence[int]) -> float:
     return float(sum(((F[labels == c] - F[labels == c].mean(axis=0)) ** 2).sum() for c in np.unique(labels)))
 
 
-def expected_spread(labels: np.ndarray, variance: np.ndarray) -> float:
-    """Σ_c (1 − 1/n_c) Σ_{i∈c} σ²_i: the within-cluster spread's expectation when each cluster is one task."""
-    return float(sum((1 - 1 / (labels == c).sum()) * variance[labels == c].sum() for c in np.unique(labels)))
-
-
-def spread_to_noise(F: np.ndarray, labels: Sequence[int], variance: np.ndarray) -> float:
-    """T of a partition: its within-cluster spread over `expected_spread`."""
+def clusters(F: np.ndarray, labels: Sequence[int], noise: SamplingNoise):
+    """Each cluster's (members, fingerprints, variances) as the rule compares them (`SamplingNoise.members`)."""
     labels = np.asarray(labels)
-    expected = expected_spread(labels, variance)
-    return within_cluster_spread(F, labels) / expected if expected > 0 else math.inf
+    return [(idx, *noise.members(F, idx)) for idx in (labels == c for c in np.unique(labels))]
 
 
-def null_dof(labels: Sequence[int], noise: SamplingNoise) -> tuple[float, float]:
+def expected_spread(views) -> float:
+    """Σ_c (1 − 1/n_c) Σ_{i∈c} σ²_i: the within-cluster spread's expectation when each cluster is one task."""
+    return float(sum((1 - 1 / len(var)) * var.sum() for _, _, var in views))
+
+
+def spread_to_noise(F: np.ndarray, labels: Sequence[int], noise: SamplingNoise) -> float:
+    """T of a partition: its within-cluster spread over `expected_spread`."""
+    views = clusters(F, labels, noise)
+    expected = expected_spread(views)
+    spread = sum(float(((f - f.mean(axis=0)) ** 2).sum()) for _, f, _ in views)
+    return spread / expected if expected > 0 else math.inf
+
+
+def null_dof(F: np.ndarray, labels: Sequence[int], noise: SamplingNoise) -> tuple[float, float]:
     """Satterthwaite degrees of freedom (ν₁, ν₂) of T's numerator and denominator when each cluster is one task
     and examples are Gaussian: ν = 2·E²/Var of each quadratic form. With q_i = σ⁴_i / r_i = tr Cov(f_i)²,
     Var(spread) = 2 Σ_c Σ_{i,j∈c} P_ij² √(q_i q_j) (P the cluster's centring matrix) and
     Var(σ²_i) = 2 q_i / (n_i − 1) (Wishart)."""
-    labels = np.asarray(labels)
-    q = noise.variance ** 2 / noise.dims
+    views = clusters(F, labels, noise)
     var_spread = var_noise = 0.0
-    for c in np.unique(labels):
-        idx = labels == c
-        m = int(idx.sum())
+    for idx, _, var in views:
+        m = len(var)
+        q = var ** 2 / noise.dims[idx]
         P = np.eye(m) - 1 / m
-        var_spread += 2 * float((P ** 2 * np.sqrt(np.outer(q[idx], q[idx]))).sum())
-        var_noise += (1 - 1 / m) ** 2 * float((2 * q[idx] / np.maximum(noise.count[idx] - 1, 1)).sum())
-    expected = expected_spread(labels, noise.variance)
+        var_spread += 2 * float((P ** 2 * np.sqrt(np.outer(q, q))).sum())
+        var_noise += (1 - 1 / m) ** 2 * float((2 * q / np.maximum(noise.count[idx] - 1, 1)).sum())
+    expected = expected_spread(views)
     return tuple(min(2 * expected ** 2 / v, MAX_DOF) if v > 0 else MAX_DOF for v in (var_spread, var_noise))
 
 
@@ -194,8 +233,8 @@ def cluster_fingerprints(
             partitions[k] = canonical_labels(labels)
     # Scored after the partitions are final, so silhouette_by_k[k] is the silhouette of partitions[k].
     scores = {k: float(silhouette_score(X, p, metric="cosine")) for k, p in partitions.items() if k > 1}
-    tightness = {k: spread_to_noise(F, p, noise.variance) for k, p in partitions.items()} if use_noise else {}
-    dofs = {k: null_dof(p, noise) for k, p in partitions.items()} if use_noise else {}
+    tightness = {k: spread_to_noise(F, p, noise) for k, p in partitions.items()} if use_noise else {}
+    dofs = {k: null_dof(F, p, noise) for k, p in partitions.items()} if use_noise else {}
     thresholds = {k: critical_ratio(dof, significance) for k, dof in dofs.items()}
 
     def result(k: int, method: str, margin: float | None, units: str) -> ClusterResult:

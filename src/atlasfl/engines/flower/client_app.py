@@ -38,6 +38,7 @@ from atlasfl.engines.flower.records import (
 )
 from atlasfl.errors import AtlasError
 from atlasfl.federation.client import (
+    LABEL_KEYS,
     NOISE_KEYS,
     client_seed,
     evaluate_client,
@@ -123,7 +124,7 @@ def fingerprint_phase(msg: Message, context: Context) -> Message:
                      representation_samples=cfg.representation_samples)
     arrays = ArrayRecord({key: Array(np.asarray(value, dtype=np.float32)) for key, value in (
         ("representation", up["representation"]), ("gradient", up["gradient"]),
-        *((key, [up[key]]) for key in NOISE_KEYS),
+        *((key, [up[key]]) for key in NOISE_KEYS), *((key, up[key]) for key in LABEL_KEYS),
         ("importance", [up["importance"][m] for m in fm.modules]))})
     info = dict(client_id=cid, task=shard.task, num_train=len(shard.train), num_val=len(shard.val),
                 num_labels=task.num_labels, modules=fm.modules,

@@ -39,7 +39,7 @@ from atlasfl.engines.flower.records import (
     state_to_record,
 )
 from atlasfl.errors import AtlasError
-from atlasfl.federation.client import NOISE_KEYS
+from atlasfl.federation.client import LABEL_KEYS, NOISE_KEYS
 from atlasfl.federation.methods import METHOD_SPECS
 from atlasfl.federation.records import (
     client_round,
@@ -137,6 +137,7 @@ class AtlasStrategy(Strategy):
             fp = reply.content["fingerprint"]
             uploads[cid] = dict(representation=fp["representation"].numpy(), gradient=fp["gradient"].numpy(),
                                 **{key: float(fp[key].numpy()[0]) for key in NOISE_KEYS},
+                                **{key: fp[key].numpy() for key in LABEL_KEYS},
                                 importance=dict(zip(info["modules"], fp["importance"].numpy().tolist())))
             self.reports.add("fingerprint", cid, reply)
         fingerprint_s = time.perf_counter() - t0
