@@ -12,7 +12,7 @@ from atlasfl.data.partition import make_shards
 from atlasfl.data.tasks import TASK_SETS, load_task
 from atlasfl.engines import inprocess
 from atlasfl.federation.client import LABEL_KEYS, NOISE_KEYS, fingerprint, representation_pass
-from atlasfl.federation.server import ClientInfo, Server, representation_noise
+from atlasfl.federation.server import ClientInfo, Server, sampling_noise
 from atlasfl.models.lora import FederatedLoRAModel
 from atlasfl.models.registry import load_backbone
 from atlasfl.phases.clustering import adjusted_rand, cluster_fingerprints
@@ -34,7 +34,7 @@ def _fingerprints(model, task_names, clients_per_task, seed, samples=64, max_sam
 
 def _cluster(ups, seed):
     F = np.stack([u["representation"] for u in ups])
-    return cluster_fingerprints(F, seed=seed, noise=representation_noise(ups))
+    return cluster_fingerprints(F, seed=seed, noise=sampling_noise(ups))
 
 
 @pytest.mark.parametrize("model", ["tiny-bert", "tiny-gpt2", "tiny-qwen2", "tiny-llama"])

@@ -311,6 +311,12 @@ def test_noise_must_be_finite_non_negative_and_one_per_client():
             SamplingNoise.of(*bad, 12)
     with pytest.raises(ValueError, match="3 entries for 12"):
         cluster_fingerprints(grouped(0), seed=0, noise=_noise(1.0, 3))
+    means, counts = np.zeros((2, 2, 4)), np.array([[3.0, 4], [5, 0]])
+    for bad_means, bad_counts, message in ((means[:, 0], counts, "K×L×d"), (means, counts[:1], "K×L×d"),
+                                           (means, -counts, "non-negative"), (means, 0 * counts, "at least one label"),
+                                           (np.full_like(means, np.inf), counts, "finite")):
+        with pytest.raises(ValueError, match=message):
+            SamplingNoise.of(1.0, 10, 4, 2, label_means=bad_means, label_counts=bad_counts)
 
 
 def test_a_cluster_is_compared_on_the_labels_all_its_members_hold():

@@ -359,8 +359,9 @@ def package_fingerprint(pooled: torch.Tensor, labels: torch.Tensor, grads: dict[
     sketched, labels = count_sketch_rows(pooled[keep], dim, seed), labels[keep]
     mean, noise, dof = label_balanced_mean(sketched, labels)
     _, means, counts = within_label_residuals(sketched, labels)
+    held = labels.unique()  # ascending, as the rows of `means`
     label_means, label_counts = torch.zeros(num_labels, dim, dtype=means.dtype), torch.zeros(num_labels)
-    label_means[labels.unique()], label_counts[labels.unique()] = means, counts.float()
+    label_means[held], label_counts[held] = means, counts.float()
     last_blocks = sorted({layer_index(m) for m in modules})[-layers:]
     grad_vec = torch.cat([grads[m].flatten() for m in modules if layer_index(m) in last_blocks])
     # Every number is float32, as uploaded and as counted, so both engines plan from identical values.

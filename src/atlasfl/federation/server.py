@@ -58,7 +58,7 @@ class Plan:
                           fingerprint_bytes={int(c): b for c, b in d["fingerprint_bytes"].items()}))
 
 
-def representation_noise(uploads: list[dict]) -> SamplingNoise:
+def sampling_noise(uploads: list[dict]) -> SamplingNoise:
     """The clients' noise figures and per-label means (label spaces padded with empty labels to the largest)."""
     width = max(len(u["label_counts"]) for u in uploads)
 
@@ -93,7 +93,7 @@ class Server:
         by_kind = {}
         for kind in FINGERPRINT_KINDS:
             F = np.stack([np.asarray(uploads[c][kind], dtype=np.float64) for c in cids])
-            noise = representation_noise([uploads[c] for c in cids]) if kind == "representation" else None
+            noise = sampling_noise([uploads[c] for c in cids]) if kind == "representation" else None
             result = cluster_fingerprints(F, seed=self.cfg.seed, noise=noise)
             by_kind[kind] = (F, result, adjusted_rand(result.labels, truth))
         F, chosen, ari = by_kind[self.cfg.fingerprint]
