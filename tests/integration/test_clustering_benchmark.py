@@ -42,6 +42,8 @@ def test_reused_representations_upload_what_the_client_uploads_and_a_second_call
         for key in ("representation_noise", "representation_dims"):
             assert abs(mine[key] - own[key]) <= 1e-5 * abs(own[key]), (key, mine[key], own[key])
         assert mine["representation_count"] == own["representation_count"]
+        np.testing.assert_array_equal(mine["label_counts"], own["label_counts"])  # the per-label upload too
+        np.testing.assert_allclose(mine["label_means"], own["label_means"], rtol=1e-5, atol=1e-6)
         np.testing.assert_array_equal(mine["gradient"], own["gradient"])
         assert mine["importance"] == own["importance"]
 
