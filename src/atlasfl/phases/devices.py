@@ -97,9 +97,11 @@ ACTIVATION_FACTORS: dict[str, tuple[float, float, float]] = {
 
 
 # Eager autograd holds more than the stored activations at its peak (backward's gradient buffers,
-# softmax/GELU temporaries). Measured on CPU fp32 for a 4-layer BERT (h=256, seq 128, batch 16–96):
-# peak RSS growth of one LoRA step was 1.34–1.62× the count above in three runs, though one later run
-# measured only 0.96× (RSS high-water marks depend on allocator state; tests/integration/test_memory_model.py).
+# softmax/GELU temporaries), and a process's allocator keeps freed pages resident. Measured at the allocator
+# on CPU fp32 for a 4-layer BERT (h=256, seq 128, batch 48; tests/integration/test_memory_model.py): the
+# step stores 0.83× the count above and its peak of live tensors is 0.89× the count. Its peak RSS growth
+# ranged 0.25–1.7× the count across runs and machines (allocator and page-cache state). The factor is
+# headroom for that, so the estimate stays on the upper side.
 EAGER_OVERHEAD = 1.5
 
 
