@@ -13,10 +13,20 @@ from atlasfl.phases.clustering import (
     canonical_labels,
     centred_unit_rows,
     cluster_fingerprints,
+    clusters,
     critical_ratio,
     null_dof,
     spread_to_noise,
 )
+
+
+def _T(F, labels, noise):  # T of a partition, from its views
+    return spread_to_noise(clusters(F, labels, noise))
+
+
+def _dof(F, labels, noise):  # its null degrees of freedom, from the same views
+    return null_dof(clusters(F, labels, noise), noise)
+
 
 TRUTH = [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
 
@@ -122,10 +132,10 @@ def test_null_dof_and_critical_ratio_exact_on_a_hand_built_case():
     # Expected spread (1 − 1/2)(1 + 1) + (1 − 1/2)(2 + 2) = 3. Var(spread) = 2 Σ_c Σ_ij P_ij² √(q_i q_j) with
     # P_ij² = 1/4: 2·(4·¼·½) + 2·(4·¼·1) = 3, so ν₁ = 2·3²/3 = 6 (= Σ_c (n_c − 1)·r_c = 2 + 4).
     # Var(noise) = Σ_c ¼ Σ_i 2 q_i/(n_i − 1) = ¼(2·2·½/10) + ¼(2·2·1/20) = 0.1, so ν₂ = 2·3²/0.1 = 180.
-    assert null_dof(np.zeros((4, 1)), [0, 0, 1, 1], noise) == pytest.approx((6.0, 180.0))
+    assert _dof(np.zeros((4, 1)), [0, 0, 1, 1], noise) == pytest.approx((6.0, 180.0))
     # Clients at (0,0), (2,0) and (10,0), (10,2): spread 2 + 2 = 4 over its expectation 3.
     F = np.array([[0.0, 0], [2, 0], [10, 0], [10, 2]])
-    assert spread_to_noise(F, [0, 0, 1, 1], noise) == pytest.approx(4 / 3)
+    assert _T(F, [0, 0, 1, 1], noise) == pytest.approx(4 / 3)
     # With ν₂ unbounded, F(ν₁, ∞) is χ²_ν₁/ν₁: the tables' χ²_6 at 0.99 is 16.812, at 0.999 22.458.
     assert critical_ratio((6.0, MAX_DOF), 0.01) == pytest.approx(16.812 / 6, abs=1e-4)
     assert critical_ratio((6.0, MAX_DOF)) == pytest.approx(22.458 / 6, abs=1e-4)
@@ -198,7 +208,7 @@ def test_under_one_task_the_rule_keeps_one_cluster_at_the_configured_rate():
     kept = 0
     for _ in range(400):
         F, noise = _clients(rng, [np.zeros(16)], 4, 22, scales)
-        kept += spread_to_noise(F, [0] * 4, noise) <= critical_ratio(null_dof(F, [0] * 4, noise))
+        kept += _T(F, [0] * 4, noise) <= critical_ratio(_dof(F, [0] * 4, noise))
     assert kept >= 0.98 * 400  # α = 0.001 in theory; far above the 95 % asked of it
     for _ in range(3):  # and the rule itself does decide by that test
         F, noise = _clients(rng, [np.zeros(16)], 4, 22, scales)
@@ -234,8 +244,8 @@ def test_the_bar_is_the_f_quantile_so_two_close_tasks_are_kept_apart_where_the_f
 
 def test_the_bar_adapts_to_the_evidence_behind_the_fingerprints():
     # Four clients of 22 examples with few noise dimensions must clear a higher bar than 12 clients of 512.
-    few = critical_ratio(null_dof(np.zeros((4, 1)), [0, 0, 1, 1], SamplingNoise.of(1.0, 22, 5, 4)))
-    many = critical_ratio(null_dof(np.zeros((12, 1)), [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3],
+    few = critical_ratio(_dof(np.zeros((4, 1)), [0, 0, 1, 1], SamplingNoise.of(1.0, 22, 5, 4)))
+    many = critical_ratio(_dof(np.zeros((12, 1)), [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3],
                                    SamplingNoise.of(1.0, 512, 20, 12)))
     assert few > 2.5 and 1 < many < 1.5
 
@@ -329,10 +339,10 @@ def test_a_cluster_is_compared_on_the_labels_all_its_members_hold():
     shared, var = noise.members(F, np.array([True, True]))
     assert np.allclose(shared, [[1, 0], [3, 0]])  # label 0 only: the label client 1 lacks is left out
     assert np.allclose(var, [0.6 / 4, 0.8 / 5])  # tr S_w / n_0 for each
-    assert spread_to_noise(F, [0, 0], noise) == pytest.approx(2.0 / (0.5 * (0.6 / 4 + 0.8 / 5)))
+    assert _T(F, [0, 0], noise) == pytest.approx(2.0 / (0.5 * (0.6 / 4 + 0.8 / 5)))
     # Without the per-label means the balanced means are compared: client 0's sits at (0.5, 2), off by label 1.
     plain = SamplingNoise.of(variance, [5, 5], [1, 1], 2)
-    assert spread_to_noise(F, [0, 0], plain) == pytest.approx(((F[0] - F[1]) ** 2).sum() / 2 / (0.5 * variance.sum()))
+    assert _T(F, [0, 0], plain) == pytest.approx(((F[0] - F[1]) ** 2).sum() / 2 / (0.5 * variance.sum()))
     # Each client alone is compared on all the labels it holds: its own uploaded fingerprint and σ².
     alone = [noise.members(F, np.array([i == j for j in range(2)])) for i in range(2)]
     assert all(np.allclose(f, F[i]) and np.allclose(v, variance[i]) for i, (f, v) in enumerate(alone))
@@ -347,8 +357,8 @@ def test_with_every_label_held_by_every_client_the_per_label_means_change_nothin
     labelled = SamplingNoise.of(variance, counts.sum(1) - 2, 4.0, 6, label_means=means, label_counts=counts)
     plain = SamplingNoise.of(variance, counts.sum(1) - 2, 4.0, 6)
     for partition in ([0] * 6, [0, 0, 0, 1, 1, 1], [0, 1, 0, 1, 2, 2]):
-        assert spread_to_noise(F, partition, labelled) == pytest.approx(spread_to_noise(F, partition, plain))
-        assert null_dof(F, partition, labelled) == pytest.approx(null_dof(F, partition, plain))
+        assert _T(F, partition, labelled) == pytest.approx(_T(F, partition, plain))
+        assert _dof(F, partition, labelled) == pytest.approx(_dof(F, partition, plain))
 
 
 def test_a_client_that_lacks_a_label_stays_with_its_task():

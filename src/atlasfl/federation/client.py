@@ -289,12 +289,13 @@ def gradient_pass(fm: FederatedLoRAModel, encoded: list[dict], *, num_labels: in
         model.train(was_training)
 
 
-def within_label_residuals(X: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Each row less its label's mean: (residuals, the per-label means, the per-label counts), labels in
-    ascending order, only those present."""
+def within_label_residuals(X: torch.Tensor, labels: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each row less its label's mean: (residuals, the labels present in ascending order, their means, their
+    counts)."""
     held, index, counts = labels.unique(return_inverse=True, return_counts=True)
     means = torch.zeros(len(held), X.shape[1], dtype=X.dtype).index_add_(0, index, X) / counts.unsqueeze(1).to(X.dtype)
-    return X - means[index], means, counts
+    return X - means[index], held, means, counts
 
 
 def effective_dims(X: torch.Tensor, labels: torch.Tensor | None = None) -> float:
@@ -305,7 +306,7 @@ def effective_dims(X: torch.Tensor, labels: torch.Tensor | None = None) -> float
     an estimate ≤ 0, the bounds 1 resp. d stand in."""
     n, d = X.shape
     labels = torch.zeros(n, dtype=torch.long) if labels is None else labels
-    residuals, means, _ = within_label_residuals(X, labels)
+    residuals, _, means, _ = within_label_residuals(X, labels)
     dof = n - len(means)
     if dof < 2:
         return 1.0
@@ -322,7 +323,7 @@ def label_balanced_mean(X: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     mean would sit at their own mix Σ_l p_l μ_l and split the task. The variance is tr Cov of the estimate,
     tr S_w · Σ_l (1/n_l) / L², with S_w the pooled within-label covariance (n − L degrees of freedom); with
     one label, or balanced labels, all three equal the plain mean's."""
-    residuals, means, counts = within_label_residuals(X, labels)
+    residuals, _, means, counts = within_label_residuals(X, labels)
     held, dof = len(means), len(X) - len(means)
     pooled_trace = float((residuals ** 2).sum()) / max(dof, 1)
     return means.mean(0), pooled_trace * float((1 / counts.double()).sum()) / held ** 2, dof
@@ -358,8 +359,7 @@ def package_fingerprint(pooled: torch.Tensor, labels: torch.Tensor, grads: dict[
     keep = kept_examples(labels)
     sketched, labels = count_sketch_rows(pooled[keep], dim, seed), labels[keep]
     mean, noise, dof = label_balanced_mean(sketched, labels)
-    _, means, counts = within_label_residuals(sketched, labels)
-    held = labels.unique()  # ascending, as the rows of `means`
+    _, held, means, counts = within_label_residuals(sketched, labels)
     label_means, label_counts = torch.zeros(num_labels, dim, dtype=means.dtype), torch.zeros(num_labels)
     label_means[held], label_counts[held] = means, counts.float()
     last_blocks = sorted({layer_index(m) for m in modules})[-layers:]

@@ -144,14 +144,20 @@ def centred_unit_rows(F: np.ndarray) -> np.ndarray:
     return np.divide(X, norms, out=np.zeros_like(X), where=norms > 0)
 
 
+def scatter(F: np.ndarray) -> float:
+    """Σ over rows of the squared distance to their mean."""
+    return float(((F - F.mean(axis=0)) ** 2).sum())
+
+
 def within_cluster_spread(F: np.ndarray, labels: Sequence[int]) -> float:
     """Σ over clients of the squared distance to their cluster's mean."""
     labels = np.asarray(labels)
-    return float(sum(((F[labels == c] - F[labels == c].mean(axis=0)) ** 2).sum() for c in np.unique(labels)))
+    return sum(scatter(F[labels == c]) for c in np.unique(labels))
 
 
 def clusters(F: np.ndarray, labels: Sequence[int], noise: SamplingNoise):
-    """Each cluster's (members, fingerprints, variances) as the rule compares them (`SamplingNoise.members`)."""
+    """Each cluster's (members, fingerprints, variances) as the rule compares them (`SamplingNoise.members`):
+    the views of a partition that `spread_to_noise` and `null_dof` score."""
     labels = np.asarray(labels)
     return [(idx, *noise.members(F, idx)) for idx in (labels == c for c in np.unique(labels))]
 
@@ -161,20 +167,17 @@ def expected_spread(views) -> float:
     return float(sum((1 - 1 / len(var)) * var.sum() for _, _, var in views))
 
 
-def spread_to_noise(F: np.ndarray, labels: Sequence[int], noise: SamplingNoise) -> float:
-    """T of a partition: its within-cluster spread over `expected_spread`."""
-    views = clusters(F, labels, noise)
+def spread_to_noise(views) -> float:
+    """T of a partition (its `clusters` views): the within-cluster spread over `expected_spread`."""
     expected = expected_spread(views)
-    spread = sum(float(((f - f.mean(axis=0)) ** 2).sum()) for _, f, _ in views)
-    return spread / expected if expected > 0 else math.inf
+    return sum(scatter(f) for _, f, _ in views) / expected if expected > 0 else math.inf
 
 
-def null_dof(F: np.ndarray, labels: Sequence[int], noise: SamplingNoise) -> tuple[float, float]:
+def null_dof(views, noise: SamplingNoise) -> tuple[float, float]:
     """Satterthwaite degrees of freedom (ν₁, ν₂) of T's numerator and denominator when each cluster is one task
     and examples are Gaussian: ν = 2·E²/Var of each quadratic form. With q_i = σ⁴_i / r_i = tr Cov(f_i)²,
     Var(spread) = 2 Σ_c Σ_{i,j∈c} P_ij² √(q_i q_j) (P the cluster's centring matrix) and
-    Var(σ²_i) = 2 q_i / (n_i − 1) (Wishart)."""
-    views = clusters(F, labels, noise)
+    Var(σ²_i) = 2 q_i / (n_i − 1) (Wishart). `views`: the partition's `clusters`."""
     var_spread = var_noise = 0.0
     for idx, _, var in views:
         m = len(var)
@@ -233,8 +236,9 @@ def cluster_fingerprints(
             partitions[k] = canonical_labels(labels)
     # Scored after the partitions are final, so silhouette_by_k[k] is the silhouette of partitions[k].
     scores = {k: float(silhouette_score(X, p, metric="cosine")) for k, p in partitions.items() if k > 1}
-    tightness = {k: spread_to_noise(F, p, noise) for k, p in partitions.items()} if use_noise else {}
-    dofs = {k: null_dof(F, p, noise) for k, p in partitions.items()} if use_noise else {}
+    views = {k: clusters(F, p, noise) for k, p in partitions.items()} if use_noise else {}
+    tightness = {k: spread_to_noise(v) for k, v in views.items()}
+    dofs = {k: null_dof(v, noise) for k, v in views.items()}
     thresholds = {k: critical_ratio(dof, significance) for k, dof in dofs.items()}
 
     def result(k: int, method: str, margin: float | None, units: str) -> ClusterResult:
