@@ -8,18 +8,19 @@
     python benchmarks/clustering.py qwen2.5 --init random --weights-seed 0 --seeds 0-49 --fingerprint-samples 1 \
         --reuse-representations ~/.cache/atlas-representations
     python benchmarks/clustering.py minilm --tasks sst2 mrpc cola qnli --data-dir bench-data/glue-shaped --seeds 0-49
-    python benchmarks/clustering.py minilm --tasks offline --seeds 0 --versus old/src/atlasfl/federation/client.py
+    python benchmarks/clustering.py minilm --tasks offline --seeds 0 --versus old/src/atlasfl/federation/fingerprint.py
 
 For every model and seed it does what a run does before round 1 (engines.inprocess: set_up, plan_or_restore):
-the run's shards, backbone and encodings, `client.fingerprint` on every client, `Server.plan`. It prints
-one line per seed (k, ARI against the true tasks, the margin of the choice in the rule's own units, the
+the run's shards, backbone and encodings, `federation.fingerprint.fingerprint` on every client, `Server.plan`.
+It prints one line per seed (k, ARI against the true tasks, the margin of the choice in the rule's own units, the
 spread-to-noise ratios that decided it, the gradient fingerprint's k and ARI, seconds of fingerprinting
 per client) and a summary per model. Nothing is trained; figures are printed, never asserted.
 `--weights-seed N` holds one random draw for every data seed, as pretrained weights are held, and
 `--reuse-representations DIR` then computes each example's representation once and stores it, so fifty seeds
 cost about five seeds' forward passes (offline tasks at preset sizes) and a stopped job resumes where it stopped.
-`--versus FILE` times another version's `client.py` (e.g. from `git archive`) against this one side by side
-instead: same clients (one per task), calls interleaved, median seconds per client.
+`--versus FILE` times another version's `federation/fingerprint.py` (`federation/client.py` before it was
+split; e.g. from `git archive`) against this one side by side instead: same clients (one per task), calls
+interleaved, median seconds per client.
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ from atlasfl.config import build_config
 from atlasfl.data.batching import encode
 from atlasfl.data.partition import make_shards
 from atlasfl.data.tasks import expand_tasks, load_task
-from atlasfl.federation import client
+from atlasfl.federation import fingerprint as fp
 from atlasfl.federation.server import ClientInfo, Server
 from atlasfl.models.lora import FederatedLoRAModel
 from atlasfl.models.registry import TINY_CONFIGS, load_backbone, resolve_device
@@ -88,8 +89,8 @@ def phase1(model: str, seed: int, a, cache: dict) -> dict:
     server = Server(cfg, [ClientInfo(s.client_id, s.task, len(s.train), tasks[s.task].num_labels) for s in shards],
                     modules=fm.modules, shapes=fm.module_shapes(), facts=fm.facts())
     t0 = time.perf_counter()
-    represent = cache["store"].represent if a.reuse_representations else client.representation_pass
-    uploads = {s.client_id: client.fingerprint(fm, train_enc[s.client_id], num_labels=tasks[s.task].num_labels,
+    represent = cache["store"].represent if a.reuse_representations else fp.representation_pass
+    uploads = {s.client_id: fp.fingerprint(fm, train_enc[s.client_id], num_labels=tasks[s.task].num_labels,
                                                samples=cfg.fingerprint_samples, batch_size=cfg.batch_size,
                                                layers=cfg.fingerprint_layers, dim=cfg.fingerprint_dim, seed=cfg.seed,
                                                representation_samples=cfg.representation_samples, represent=represent)
@@ -135,7 +136,7 @@ class RepresentationStore:
         for start in range(0, len(todo), self.CHUNK):
             keys, chunk = zip(*todo[start:start + self.CHUNK])
             # representation_pass returns rows in length order (a stable sort); `chunk` is in that order already.
-            rows, _ = client.representation_pass(fm, list(chunk), batch_size=batch_size, max_examples=len(chunk))
+            rows, _ = fp.representation_pass(fm, list(chunk), batch_size=batch_size, max_examples=len(chunk))
             name = self.folder / f"chunk-{keys[0]}.pt"  # a chunk's first key names it: no counter to keep
             torch.save({"keys": list(keys), "rows": rows}, name.with_suffix(".tmp"))
             os.replace(name.with_suffix(".tmp"), name)
@@ -145,7 +146,7 @@ class RepresentationStore:
         return len(todo)
 
     def represent(self, fm, encoded: list[dict], *, batch_size: int, max_examples: int):
-        """`client.representation_pass`, from the store: computes only the examples it has not seen."""
+        """`fp.representation_pass`, from the store: computes only the examples it has not seen."""
         examples = encoded[:max_examples]
         self.fill(fm, examples, batch_size)
         return (torch.stack([self.rows[self.key(e)] for e in examples]),
@@ -167,7 +168,7 @@ def versus(model: str, path: str, a) -> None:
         kw = dict(num_labels=tasks[s.task].num_labels, samples=cfg.fingerprint_samples, batch_size=cfg.batch_size,
                   layers=cfg.fingerprint_layers, dim=cfg.fingerprint_dim, seed=cfg.seed)
         this = dict(representation_samples=cfg.representation_samples)
-        for name, fn, extra in [("other", other.fingerprint, {}), ("this", client.fingerprint, this)] * 2:
+        for name, fn, extra in [("other", other.fingerprint, {}), ("this", fp.fingerprint, this)] * 2:
             t0 = time.perf_counter()
             fn(fm, enc, **kw, **extra)
             times[name].append(time.perf_counter() - t0)
@@ -205,7 +206,7 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--method", default="atlas")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (default cpu)")
-    p.add_argument("--versus", metavar="CLIENT_PY", help="time another version's federation/client.py side by side")
+    p.add_argument("--versus", metavar="FILE", help="time another version's federation/fingerprint.py side by side")
     return p.parse_args(argv)
 
 

@@ -108,7 +108,7 @@ class PlainLoop:
 
     def round(self, r: int) -> dict:
         from atlasfl.data.batching import Tally, batches
-        from atlasfl.federation.client import client_seed
+        from atlasfl.federation.training import client_seed
 
         fed, cfg = self.fed, self.fed.cfg
         work, heads, t0 = {"train": Tally(), "evaluate": Tally()}, {}, time.perf_counter()

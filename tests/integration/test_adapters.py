@@ -15,7 +15,7 @@ from transformers import AutoTokenizer
 from atlasfl.data.batching import batches, encode
 from atlasfl.data.tasks import load_task
 from atlasfl.experiment import run_and_save
-from atlasfl.federation.client import predict
+from atlasfl.federation.evaluation import predict
 from atlasfl.federation.server import Plan
 from atlasfl.models.lora import FederatedLoRAModel
 from atlasfl.models.registry import load_backbone

@@ -7,8 +7,8 @@ import torch
 
 from atlasfl.engines import inprocess
 from atlasfl.experiment import run_and_save
-from atlasfl.federation.client import wire
 from atlasfl.federation.server import Server
+from atlasfl.federation.wire import wire
 from atlasfl.models.lora import state_digest
 from atlasfl.phases.clustering import centred_unit_rows
 from atlasfl.results.schema import validate_result

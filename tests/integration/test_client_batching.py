@@ -9,7 +9,7 @@ import torch
 
 from atlasfl.data.batching import Tally
 from atlasfl.errors import AtlasError
-from atlasfl.federation.client import TrainJob, train_clients, train_local
+from atlasfl.federation.training import TrainJob, train_clients, train_local
 from atlasfl.models import registry
 from atlasfl.models.lora import FederatedLoRAModel
 from tests.conftest import TINY_MODELS

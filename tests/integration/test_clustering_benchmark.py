@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from atlasfl.data.batching import encode
-from atlasfl.federation.client import fingerprint
+from atlasfl.federation.fingerprint import fingerprint
 from atlasfl.models.lora import FederatedLoRAModel
 from atlasfl.models.registry import load_backbone
 

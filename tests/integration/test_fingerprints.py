@@ -11,11 +11,12 @@ from atlasfl.data.batching import encode
 from atlasfl.data.partition import make_shards
 from atlasfl.data.tasks import TASK_SETS, load_task
 from atlasfl.engines import inprocess
-from atlasfl.federation.client import LABEL_KEYS, NOISE_KEYS, fingerprint, representation_pass
+from atlasfl.federation.fingerprint import fingerprint, representation_pass
 from atlasfl.federation.server import ClientInfo, Server, sampling_noise
 from atlasfl.models.lora import FederatedLoRAModel
 from atlasfl.models.registry import load_backbone
 from atlasfl.phases.clustering import adjusted_rand, cluster_fingerprints
+from atlasfl.phases.fingerprint import LABEL_KEYS, NOISE_KEYS
 
 # Not the seeds the former threshold was calibrated on (42/123/456); 4 is the seed that merged two tasks.
 SEEDS = (0, 4, 31)

@@ -10,7 +10,7 @@ import torch
 
 from atlasfl.engines.flower.records import content_sizes, record_to_state, state_to_record
 from atlasfl.experiment import run_and_save
-from atlasfl.federation.client import wire
+from atlasfl.federation.wire import wire
 from atlasfl.results.schema import validate_result
 from tests.conftest import force_clusters
 

@@ -5,7 +5,6 @@ import pytest
 from sklearn.cluster import KMeans
 from sklearn.metrics import silhouette_score
 
-from atlasfl.federation.client import effective_dims, label_balanced_mean
 from atlasfl.phases.clustering import (
     MAX_DOF,
     SamplingNoise,
@@ -18,6 +17,7 @@ from atlasfl.phases.clustering import (
     null_dof,
     spread_to_noise,
 )
+from atlasfl.phases.fingerprint import effective_dims, label_balanced_mean
 
 
 def _T(F, labels, noise):  # T of a partition, from its views
@@ -363,7 +363,8 @@ def test_with_every_label_held_by_every_client_the_per_label_means_change_nothin
 
 def test_a_client_that_lacks_a_label_stays_with_its_task():
     torch = pytest.importorskip("torch")
-    from atlasfl.federation.client import LABEL_KEYS, NOISE_KEYS, package_fingerprint
+    from atlasfl.federation.fingerprint import package_fingerprint
+    from atlasfl.phases.fingerprint import LABEL_KEYS, NOISE_KEYS
     modules = ["layers.0.q", "layers.1.q"]
     rng = np.random.default_rng(0)
     centres = rng.normal(scale=2.0, size=(3, 16))
@@ -389,7 +390,8 @@ def test_a_client_that_lacks_a_label_stays_with_its_task():
 
 def test_a_label_held_fewer_than_three_times_is_left_out_of_the_fingerprint():
     torch = pytest.importorskip("torch")
-    from atlasfl.federation.client import kept_examples, package_fingerprint
+    from atlasfl.federation.fingerprint import package_fingerprint
+    from atlasfl.phases.fingerprint import kept_examples
     labels = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2])
     assert kept_examples(labels).tolist() == [True] * 3 + [False] * 2 + [True] * 4
     assert kept_examples(torch.tensor([0, 1, 1])).all()  # no label reaches three: all are kept

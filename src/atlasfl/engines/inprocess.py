@@ -15,17 +15,8 @@ from atlasfl.data.batching import Tally, encode
 from atlasfl.data.partition import ClientShard, make_shards
 from atlasfl.data.tasks import TaskData, expand_tasks, load_task
 from atlasfl.errors import AtlasError
-from atlasfl.federation.client import (
-    TrainJob,
-    client_seed,
-    evaluate_client,
-    fingerprint,
-    predict,
-    test_scores,
-    train_clients,
-    train_local,
-    wire,
-)
+from atlasfl.federation.evaluation import evaluate_client, predict, test_scores
+from atlasfl.federation.fingerprint import fingerprint
 from atlasfl.federation.methods import METHOD_SPECS, MethodSpec
 from atlasfl.federation.records import (
     client_references,
@@ -40,6 +31,8 @@ from atlasfl.federation.records import (
     warn_infeasible,
 )
 from atlasfl.federation.server import ClientInfo, Plan, Server
+from atlasfl.federation.training import TrainJob, client_seed, train_clients, train_local
+from atlasfl.federation.wire import wire
 from atlasfl.models.lora import FederatedLoRAModel, state_digest
 from atlasfl.models.registry import check_model_name, load_backbone, resolve_device
 from atlasfl.results import adapters

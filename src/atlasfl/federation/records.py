@@ -48,7 +48,7 @@ PERSONAL_KEYS = ("loss", "accuracy", "macro_f1", "f1", "mcc", "n")
 
 def client_round(client_id: int, task: str, train_loss: float, ev: dict, bytes_up: int, bytes_down: int) -> dict:
     """One client's entry of a round (schema ClientRound) from its training loss and test evaluation
-    (`federation.client.test_scores`: the global protocol, and the personal one under `personal`)."""
+    (`federation.evaluation.test_scores`: the global protocol, and the personal one under `personal`)."""
     entry = dict(client_id=client_id, task=task, train_loss=train_loss, test_loss=ev["loss"],
                  test_accuracy=ev["accuracy"], test_macro_f1=ev["macro_f1"], test_f1=ev["f1"], test_mcc=ev["mcc"],
                  test_metric=ev["score"], metric_name=ev["metric_name"], bytes_up=bytes_up, bytes_down=bytes_down)

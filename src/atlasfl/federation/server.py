@@ -13,7 +13,6 @@ import torch
 
 from atlasfl.config import RunConfig
 from atlasfl.errors import AtlasError
-from atlasfl.federation.client import NOISE_KEYS
 from atlasfl.federation.methods import METHOD_SPECS
 from atlasfl.phases.aggregation import aggregate_states
 from atlasfl.phases.clustering import (
@@ -24,6 +23,7 @@ from atlasfl.phases.clustering import (
     cluster_fingerprints,
 )
 from atlasfl.phases.devices import PROFILES, ModelFacts, draw_devices, estimate_training_memory, fits
+from atlasfl.phases.fingerprint import NOISE_KEYS
 from atlasfl.phases.laplacian import affinity, personalise_states
 from atlasfl.phases.ranks import adapter_params, allocate_ranks, rank_budget_for_memory
 
@@ -134,8 +134,8 @@ class Server:
 
     def _fingerprint_bytes(self, num_labels: int) -> int:
         """Float32 bytes one client uploads for the configured fingerprint kind: its `fingerprint_dim` sketch,
-        plus, for the representation rule, the sampling-noise numbers (`client.NOISE_KEYS`: σ², n, effective
-        dimensions) and a sketched mean and a count per label of its label space (`client.LABEL_KEYS`), plus one
+        plus, for the representation rule, the sampling-noise numbers (`phases.fingerprint.NOISE_KEYS`: σ², n, effective
+        dimensions) and a sketched mean and a count per label of its label space (`LABEL_KEYS` there), plus one
         importance per module where ranks follow importance. Counted only where the method uses it (clusters or
         importance-driven ranks)."""
         m = self.method

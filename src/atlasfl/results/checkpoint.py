@@ -4,7 +4,7 @@ A checkpoint is a folder `checkpoints/<run name>/round-<eta index>-<round>/` wit
 trainable states (`states.safetensors`) and everything else needed to continue (`state.json`:
 config, plan, round metrics so far, finished lambda-sweep runs, RNG states, digests). It is built
 in a temporary folder and renamed into place, so it either exists whole or not at all.
-Optimizers are created afresh each round (see federation.client.train_local), so there are no
+Optimizers are created afresh each round (see federation.training.train_local), so there are no
 optimizer moments to keep.
 """
 from __future__ import annotations

@@ -37,19 +37,13 @@ from atlasfl.engines.flower.records import (
     transport_size_mod,
 )
 from atlasfl.errors import AtlasError
-from atlasfl.federation.client import (
-    LABEL_KEYS,
-    NOISE_KEYS,
-    client_seed,
-    evaluate_client,
-    fingerprint,
-    predict,
-    test_scores,
-    train_local,
-)
+from atlasfl.federation.evaluation import evaluate_client, predict, test_scores
+from atlasfl.federation.fingerprint import fingerprint
 from atlasfl.federation.records import client_references, load_client_data, num_clients
+from atlasfl.federation.training import client_seed, train_local
 from atlasfl.models.lora import FederatedLoRAModel, state_digest
 from atlasfl.models.registry import load_backbone, resolve_device
+from atlasfl.phases.fingerprint import LABEL_KEYS, NOISE_KEYS
 from atlasfl.results.build import peak_memory
 
 TEST_ONLY_FAIL_VAR = "ATLASFL_TEST_ONLY_FAIL_CLIENT"

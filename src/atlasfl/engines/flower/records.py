@@ -3,7 +3,7 @@
 
 Sizes are measured the way Flower's own `message_size_mod`/`arrays_size_mod` measure them
 (`count_bytes()` of the records), plus the raw tensor payload read from each `Array`'s dtype and
-shape, which is what our own accounting (`federation.client.wire`) counts.
+shape, which is what our own accounting (`federation.wire.wire`) counts.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
 from atlasfl.config import RunConfig
-from atlasfl.federation.client import WIRE_DTYPES
+from atlasfl.federation.wire import WIRE_DTYPES
 
 State = dict[str, torch.Tensor]
 ATLAS = "atlas"  # ConfigRecord of control values (round, flags, config, ranks, replies' metrics)
@@ -43,7 +43,7 @@ def state_to_record(state: State, wire_dtype: str) -> tuple[ArrayRecord, int]:
 
 
 def record_to_state(record: ArrayRecord, wire_dtype: str) -> State:
-    """A received state back in float32 (the dtype the clients train in), as `federation.client.wire` does."""
+    """A received state back in float32 (the dtype the clients train in), as `federation.wire.wire` does."""
     wd = WIRE_DTYPES[wire_dtype]
     out = {}
     for key, array in record.items():

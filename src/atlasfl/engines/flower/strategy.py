@@ -39,7 +39,6 @@ from atlasfl.engines.flower.records import (
     state_to_record,
 )
 from atlasfl.errors import AtlasError
-from atlasfl.federation.client import LABEL_KEYS, NOISE_KEYS
 from atlasfl.federation.methods import METHOD_SPECS
 from atlasfl.federation.records import (
     client_round,
@@ -55,6 +54,7 @@ from atlasfl.federation.records import (
 from atlasfl.federation.server import ClientInfo, Plan, Server, TooFewReplies
 from atlasfl.models.lora import state_digest
 from atlasfl.phases.devices import ModelFacts
+from atlasfl.phases.fingerprint import LABEL_KEYS, NOISE_KEYS
 from atlasfl.results.build import build_result
 from atlasfl.results.checkpoint import (
     checkpoint_label,

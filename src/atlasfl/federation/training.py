@@ -1,0 +1,140 @@
+"""Local training of the clients' adapters and heads on the shared model: one client at a time
+(`train_local`) or every client of a round in shared passes (`train_clients`).
+
+Both engines call these functions; they only need the model, the client id and encoded examples.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.nn.functional import cross_entropy
+
+from atlasfl.data.batching import Tally, batches
+from atlasfl.models.lora import FederatedLoRAModel
+
+
+def client_seed(seed: int, round_idx: int, cid: int) -> int:
+    """Per (run, round, client) seed: batch order and dropout do not depend on what ran before."""
+    return (seed * 1_000_003 + round_idx * 10_007 + cid) % (2**31)
+
+
+def train_local(fm: FederatedLoRAModel, cid: int, encoded: list[dict], *, epochs: int, lr: float,
+                batch_size: int, seed: int, max_grad_norm: float = 1.0, group_by_length: bool = False,
+                tally: Tally | None = None) -> float:
+    """`epochs` passes of AdamW over the client's shard; returns the mean training loss. The batches
+    (see `batching.batch_order`) are counted into `tally`.
+
+    The optimizer is created afresh each round: after aggregation the old moments describe weights
+    the client no longer holds, and a fresh optimizer keeps resume exact without saving them.
+    """
+    torch.manual_seed(seed)
+    fm.activate(cid, train=True)
+    params = fm.trainable_parameters(cid)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    losses = []
+    for batch in local_batches(fm, encoded, epochs=epochs, batch_size=batch_size, seed=seed,
+                               group_by_length=group_by_length, tally=tally):
+        loss = cross_entropy(fm.logits(cid, batch), batch["labels"].to(fm.device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()
+        losses.append(loss.item())
+    return float(np.mean(losses)) if losses else float("nan")
+
+
+def local_batches(fm: FederatedLoRAModel, encoded: list[dict], *, epochs: int, batch_size: int, seed: int,
+                  group_by_length: bool, tally: Tally | None = None) -> Iterator[dict[str, torch.Tensor]]:
+    """A client's training batches of one round, every epoch after the other (epoch e shuffled with seed + e)."""
+    for epoch in range(epochs):
+        yield from batches(encoded, batch_size, shuffle=True, seed=seed + epoch, group_by_length=group_by_length,
+                           pad_token_id=fm.backbone.tokenizer.pad_token_id, tally=tally)
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """One client's share of a round's training: its id, its encoded shard and its seed (`client_seed`)."""
+
+    cid: int
+    encoded: list[dict]
+    seed: int
+
+
+def train_clients(fm: FederatedLoRAModel, jobs: Sequence[TrainJob], *, epochs: int, lr: float, batch_size: int,
+                  max_rows: int | None = None, max_grad_norm: float = 1.0, group_by_length: bool = False,
+                  tally: Tally | None = None) -> dict[int, float]:
+    """`train_local` for every job at once: each client gets the batches, AdamW, clipping and mean loss that
+    `train_local` would give it, but step t of all clients runs as one forward and backward pass through the
+    frozen base (`FederatedLoRAModel.routed_logits`). Returns each client's mean training loss.
+
+    The summed loss of a pass is the sum of each client's mean batch loss; clients own disjoint parameters, so
+    each one's gradient is its own loss's, and it is clipped and stepped alone. Clients whose batches of a step
+    hold more than `max_rows` rows in all are split over several passes, in order of batch width, so each pass
+    pads little. Results equal the sequential path's up to float rounding, except for dropout: its masks come
+    from one stream, seeded with the first job's seed (`tally` counts the rows and padding of the passes run).
+    """
+    if not jobs:
+        return {}
+    torch.manual_seed(jobs[0].seed)
+    device, pad = fm.device, fm.backbone.tokenizer.pad_token_id
+    params = {job.cid: fm.trainable_parameters(job.cid) for job in jobs}
+    optimizers = {cid: torch.optim.AdamW(p, lr=lr, weight_decay=0.0) for cid, p in params.items()}
+    streams = {job.cid: local_batches(fm, job.encoded, epochs=epochs, batch_size=batch_size, seed=job.seed,
+                                      group_by_length=group_by_length) for job in jobs}
+    losses: dict[int, list[float]] = {cid: [] for cid in streams}
+    with fm.training_together(list(streams)):
+        while True:
+            step = {cid: b for cid, b in ((cid, next(s, None)) for cid, s in streams.items()) if b is not None}
+            if not step:
+                break
+            for chunk in _passes(step, max_rows):
+                combined, spans = _concatenate([step[cid] for cid in chunk], chunk, pad)
+                if tally is not None:
+                    tally.add(combined)
+                logits = fm.routed_logits(spans, combined)
+                labels = combined["labels"].to(device)
+                step_losses = torch.stack([cross_entropy(lg, labels[start:stop])
+                                           for lg, (_, start, stop) in zip(logits, spans)])
+                for cid in chunk:
+                    optimizers[cid].zero_grad(set_to_none=True)
+                step_losses.sum().backward()
+                for cid in chunk:
+                    torch.nn.utils.clip_grad_norm_(params[cid], max_grad_norm)
+                    optimizers[cid].step()
+                for cid, value in zip(chunk, step_losses.detach().cpu().tolist()):
+                    losses[cid].append(value)
+    return {cid: float(np.mean(v)) if v else float("nan") for cid, v in losses.items()}
+
+
+def _passes(step: dict[int, dict], max_rows: int | None) -> list[list[int]]:
+    """The clients of one step, cut into forward passes of at most `max_rows` rows (one client's batch always
+    fits one pass), widest batches first so each pass pads its rows to similar widths."""
+    order = sorted(step, key=lambda cid: -step[cid]["input_ids"].shape[1])
+    chunks, rows = [[]], 0
+    for cid in order:
+        n = len(step[cid]["input_ids"])
+        if chunks[-1] and max_rows is not None and rows + n > max_rows:
+            chunks.append([])
+            rows = 0
+        chunks[-1].append(cid)
+        rows += n
+    return chunks
+
+
+def _concatenate(parts: list[dict], cids: list[int], pad_token_id: int) -> tuple[dict, list[tuple[int, int, int]]]:
+    """Right-padded batches stacked into one, padded on the right to the widest; with each client's row span."""
+    width = max(b["input_ids"].shape[1] for b in parts)
+    spans, start = [], 0
+    for cid, b in zip(cids, parts):
+        spans.append((cid, start, start + len(b["input_ids"])))
+        start += len(b["input_ids"])
+
+    def widen(t, value):
+        return torch.nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+
+    return {"input_ids": torch.cat([widen(b["input_ids"], pad_token_id) for b in parts]),
+            "attention_mask": torch.cat([widen(b["attention_mask"], 0) for b in parts]),
+            "labels": torch.cat([b["labels"] for b in parts])}, spans
