@@ -6,9 +6,10 @@ from __future__ import annotations
 import tempfile
 import time
 from dataclasses import asdict
+from typing import TYPE_CHECKING
 
-import torch
-from torch.nn.functional import cross_entropy
+if TYPE_CHECKING:  # torch is imported where a workload runs, so `atlas --help` does not load it
+    import torch
 
 # The shared identical-work benchmark (../shared/bench/README.md): MiniLM, 12 clients of 200 training
 # examples, 1 local epoch, batch 16, 200 test rows per task. `random` runs the same shape at full size.
@@ -107,6 +108,9 @@ class PlainLoop:
         self.pad = backbone.tokenizer.pad_token_id
 
     def round(self, r: int) -> dict:
+        import torch
+        from torch.nn.functional import cross_entropy
+
         from atlasfl.data.batching import Tally, batches
         from atlasfl.federation.client import client_seed
 
