@@ -68,8 +68,14 @@ def bench_rows(model: str, settings: dict) -> list[list[str]]:
             order = ["plain loop", *variants]
             for name in order if r % 2 else order[::-1]:
                 clocks[name].append(plain.round(r) if name == "plain loop" else ours(name, r))
+    return table_rows(model, len(fed.shards), clocks)
+
+
+def table_rows(model: str, clients: int, clocks: dict[str, list[dict]]) -> list[list[str]]:
+    """One row per loop of its round costs averaged over the rounds; the last cell is the plain loop's total
+    seconds over the row's (above 1: faster than the plain loop)."""
     mean = {k: _mean_cost(v) for k, v in clocks.items()}
-    return [[model, str(len(fed.shards)), name, *_cells(c), f"{mean['plain loop']['total_s'] / c['total_s']:.2f}x"]
+    return [[model, str(clients), name, *_cells(c), f"{mean['plain loop']['total_s'] / c['total_s']:.2f}x"]
             for name, c in mean.items()]
 
 
