@@ -6,9 +6,10 @@ from __future__ import annotations
 import tempfile
 import time
 from dataclasses import asdict
+from typing import TYPE_CHECKING
 
-import torch
-from torch.nn.functional import cross_entropy
+if TYPE_CHECKING:  # torch is imported where a workload runs, so `atlas --help` does not load it
+    import torch
 
 # The shared identical-work benchmark (../shared/bench/README.md): MiniLM, 12 clients of 200 training
 # examples, 1 local epoch, batch 16, 200 test rows per task. `random` runs the same shape at full size.
@@ -67,8 +68,14 @@ def bench_rows(model: str, settings: dict) -> list[list[str]]:
             order = ["plain loop", *variants]
             for name in order if r % 2 else order[::-1]:
                 clocks[name].append(plain.round(r) if name == "plain loop" else ours(name, r))
+    return table_rows(model, len(fed.shards), clocks)
+
+
+def table_rows(model: str, clients: int, clocks: dict[str, list[dict]]) -> list[list[str]]:
+    """One row per loop of its round costs averaged over the rounds; the last cell is the plain loop's total
+    seconds over the row's (above 1: faster than the plain loop)."""
     mean = {k: _mean_cost(v) for k, v in clocks.items()}
-    return [[model, str(len(fed.shards)), name, *_cells(c), f"{mean['plain loop']['total_s'] / c['total_s']:.2f}x"]
+    return [[model, str(clients), name, *_cells(c), f"{mean['plain loop']['total_s'] / c['total_s']:.2f}x"]
             for name, c in mean.items()]
 
 
@@ -107,6 +114,9 @@ class PlainLoop:
         self.pad = backbone.tokenizer.pad_token_id
 
     def round(self, r: int) -> dict:
+        import torch
+        from torch.nn.functional import cross_entropy
+
         from atlasfl.data.batching import Tally, batches
         from atlasfl.federation.training import client_seed
 

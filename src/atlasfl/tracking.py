@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from atlasfl.config import RunConfig, config_file_text
+from atlasfl.config import RunConfig
+from atlasfl.config_file import config_file_text
 from atlasfl.errors import AtlasError
 
 

@@ -122,7 +122,7 @@ def test_bench_scaling_runs_the_models_and_sizes_asked_for(monkeypatch, capsys):
         assert settings["client_batch_rows"] == 96  # the scaling steps cap a client-batched pass
         return [[model, str(4 * settings["clients_per_task"]), "plain loop", *["0"] * 9, "1.00x"]]
 
-    monkeypatch.setattr("atlasfl.cli.bench.bench_rows", fake_rows)
+    monkeypatch.setattr("atlasfl.bench.bench_rows", fake_rows)  # `atlas bench` imports it when run
     assert main(["bench", "identical", "--scaling", "--model", "minilm", "--clients-per-task", "24"]) == 0
     assert seen == [("minilm", 24, "pretrained", 1)]
     seen.clear()
@@ -131,3 +131,26 @@ def test_bench_scaling_runs_the_models_and_sizes_asked_for(monkeypatch, capsys):
     assert [(m, c) for m, c, _, _ in seen] == [(m, c) for m in models for c in (3, 12, 24)]
     assert {i for m, _, i, _ in seen if m != "minilm"} == {"random"}
     assert "peak memory" in capsys.readouterr().out
+
+
+HEAVY = ("torch", "transformers", "peft", "flwr", "datasets", "sklearn", "scipy", "matplotlib")
+HELP_PROBE = """
+import sys
+from typer.testing import CliRunner
+from atlasfl.cli.app import app
+for args in (["--help"], *([c, "--help"] for c in ("run", "demo", "presets", "sweep", "report", "config", "bench"))):
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0 and "Usage" in result.output, (args, result.output)
+print(" ".join(m for m in sys.argv[1:] if m in sys.modules))
+"""
+
+
+def test_help_of_atlas_and_of_every_command_imports_no_torch_or_other_heavy_library():
+    import atlasfl
+
+    src = str(Path(atlasfl.__file__).resolve().parents[1])  # the subprocess imports this same atlasfl
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, *filter(None, [os.environ.get("PYTHONPATH")])])}
+    out = subprocess.run([sys.executable, "-c", HELP_PROBE, *HEAVY], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == []  # imported by a command when it runs, never by its help

@@ -8,7 +8,7 @@ import pytest
 import typer
 
 from atlasfl.cli.app import main
-from atlasfl.config import config_file_text, read_config_file
+from atlasfl.config_file import config_file_text, read_config_file
 
 SMALL = dict(tasks=["gen_sentiment", "gen_pair"], clients_per_task=2, rounds=2, max_samples=16, max_test_samples=8,
              batch_size=8, fingerprint_samples=8)

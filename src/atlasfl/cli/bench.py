@@ -5,12 +5,9 @@ from __future__ import annotations
 import warnings
 from typing import List, Optional
 
-import torch
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from atlasfl.bench import IDENTICAL, SCALING, bench_rows, scaling_settings
+from atlasfl.bench import SCALING
 from atlasfl.errors import AtlasError
 
 
@@ -34,6 +31,13 @@ def bench(
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
 ):
     """Time a workload: s/round by phase, examples/s and real tokens/s, padding, peak memory, ratio to a plain loop."""
+    import torch
+    from rich.console import Console
+    from rich.table import Table
+
+    from atlasfl.bench import IDENTICAL, bench_rows, scaling_settings
+    from atlasfl.results.build import peak_memory
+
     warnings.simplefilter("ignore", FutureWarning)
     warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
     if threads:
@@ -60,8 +64,6 @@ def bench(
             table.add_row(*row)
     console = Console(width=200)
     console.print(table)
-    from atlasfl.results.build import peak_memory
-
     peak, measured_by = peak_memory(_device(device))
     console.print(f"peak memory of the process (both loops): {peak / 1e9:.2f} GB, {measured_by}. tok/s counts real "
                   "(non-padding) tokens; padding % is of the token positions computed. Same process, alternating "

@@ -7,7 +7,8 @@ from typing import Optional
 
 import typer
 
-from atlasfl.config import POSITIONAL, config_file_text
+from atlasfl.config import POSITIONAL
+from atlasfl.config_file import config_file_text
 from atlasfl.errors import AtlasError
 
 

@@ -10,7 +10,8 @@ from typing import Annotated, List, Literal, Optional
 import typer
 from typer.core import TyperCommand
 
-from atlasfl.config import FROM_PRESET, RunConfig, from_preset, overridable_settings, read_config_file, setting_type
+from atlasfl.config import FROM_PRESET, RunConfig, from_preset, overridable_settings, setting_type
+from atlasfl.config_file import read_config_file
 from atlasfl.errors import AtlasError
 
 

@@ -5,7 +5,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from atlasfl.data.tasks import Example
+from atlasfl.data.example import Example
 
 
 def pair_joiner(tokenizer) -> str | None:

@@ -4,7 +4,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from atlasfl.data.tasks import Example, TaskData, stable_seed
+from atlasfl.data.example import Example, stable_seed
+from atlasfl.data.tasks import TaskData
 from atlasfl.errors import AtlasError
 
 DIRICHLET_TRIES = 100  # re-draws before giving up on a Dirichlet split that leaves a client near-empty

@@ -55,7 +55,6 @@ TINY_CONFIGS: dict[str, dict] = {
 
 OFFLINE_MODELS = ("minilm",)
 KNOWN_NAMES = tuple(HUB_ALIASES) + OFFLINE_MODELS + tuple(TINY_CONFIGS)
-ENCODER_TYPES = ("bert", "distilbert")
 
 
 @dataclass
@@ -112,7 +111,11 @@ cloud wind storm river animal cat dog horse bird fish one two three four five si
 
 
 def _tokenizer_for(model_type: str):
-    if model_type in ENCODER_TYPES:
+    """Encoders get MiniLM's WordPiece vocab, decoders the byte-level BPE; the kind is models/lora.py's family
+    table (imported here, as lora.py imports this module)."""
+    from atlasfl.models.lora import FAMILIES
+
+    if FAMILIES[model_type].kind == "encoder":
         return AutoTokenizer.from_pretrained(minilm_path())
     return byte_bpe_tokenizer()
 
