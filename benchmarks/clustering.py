@@ -10,7 +10,7 @@
     python benchmarks/clustering.py minilm --tasks sst2 mrpc cola qnli --data-dir bench-data/glue-shaped --seeds 0-49
     python benchmarks/clustering.py minilm --tasks offline --seeds 0 --versus old/src/atlasfl/federation/fingerprint.py
 
-For every model and seed it does what a run does before round 1 (engines.inprocess: set_up, plan_or_restore):
+For every model and seed it does what a run does before round 1 (`federation.driver.plan_or_restore` in-process):
 the run's shards, backbone and encodings, `federation.fingerprint.fingerprint` on every client, `Server.plan`.
 It prints one line per seed (k, ARI against the true tasks, the margin of the choice in the rule's own units, the
 spread-to-noise ratios that decided it, the gradient fingerprint's k and ARI, seconds of fingerprinting

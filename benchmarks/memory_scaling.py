@@ -28,7 +28,9 @@ def measure(model: str, clients_per_task: int, data_dir: str, rounds: int) -> No
 
     from atlasfl.bench import IDENTICAL, scaling_settings
     from atlasfl.config import build_config
-    from atlasfl.engines.inprocess import RunProgress, plan_or_restore, run_round, set_up
+    from atlasfl.engines.inprocess import set_up
+    from atlasfl.federation.driver import RunProgress, plan_or_restore, run_round
+    from atlasfl.methods import method_for
     from atlasfl.results.build import peak_memory
 
     torch.set_num_threads(1)
@@ -38,19 +40,20 @@ def measure(model: str, clients_per_task: int, data_dir: str, rounds: int) -> No
         cfg = build_config(model, 42, "atlas", data_dir=data_dir, output_dir=tmp, log_dir=tmp, checkpoint_dir=tmp,
                            **settings)
         stages = {"imports": current_mb()}
-        fed = set_up(cfg)
+        transport = set_up(cfg)
         stages["set-up"] = current_mb()
-        plan_or_restore(fed, None)
+        fed = plan_or_restore(cfg, method_for(cfg), transport, None)
         stages["phases 1-2, adapters built"] = current_mb()
-        fed.server.eta = cfg.eta
         for r in range(1, rounds + 1):
             with RunProgress(False) as bars:
                 run_round(fed, r, bars)
         stages[f"after {rounds} rounds"] = current_mb()
-        adapter_mb = sum(t.numel() * t.element_size() for s in fed.states().values() for t in s.values()) / 1e6
+        states = transport.states().values()
+        adapter_mb = sum(t.numel() * t.element_size() for s in states for t in s.values()) / 1e6
     cells = "  ".join(f"{k}: {v:.0f}" for k, v in stages.items())
-    print(f"{model:10} {len(fed.shards):>4} clients  resident MB  {cells}  peak: {peak_memory('cpu')[0] / 1e6:.0f}  "
-          f"adapters and heads of all clients: {adapter_mb:.1f} MB", flush=True)
+    print(f"{model:10} {len(transport.shards):>4} clients  resident MB  {cells}  "
+          f"peak: {peak_memory('cpu')[0] / 1e6:.0f}  adapters and heads of all clients: {adapter_mb:.1f} MB",
+          flush=True)
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Speed figures of a workload: ATLAS's round (`engines.inprocess.run_round`) beside a plain sequential
+"""Speed figures of a workload: ATLAS's round (`federation.driver.run_round`) beside a plain sequential
 PyTorch loop run in the same process on the same batches, alternately, so the ratio holds on a loaded
 machine where absolute seconds do not. `atlas bench` prints them; nothing here is asserted in tests."""
 from __future__ import annotations
@@ -40,35 +40,38 @@ def bench_rows(model: str, settings: dict) -> list[list[str]]:
     length-grouped batches), each from the same states, alternately for `rounds` rounds on one shared set-up,
     the order flipped every round. `client_batch_rows` caps the client-batched passes."""
     from atlasfl.config import build_config
-    from atlasfl.engines.inprocess import RunProgress, plan_or_restore, run_round, set_up
+    from atlasfl.engines.inprocess import set_up
+    from atlasfl.federation.driver import RunProgress, plan_or_restore, run_round
+    from atlasfl.methods import method_for
 
     rounds, grouped = settings.pop("rounds"), settings.pop("group_by_length")
     with tempfile.TemporaryDirectory() as tmp:
         cfg = build_config(model, 42, "atlas", output_dir=tmp, log_dir=tmp, checkpoint_dir=tmp, rounds=rounds,
                            **settings)
-        fed = set_up(cfg)
-        plan_or_restore(fed, None)
-        fed.server.eta = cfg.eta
-        plain = PlainLoop(fed)
+        transport = set_up(cfg)
+        fed = plan_or_restore(cfg, method_for(cfg), transport, None)
+        plain = PlainLoop(transport)
         variants = {}
+        # One round more than measured: no measured round is the last, whose local validation is not round work.
         for label, group in (("atlas, ungrouped", False), ("atlas, grouped", True))[:1 + grouped]:
-            variants[label] = cfg.model_copy(update=dict(group_by_length=group))
+            variants[label] = cfg.model_copy(update=dict(group_by_length=group, rounds=rounds + 1))
             variants[f"{label} + client batching"] = cfg.model_copy(update=dict(group_by_length=group,
-                                                                                client_batching=True))
+                                                                                client_batching=True,
+                                                                                rounds=rounds + 1))
 
         def ours(name, r):
-            fed.cfg = variants[name]
-            fed.load_states(start)
+            fed.cfg = transport.cfg = variants[name]
+            transport.start_eta(cfg.eta, start)
             with RunProgress(False) as bars:
                 return run_round(fed, r, bars)["cost"]
 
         clocks = {"plain loop": [], **{name: [] for name in variants}}
         for r in range(1, rounds + 1):
-            start = fed.states()
+            start = transport.states()
             order = ["plain loop", *variants]
             for name in order if r % 2 else order[::-1]:
                 clocks[name].append(plain.round(r) if name == "plain loop" else ours(name, r))
-    return table_rows(model, len(fed.shards), clocks)
+    return table_rows(model, len(transport.shards), clocks)
 
 
 def table_rows(model: str, clients: int, clocks: dict[str, list[dict]]) -> list[list[str]]:

@@ -6,15 +6,16 @@ import typing
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, create_model, field_validator, model_validator
 
 from atlasfl.errors import AtlasError
-from atlasfl.federation.methods import METHOD_SPECS
+from atlasfl.methods import METHODS as METHOD_CLASSES
+from atlasfl.methods import method_settings
+from atlasfl.phases import AGGREGATIONS
 from atlasfl.presets import preset_for
+from atlasfl.settings import setting
 
-METHODS = tuple(METHOD_SPECS)  # baselines first, atlas last (DESIGN §2)
-DEFAULT_ETA = 0.1
-LAMBDA_GRID = (0.0, 0.01, 0.05, 0.1, 0.2, 0.5, 1.0)
+METHODS = tuple(METHOD_CLASSES)  # baselines first, atlas last (docs/design.md §2)
 FROM_PRESET = "model preset"
 
 # `--mode quick`: a smoke configuration that exercises every phase in seconds to minutes.
@@ -22,16 +23,8 @@ FROM_PRESET = "model preset"
 QUICK = dict(rounds=2, max_samples=80, fingerprint_samples=64, max_test_samples=64, local_epochs=1)
 
 
-def setting(description: str, default=..., *, preset: bool = False, **constraints):
-    """A run setting: its help text lives on the field, and the CLI flags and the Flower run-config keys
-    are derived from it. `preset`: the default comes from the model's preset (`build_config`)."""
-    extra = {"preset": True} if preset else None
-    return Field(default, description=description, json_schema_extra=extra, **constraints)
-
-
-class RunConfig(BaseModel):
-    """Every setting of one run. Each field is one flag of `atlas run`/`atlas sweep` and one key of the
-    Flower app's run config, with the field's description as its help."""
+class GeneralSettings(BaseModel):
+    """The settings every run has; `RunConfig` adds each method's own (`methods.Method.settings`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -76,14 +69,8 @@ class RunConfig(BaseModel):
     device: str = setting("auto | cpu | cuda | cuda:N.", "auto")
     lora_alpha: float = setting("LoRA alpha (the scaling is alpha / rank).", 16.0, gt=0)
     lora_dropout: float = setting("LoRA dropout.", 0.05, ge=0, lt=1)
-    aggregation: Literal["svd", "fedavg"] | None = setting(
+    aggregation: Literal[AGGREGATIONS] | None = setting(
         "Aggregation of rank-heterogeneous adapters (default: the method's).", None)
-    eta: float = setting("Laplacian step size of atlas, in [0, 1].", DEFAULT_ETA, ge=0, le=1)
-    lambda_sweep: bool = setting("atlas: run the eta grid and pick eta on local validation.", False)
-    lambda_grid: tuple[float, ...] = setting("The etas of --lambda-sweep.", LAMBDA_GRID)
-    eta_selection: Literal["shared", "per_client"] = setting(
-        "--lambda-sweep: which choice of eta is final_metrics: shared (one eta, best mean local-validation score) "
-        "or per_client (each client's eta with its best own local-validation score); both are recorded.", "shared")
     clusters: Literal["fingerprint", "oracle"] = setting(
         "fingerprint: discovered clusters; oracle: the true task grouping.", "fingerprint")
     fingerprint: Literal["representation", "gradient"] = setting("Which fingerprint clusters the clients.",
@@ -131,9 +118,7 @@ class RunConfig(BaseModel):
     def _check(self):
         if self.data_dir is not None and not Path(self.data_dir).is_dir():
             raise ValueError(f"--data-dir {self.data_dir} is not a folder")
-        if self.aggregation == "fedavg" and METHOD_SPECS[self.method].personalise:
-            raise ValueError(f"{self.method}'s Laplacian step always refactors by SVD, so --aggregation fedavg would "
-                             "be ignored; drop it, or use atlas_no_laplacian to compare the two aggregations")
+        METHOD_CLASSES[self.method].check(self)
         if self.eta_selection == "per_client" and not self.lambda_sweep:
             raise ValueError("--eta-selection per_client chooses among the etas of a sweep; add --lambda-sweep")
         if self.client_batching and self.engine == "flower":
@@ -151,14 +136,10 @@ class RunConfig(BaseModel):
 
     @property
     def run_name(self) -> str:
-        """The seed's name; a non-default eta, or an eta sweep, is added so that a grid of atlas runs at several
-        etas, and a --lambda-sweep run beside the default-eta run, never share (and skip) one result file."""
-        name = f"atlas_{self.model_label}_{self.method}_seed{self.seed}_r{self.rounds}"
-        if self.method == "atlas" and self.lambda_sweep:
-            name += "_lsweep"
-        elif self.method == "atlas" and self.eta != DEFAULT_ETA:
-            name += f"_eta{self.eta:g}"
-        return name
+        """The seed's name, with what the method adds for a variant (`Method.name_suffix`: e.g. atlas's eta or
+        sweep), so variants in one grid never share (and skip) one result file."""
+        return (f"atlas_{self.model_label}_{self.method}_seed{self.seed}_r{self.rounds}"
+                + METHOD_CLASSES[self.method].name_suffix(self))
 
     @property
     def result_path(self) -> Path:
@@ -178,6 +159,12 @@ class RunConfig(BaseModel):
         """The preset's median rank candidate (lower middle), used where ranks are homogeneous."""
         return self.rank_candidates[(len(self.rank_candidates) - 1) // 2]
 
+
+RunConfig = create_model(
+    "RunConfig", __base__=GeneralSettings, __module__=__name__, __doc__=(
+        "Every setting of one run: the general ones and every method's own. Each field is one flag of `atlas run`/"
+        "`atlas sweep` and one key of the Flower app's run config, with the field's description as its help."),
+    **method_settings())
 
 POSITIONAL = ("model", "seed", "method")
 

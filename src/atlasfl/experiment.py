@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from atlasfl.config import RunConfig
-from atlasfl.errors import AtlasError
+from atlasfl.errors import AtlasError, RunInterrupted
 from atlasfl.results.io import atomic_write_json
 from atlasfl.results.schema import validate_result
 
@@ -23,9 +23,10 @@ def is_complete(path: Path) -> bool:
     """A result file counts as done when it parses, validates and says so."""
     try:
         data = json.loads(path.read_text())
-        return data.get("status") == "complete" and validate_result(data) is not None
+        validate_result(data)
     except (OSError, ValueError):
         return False
+    return data.get("status") == "complete"
 
 
 def check_writable(folder: Path) -> None:
@@ -58,14 +59,6 @@ def setup_logging(cfg: RunConfig) -> Path:
     datasets.disable_progress_bars()  # our own bars show rounds; theirs would clutter errors and logs
     transformers.utils.logging.disable_progress_bar()
     return log_path
-
-
-class RunInterrupted(Exception):
-    """SIGINT or SIGTERM arrived: the run stops at once; its last complete checkpoint stays."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.exit_code = 128 + signum
 
 
 @contextmanager

@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from atlasfl.config import RunConfig, build_config
-from atlasfl.errors import AtlasError
-from atlasfl.experiment import RunInterrupted, is_complete, run_and_save
+from atlasfl.errors import AtlasError, RunInterrupted
+from atlasfl.experiment import is_complete, run_and_save
 
 log = logging.getLogger("atlasfl")
 

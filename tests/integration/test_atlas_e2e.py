@@ -7,6 +7,7 @@ import torch
 
 from atlasfl.engines import inprocess
 from atlasfl.experiment import run_and_save
+from atlasfl.federation import driver
 from atlasfl.federation.server import Server
 from atlasfl.federation.wire import wire
 from atlasfl.models.lora import state_digest
@@ -32,21 +33,21 @@ def _run(make_config, **kw):
 
 @pytest.fixture
 def spy(monkeypatch):
-    """What the in-process engine ran: its Federation (model, server), and per aggregation the states the
-    server received and the states it returned."""
+    """What the in-process engine ran: the driver's Federation (its server, and its transport holding the model
+    and data), and per aggregation the states the server received and the states it returned."""
     seen = dict(fed=None, exchanges=[])
-    set_up, aggregate = inprocess.set_up, Server.aggregate
+    plan_or_restore, aggregate = driver.plan_or_restore, Server.aggregate
 
-    def spy_set_up(cfg):
-        seen["fed"] = set_up(cfg)
+    def spy_plan_or_restore(*args):
+        seen["fed"] = plan_or_restore(*args)
         return seen["fed"]
 
-    def spy_aggregate(self, uploads):
-        out = aggregate(self, uploads)
+    def spy_aggregate(self, uploads, *args):
+        out = aggregate(self, uploads, *args)
         seen["exchanges"].append((uploads, out))
         return out
 
-    monkeypatch.setattr(inprocess, "set_up", spy_set_up)
+    monkeypatch.setattr(driver, "plan_or_restore", spy_plan_or_restore)
     monkeypatch.setattr(Server, "aggregate", spy_aggregate)
     return seen
 
@@ -125,7 +126,7 @@ def test_heterogeneous_ranks_are_applied_to_the_model_and_travel_at_those_shapes
     cfg = make_config(model="tiny-bert", method="atlas", eta=0.5, devices=("cpu_2gb", "gpu_16gb"), clients_per_task=3,
                       clusters="oracle")
     result, _ = run_and_save(cfg, progress=False)
-    fm, plan_ranks = spy["fed"].fm, {int(c): r for c, r in result["ranks"].items()}
+    fm, plan_ranks = spy["fed"].transport.fm, {int(c): r for c, r in result["ranks"].items()}
     alloc = result["phase2_rank_allocation"]["clients"]
     assert {c["device"] for c in alloc.values()} == {"cpu_2gb", "gpu_16gb"}
     assert all(info["ranks"] == result["ranks"][cid] and info["feasible"] for cid, info in alloc.items())
@@ -216,11 +217,11 @@ def _rig_scores(monkeypatch, spy, val_score, test_score):
     evaluate, tests = inprocess.evaluate_client, inprocess.test_scores
 
     def rigged_val(fm, cid, encoded, task, batch_size, **kw):
-        assert encoded is spy["fed"].val_enc[cid]  # the engine's only other evaluation: local validation
+        assert encoded is spy["fed"].transport.val_enc[cid]  # the engine's only other evaluation: local validation
         return dict(evaluate(fm, cid, encoded, task, batch_size, **kw), score=val_score(spy["fed"].server.eta, cid))
 
     def rigged_test(task, predictions, personal):
-        cid = next(s.client_id for s in spy["fed"].shards if s.personal is personal)
+        cid = next(s.client_id for s in spy["fed"].transport.shards if s.personal is personal)
         score = test_score(spy["fed"].server.eta, cid)
         ev = tests(task, predictions, personal)
         return dict(ev, score=score, personal=dict(ev["personal"], score=score))

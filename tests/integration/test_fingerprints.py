@@ -13,6 +13,7 @@ from atlasfl.data.tasks import TASK_SETS, load_task
 from atlasfl.engines import inprocess
 from atlasfl.federation.fingerprint import fingerprint, representation_pass
 from atlasfl.federation.server import ClientInfo, Server, sampling_noise
+from atlasfl.methods import method_for
 from atlasfl.models.lora import FederatedLoRAModel
 from atlasfl.models.registry import load_backbone
 from atlasfl.phases.clustering import adjusted_rand, cluster_fingerprints
@@ -148,8 +149,8 @@ def test_fingerprint_bytes_are_what_the_configured_kind_uploads(kind, method):
     ups, truth, fm = _fingerprints("tiny-bert", ["gen_topic", "gen_pair"], 2, 0, samples=8)
     cfg = build_config("tiny-bert", 0, method, tasks=("gen_topic", "gen_pair"), clients_per_task=2, fingerprint=kind)
     names, num_labels = ["gen_topic", "gen_pair"], {"gen_topic": 4, "gen_pair": 2}
-    server = Server(cfg, [ClientInfo(c, names[t], 10, num_labels[names[t]]) for c, t in enumerate(truth)],
-                    modules=fm.modules, shapes=fm.module_shapes(), facts=fm.facts())
+    clients = [ClientInfo(c, names[t], 10, num_labels[names[t]]) for c, t in enumerate(truth)]
+    server = Server(cfg, method_for(cfg), clients, modules=fm.modules, shapes=fm.module_shapes(), facts=fm.facts())
     plan = server.plan(dict(enumerate(ups)))
     sent = ["representation", *NOISE_KEYS, *LABEL_KEYS] if kind == "representation" else ["gradient"]
     if method == "atlas":  # ranks follow importance: one number per adapted module

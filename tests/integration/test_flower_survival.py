@@ -1,14 +1,15 @@
 """Flower runs that survive (Simulation Runtime): a client whose ClientApp fails is left out of its round
 without poisoning its group's aggregate and rejoins the next; too few replies stop the run with its
-checkpoint kept, and `--resume` then ends where the uninterrupted run ends. Failures are injected with the
-ClientApp's TEST-ONLY hook (environment variable `TEST_ONLY_FAIL_VAR`, inherited by the Ray actors)."""
+checkpoint kept, and `--resume` then ends where the uninterrupted run ends. Failures are injected by a ClientApp
+mod of the test's own (`failing`), in a ClientApp built like the real one."""
 from __future__ import annotations
 
 import json
 
 import pytest
+from flwr.app import MessageType
 
-from atlasfl.engines.flower.client_app import TEST_ONLY_FAIL_VAR
+from atlasfl.engines.flower import client_app
 from atlasfl.errors import AtlasError
 from atlasfl.experiment import run_and_save
 from atlasfl.results.checkpoint import complete_checkpoints
@@ -16,6 +17,26 @@ from atlasfl.results.schema import validate_result
 from tests.conftest import force_clusters
 
 GROUPS = [0, 0, 1, 1]  # two groups of two: a lost member leaves one partner behind
+PHASES = {MessageType.TRAIN: "train", MessageType.EVALUATE: "evaluate"}
+
+
+def failing(spec: str):
+    """A ClientApp mod that raises in `phase` of round `r` for client `c`, for every "phase:c:r" of the
+    comma-separated `spec`, as a crashing ClientApp would."""
+    def mod(msg, context, call_next):
+        phase = PHASES.get(msg.metadata.message_type)
+        if phase is not None:
+            round_idx = int(msg.content["atlas"]["round"])
+            if f"{phase}:{context.node_config['partition-id']}:{round_idx}" in spec.split(","):
+                raise RuntimeError(f"injected failure in {phase} of round {round_idx}")
+        return call_next(msg, context)
+    return mod
+
+
+@pytest.fixture
+def inject(monkeypatch):
+    """Run the Flower engine with `failing(spec)` in its ClientApp."""
+    return lambda spec: monkeypatch.setattr(client_app, "app", client_app.make_client_app(failing(spec)))
 
 
 def _outcome(result: dict) -> list:
@@ -24,9 +45,9 @@ def _outcome(result: dict) -> list:
                                   for c in r["clients"]]) for r in result["round_metrics"]]
 
 
-def test_a_failing_client_is_left_out_of_its_round_and_rejoins(make_config, monkeypatch, tmp_path):
+def test_a_failing_client_is_left_out_of_its_round_and_rejoins(make_config, monkeypatch, inject, tmp_path):
     force_clusters(monkeypatch, GROUPS)
-    monkeypatch.setenv(TEST_ONLY_FAIL_VAR, "train:1:2,evaluate:2:2")  # client 1 in training, 2 in evaluation
+    inject("train:1:2,evaluate:2:2")  # client 1 in training, 2 in evaluation
     result, path = run_and_save(make_config(method="fedavg_cluster", rounds=3, engine="flower"), progress=False)
     validate_result(json.loads(path.read_text()))
     first, second, third = result["round_metrics"]
@@ -56,17 +77,17 @@ def test_a_failing_client_is_left_out_of_its_round_and_rejoins(make_config, monk
 
 
 def test_too_few_replies_stop_with_the_checkpoint_kept_and_resume_ends_as_uninterrupted(make_config, monkeypatch,
-                                                                                         tmp_path):
+                                                                                         inject, tmp_path):
     force_clusters(monkeypatch, GROUPS)
     kw = dict(method="atlas", eta=0.5, rounds=3, min_replies_per_group=2)
     reference, _ = run_and_save(make_config(**kw, output_dir=str(tmp_path / "reference")), progress=False)
     cfg = make_config(**kw, engine="flower")
-    monkeypatch.setenv(TEST_ONLY_FAIL_VAR, "train:3:2")
+    inject("train:3:2")
     with pytest.raises(AtlasError, match=r"group \[2, 3\] had 1 replying client.*min-replies-per-group 2.*resume"):
         run_and_save(cfg, progress=False)
     assert not cfg.result_path.exists()
     assert [p.name for p in complete_checkpoints(cfg.checkpoint_path)][-1] == "round-00-0001"
-    monkeypatch.delenv(TEST_ONLY_FAIL_VAR)
+    inject("")
     resumed, _ = run_and_save(cfg, progress=False, resume=True)
     validate_result(resumed)
     assert [r["missing_clients"] for r in resumed["round_metrics"]] == [[], [], []]

@@ -1,4 +1,5 @@
-"""Choosing η after a lambda sweep: on the clients' local validation, never on the test set (DESIGN §1, §3.4)."""
+"""Choosing η after a lambda sweep: on the clients' local validation, never on the test set (docs/design.md §1,
+§3.4)."""
 from __future__ import annotations
 
 import pytest

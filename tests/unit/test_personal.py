@@ -1,4 +1,4 @@
-"""The personal protocol (DESIGN §1): each client's personal test rows follow its own label mix, come from
+"""The personal protocol (docs/design.md §1): each client's personal test rows follow its own label mix, come from
 the test split only and are derivable from the client's id alone; the reference points are exact."""
 from __future__ import annotations
 

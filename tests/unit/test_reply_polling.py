@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from atlasfl.engines.flower import strategy
+from atlasfl.engines.flower import polling
 
 
 class SlowGrid:
@@ -24,11 +24,11 @@ class SlowGrid:
 
 def test_replies_are_collected_with_growing_waits(monkeypatch):
     grid = SlowGrid([1, 3, 12])
-    monkeypatch.setattr(strategy.time, "sleep", grid.waits.append)
-    replies = strategy.send_and_receive(grid, [object()] * 3)
+    monkeypatch.setattr(polling.time, "sleep", grid.waits.append)
+    replies = polling.send_and_receive(grid, [object()] * 3)
     assert sorted(r.metadata.reply_to_message_id for r in replies) == ["m0", "m1", "m2"]
     assert grid.pulls == 12  # stopped at the last reply
-    first, longest = strategy.REPLY_POLL_S
+    first, longest = polling.REPLY_POLL_S
     assert grid.waits[0] == first and max(grid.waits) == longest
     assert all(b == min(a * 1.5, longest) for a, b in zip(grid.waits, grid.waits[1:]))
 
@@ -36,8 +36,8 @@ def test_replies_are_collected_with_growing_waits(monkeypatch):
 def test_a_timeout_returns_the_replies_that_came(monkeypatch):
     grid = SlowGrid([2, 10**9])
     clock = iter(range(100))
-    monkeypatch.setattr(strategy.time, "sleep", lambda s: None)
-    monkeypatch.setattr(strategy.time, "monotonic", lambda: next(clock))
-    replies = strategy.send_and_receive(grid, [object()] * 2, timeout=5)
+    monkeypatch.setattr(polling.time, "sleep", lambda s: None)
+    monkeypatch.setattr(polling.time, "monotonic", lambda: next(clock))
+    replies = polling.send_and_receive(grid, [object()] * 2, timeout=5)
     assert [r.metadata.reply_to_message_id for r in replies] == ["m0"]
     assert grid.pulls == 5

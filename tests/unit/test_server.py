@@ -7,6 +7,7 @@ import torch
 
 from atlasfl.config import build_config
 from atlasfl.federation.server import ClientInfo, Plan, Server
+from atlasfl.methods import method_for
 from atlasfl.phases.devices import ModelFacts
 from atlasfl.phases.ranks import adapter_params
 
@@ -20,7 +21,7 @@ def _server(method, devices, **kw):
     cfg = build_config("tiny-bert", 0, method, tasks=("generated",), devices=devices,
                        rank_candidates=(2, 4, 8, 16, 32, 64), **kw)
     clients = [ClientInfo(c, "a" if c < 3 else "b", 100, 2) for c in range(6)]
-    return Server(cfg, clients, modules=MODULES, shapes=SHAPES, facts=FACTS)
+    return Server(cfg, method_for(cfg), clients, modules=MODULES, shapes=SHAPES, facts=FACTS)
 
 
 def _uploads(importance_by_task):

@@ -13,8 +13,7 @@ from atlasfl.cli.options import ListOptionsCommand
 from atlasfl.cli.report import report
 from atlasfl.cli.run import demo, presets, run
 from atlasfl.cli.sweep import sweep
-from atlasfl.errors import AtlasError
-from atlasfl.experiment import RunInterrupted
+from atlasfl.errors import AtlasError, RunInterrupted
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="ATLAS: multi-task federated LoRA fine-tuning experiments.")

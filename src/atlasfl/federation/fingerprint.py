@@ -140,7 +140,7 @@ def package_fingerprint(pooled: torch.Tensor, labels: torch.Tensor, grads: dict[
 def fingerprint(fm: FederatedLoRAModel, encoded: list[dict], *, num_labels: int, samples: int, batch_size: int,
                 layers: int, dim: int, seed: int, representation_samples: int,
                 represent=representation_pass) -> dict:
-    """Phase 1 on the client (DESIGN §3.1), from its training examples only: forward passes over up to
+    """Phase 1 on the client (docs/design.md §3.1), from its training examples only: forward passes over up to
     `representation_samples` of them for the representation fingerprint (forward-only passes are cheap next
     to a round's training, so it can read many more than the gradient pass), a forward and backward pass over
     `samples` of them for the gradient fingerprint and the importances; see `package_fingerprint` for what

@@ -18,7 +18,6 @@ from atlasfl.config import RunConfig
 from atlasfl.data.partition import ClientShard, task_shards
 from atlasfl.data.tasks import TaskData, expand_tasks, load_task
 from atlasfl.errors import AtlasError
-from atlasfl.federation.methods import METHOD_SPECS
 from atlasfl.metrics import chance_scores, majority_scores
 
 log = logging.getLogger("atlasfl")
@@ -56,6 +55,22 @@ def client_round(client_id: int, task: str, train_loss: float, ev: dict, bytes_u
         entry.update({f"personal_{k}": ev["personal"][k] for k in PERSONAL_KEYS},
                      personal_metric=ev["personal"]["score"])
     return entry
+
+
+def kept_round(rounds: list[dict], cid: int, bytes_up: int, bytes_down: int) -> dict:
+    """A missing client's round record: the metrics of its last round with a reply (it keeps that round's state,
+    or the state the server sent it this round), labelled as such; its bytes are this round's."""
+    entry, last = next((e, c) for e in reversed(rounds) for c in e["clients"]
+                       if c["client_id"] == cid and not c.get("missing"))
+    return dict(last, missing=True, metrics_from_round=entry["round"], bytes_up=bytes_up, bytes_down=bytes_down)
+
+
+def warn_missing(round_idx: int, missing: dict[int, str]) -> None:
+    """Say loudly, in the log and on stderr, which clients are left out of this round and why."""
+    for cid, reason in sorted(missing.items()):
+        msg = f"warning: client {cid} is missing from round {round_idx} ({reason}); it keeps its last state"
+        log.warning(msg)
+        print(msg, file=sys.stderr)
 
 
 def client_references(shard: ClientShard, task: TaskData) -> dict:
@@ -104,11 +119,6 @@ def round_summary(round_idx: int, clients: list[dict], task_names: list[str], ti
     if cost is not None:
         entry["cost"] = cost
     return entry
-
-
-def eta_grid(cfg: RunConfig) -> tuple[float, ...]:
-    """The etas a run trains: the sweep's grid for a personalising method with --lambda-sweep, else one."""
-    return cfg.lambda_grid if (cfg.lambda_sweep and METHOD_SPECS[cfg.method].personalise) else (cfg.eta,)
 
 
 def log_round(eta: float, entry: dict) -> None:

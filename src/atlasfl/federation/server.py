@@ -13,8 +13,8 @@ import torch
 
 from atlasfl.config import RunConfig
 from atlasfl.errors import AtlasError
-from atlasfl.federation.methods import METHOD_SPECS
-from atlasfl.phases.aggregation import aggregate_states
+from atlasfl.methods import Method
+from atlasfl.methods.base import Group
 from atlasfl.phases.clustering import (
     SIGNIFICANCE,
     SamplingNoise,
@@ -24,7 +24,6 @@ from atlasfl.phases.clustering import (
 )
 from atlasfl.phases.devices import PROFILES, ModelFacts, draw_devices, estimate_training_memory, fits
 from atlasfl.phases.fingerprint import NOISE_KEYS
-from atlasfl.phases.laplacian import affinity, personalise_states
 from atlasfl.phases.ranks import adapter_params, allocate_ranks, rank_budget_for_memory
 
 State = dict[str, torch.Tensor]
@@ -71,15 +70,14 @@ def sampling_noise(uploads: list[dict]) -> SamplingNoise:
 
 
 class Server:
-    def __init__(self, cfg: RunConfig, clients: list[ClientInfo], *, modules: list[str],
+    def __init__(self, cfg: RunConfig, method: Method, clients: list[ClientInfo], *, modules: list[str],
                  shapes: dict[str, tuple[int, int]], facts: ModelFacts):
         self.cfg = cfg
-        self.method = METHOD_SPECS[cfg.method]
+        self.method = method
         self.clients = {c.cid: c for c in clients}
         self.modules = modules
         self.shapes = shapes
         self.facts = facts
-        self.aggregation = cfg.aggregation or self.method.default_aggregation
         self.eta = cfg.eta
         self.cluster_labels: list[int] = [0] * len(clients)
         self.affinity_space: np.ndarray | None = None
@@ -119,7 +117,7 @@ class Server:
             ranks[cid], clients2[str(cid)] = self._allocate(cid, device, importance[labels[cid]])
         phase2 = dict(
             heterogeneous=self.method.heterogeneous_ranks, rank_candidates=list(self.cfg.rank_candidates),
-            memory_model="ESTIMATE from the model config (DESIGN §3.2), not a measurement", clients=clients2,
+            memory_model="ESTIMATE from the model config (docs/design.md §3.2), not a measurement", clients=clients2,
         )
         plan = Plan(cluster_labels=list(labels), cluster_source="fingerprint" if self.cfg.clusters == "fingerprint"
                     else "oracle", ranks=ranks, devices=devices, phase1=phase1, phase2=phase2,
@@ -139,7 +137,7 @@ class Server:
         importance per module where ranks follow importance. Counted only where the method uses it (clusters or
         importance-driven ranks)."""
         m = self.method
-        if not m.communicates or not (m.group == "cluster" or m.heterogeneous_ranks):
+        if not m.uses_fingerprints:
             return 0
         dim = self.cfg.fingerprint_dim
         representation = len(NOISE_KEYS) + num_labels * (dim + 1) if self.cfg.fingerprint == "representation" else 0
@@ -184,23 +182,15 @@ class Server:
 
     # ---- phases 3 and 4: after each round -------------------------------------------------------
     def groups(self) -> list[list[int]]:
-        """Client ids aggregated together, by the method's grouping."""
-        cids = sorted(self.clients)
-        if self.method.group == "none":
-            return []
-        if self.method.group == "all":
-            return [cids]
-        by_label: dict[int, list[int]] = {}
-        for cid in cids:
-            by_label.setdefault(self.cluster_labels[cid], []).append(cid)
-        return list(by_label.values())
+        """Client ids aggregated together, by the method's grouping (`Method.groups`)."""
+        return self.method.groups(sorted(self.clients), self.cluster_labels)
 
     def sharing_groups(self) -> list[list[int]]:
         """The groups in which anything changes hands this round: those of two clients or more, and none
-        for a personalising method at η = 0 (its step is the identity). A client outside them has nobody
-        to share with: it uploads nothing, receives nothing and keeps its own state untouched, so
-        `atlas --eta 0` is `local_only` at every wire dtype."""
-        if self.method.personalise and self.eta == 0:
+        where the method shares nothing at this step size (`Method.shares`: atlas at η = 0, its identity). A
+        client outside them has nobody to share with: it uploads nothing, receives nothing and keeps its own
+        state untouched, so `atlas --eta 0` is `local_only` at every wire dtype."""
+        if not self.method.shares(self.eta):
             return []
         return [group for group in self.groups() if len(group) >= 2]
 
@@ -224,13 +214,9 @@ class Server:
             if len(group) < max(1, min(self.cfg.min_replies_per_group, len(full))):
                 raise TooFewReplies(group=full, missing=[c for c in full if c in missing],
                                     needed=min(self.cfg.min_replies_per_group, len(full)))
-            states = [uploads[c] for c in group]
-            if self.method.personalise:
-                new = personalise_states(states, affinity(self.affinity_space[group]), self.eta,
-                                         alpha=self.cfg.lora_alpha)
-            else:
-                new = aggregate_states(states, [self.clients[c].num_train for c in group], alpha=self.cfg.lora_alpha,
-                                       mode=self.aggregation)
+            new = self.method.aggregate([uploads[c] for c in group], Group(
+                clients=group, sizes=[self.clients[c].num_train for c in group],
+                fingerprints=self.affinity_space[group], cfg=self.cfg, eta=self.eta))
             out.update(zip(group, new))
         return out
 

@@ -5,7 +5,7 @@ Both engines call these functions; they only need the model, the client id and e
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,6 +13,7 @@ import torch
 from torch.nn.functional import cross_entropy
 
 from atlasfl.data.batching import Tally, batches
+from atlasfl.methods.base import PARTS
 from atlasfl.models.lora import FederatedLoRAModel
 
 
@@ -21,25 +22,31 @@ def client_seed(seed: int, round_idx: int, cid: int) -> int:
     return (seed * 1_000_003 + round_idx * 10_007 + cid) % (2**31)
 
 
+ExtraLoss = Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor]], torch.Tensor]
+
+
 def train_local(fm: FederatedLoRAModel, cid: int, encoded: list[dict], *, epochs: int, lr: float,
                 batch_size: int, seed: int, max_grad_norm: float = 1.0, group_by_length: bool = False,
-                tally: Tally | None = None) -> float:
-    """`epochs` passes of AdamW over the client's shard; returns the mean training loss. The batches
-    (see `batching.batch_order`) are counted into `tally`.
+                tally: Tally | None = None, parts: Sequence[str] = PARTS, extra_loss: ExtraLoss | None = None
+                ) -> float:
+    """`epochs` passes of AdamW over the `parts` of the client's state (its method's `trains`) on its shard;
+    returns the mean training cross-entropy. The batches (see `batching.batch_order`) are counted into `tally`.
+    `extra_loss(params, their values at the start)` (the method's `extra_loss`) is added to each batch's loss.
 
     The optimizer is created afresh each round: after aggregation the old moments describe weights
     the client no longer holds, and a fresh optimizer keeps resume exact without saving them.
     """
     torch.manual_seed(seed)
     fm.activate(cid, train=True)
-    params = fm.trainable_parameters(cid)
+    params = fm.trainable_parameters(cid, parts)
+    start = [p.detach().clone() for p in params] if extra_loss is not None else None
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     losses = []
     for batch in local_batches(fm, encoded, epochs=epochs, batch_size=batch_size, seed=seed,
                                group_by_length=group_by_length, tally=tally):
         loss = cross_entropy(fm.logits(cid, batch), batch["labels"].to(fm.device))
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss if start is None else loss + extra_loss(params, start)).backward()
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
         optimizer.step()
         losses.append(loss.item())
@@ -65,7 +72,8 @@ class TrainJob:
 
 def train_clients(fm: FederatedLoRAModel, jobs: Sequence[TrainJob], *, epochs: int, lr: float, batch_size: int,
                   max_rows: int | None = None, max_grad_norm: float = 1.0, group_by_length: bool = False,
-                  tally: Tally | None = None) -> dict[int, float]:
+                  tally: Tally | None = None, parts: Sequence[str] = PARTS, extra_loss: ExtraLoss | None = None
+                  ) -> dict[int, float]:
     """`train_local` for every job at once: each client gets the batches, AdamW, clipping and mean loss that
     `train_local` would give it, but step t of all clients runs as one forward and backward pass through the
     frozen base (`FederatedLoRAModel.routed_logits`). Returns each client's mean training loss.
@@ -80,7 +88,8 @@ def train_clients(fm: FederatedLoRAModel, jobs: Sequence[TrainJob], *, epochs: i
         return {}
     torch.manual_seed(jobs[0].seed)
     device, pad = fm.device, fm.backbone.tokenizer.pad_token_id
-    params = {job.cid: fm.trainable_parameters(job.cid) for job in jobs}
+    params = {job.cid: fm.trainable_parameters(job.cid, parts) for job in jobs}
+    starts = {cid: [p.detach().clone() for p in ps] for cid, ps in params.items()} if extra_loss is not None else None
     optimizers = {cid: torch.optim.AdamW(p, lr=lr, weight_decay=0.0) for cid, p in params.items()}
     streams = {job.cid: local_batches(fm, job.encoded, epochs=epochs, batch_size=batch_size, seed=job.seed,
                                       group_by_length=group_by_length) for job in jobs}
@@ -100,7 +109,10 @@ def train_clients(fm: FederatedLoRAModel, jobs: Sequence[TrainJob], *, epochs: i
                                            for lg, (_, start, stop) in zip(logits, spans)])
                 for cid in chunk:
                     optimizers[cid].zero_grad(set_to_none=True)
-                step_losses.sum().backward()
+                objective = step_losses.sum()
+                if starts is not None:
+                    objective = objective + sum(extra_loss(params[cid], starts[cid]) for cid in chunk)
+                objective.backward()
                 for cid in chunk:
                     torch.nn.utils.clip_grad_norm_(params[cid], max_grad_norm)
                     optimizers[cid].step()

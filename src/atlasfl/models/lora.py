@@ -138,11 +138,13 @@ class FederatedLoRAModel:
         self.peft.set_adapter(_name(cid))
         self.peft.train(train)
 
-    def trainable_parameters(self, cid: int) -> list[nn.Parameter]:
+    def trainable_parameters(self, cid: int, parts: Sequence[str] = ("lora_A", "lora_B", "head")
+                             ) -> list[nn.Parameter]:
+        """The client's parameters of the given parts of its state (`methods.base.PARTS`), module by module."""
         params = []
         for _, layer in self._lora_layers():
-            params += [layer.lora_A[_name(cid)].weight, layer.lora_B[_name(cid)].weight]
-        return params + list(self.heads[str(cid)].parameters())
+            params += [getattr(layer, part)[_name(cid)].weight for part in ("lora_A", "lora_B") if part in parts]
+        return params + (list(self.heads[str(cid)].parameters()) if "head" in parts else [])
 
     def get_state(self, cid: int) -> dict[str, torch.Tensor]:
         """The client's trainable state in the canonical flat format (detached CPU copies)."""

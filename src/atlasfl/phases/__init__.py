@@ -1,0 +1,4 @@
+"""Pure math over tensors and arrays: no I/O, no globals, no model."""
+
+# The rules `--aggregation` names (phases.aggregation): here, so settings can name them without importing torch.
+AGGREGATIONS = ("svd", "fedavg")

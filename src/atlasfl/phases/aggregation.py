@@ -1,4 +1,4 @@
-"""Rank-heterogeneous aggregation of LoRA adapters and heads (DESIGN §3.3).
+"""Rank-heterogeneous aggregation of LoRA adapters and heads (docs/design.md §3.3).
 
 A trainable state is a flat dict: ``lora::<module>::A`` (r×d_in), ``lora::<module>::B``
 (d_out×r) and ``head::<param>``. A module's update is ΔW = (alpha/r)·B@A.
@@ -15,11 +15,11 @@ import numpy as np
 import torch
 
 from atlasfl.errors import AtlasError
+from atlasfl.phases import AGGREGATIONS
 
 Tensor = torch.Tensor
 LORA_PREFIX = "lora::"
 HEAD_PREFIX = "head::"
-MODES = ("svd", "fedavg")
 
 
 def normalise_weights(weights: Sequence[float] | np.ndarray, n: int) -> list[float]:
@@ -174,8 +174,8 @@ def aggregate_states(
     (also when ranks are equal, so all heterogeneous methods share one rule); 'fedavg' zero-pads.
     Heads: weighted mean among clients whose heads have the same shapes.
     """
-    if mode not in MODES:
-        raise AtlasError(f"unknown aggregation '{mode}'; choose one of {', '.join(MODES)}")
+    if mode not in AGGREGATIONS:
+        raise AtlasError(f"unknown aggregation '{mode}'; choose one of {', '.join(AGGREGATIONS)}")
     check_same_keys(states)
     w = normalise_weights(weights, len(states))
     out: list[dict[str, Tensor]] = [{} for _ in states]

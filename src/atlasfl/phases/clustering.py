@@ -1,4 +1,4 @@
-"""Task clustering of client fingerprints on the server (DESIGN §3.1); the derivation is in docs/clustering.md.
+"""Task clustering of client fingerprints on the server (docs/design.md §3.1); the derivation is in docs/clustering.md.
 
 The rule, with the clients' sampling noise (representation fingerprints, the default):
 

@@ -1,4 +1,4 @@
-"""Simulated device profiles and the training-memory model of one client (DESIGN §3.2).
+"""Simulated device profiles and the training-memory model of one client (docs/design.md §3.2).
 
 The profiles are simulated: memory budget, relative compute and bandwidth are assumptions of the
 experiment, not measurements of hardware. The memory model is an ESTIMATE from the model config;
@@ -23,7 +23,7 @@ class DeviceProfile:
     """A simulated client device. compute_ratio is throughput relative to gpu_16gb (= 1.0).
 
     mean_rank_cap caps the client's *mean* LoRA rank over its adapted modules: its total rank budget
-    is mean_rank_cap × modules (DESIGN §3.2), spread by layer importance, so an important module may
+    is mean_rank_cap × modules (docs/design.md §3.2), spread by layer importance, so an important module may
     get a rank above it while unimportant ones get less. No single module is capped by it; a module's
     rank is bounded only by the preset's largest rank candidate.
     """

@@ -1,4 +1,4 @@
-"""Graph-Laplacian personalisation inside a cluster (MIRA, DESIGN §3.4).
+"""Graph-Laplacian personalisation inside a cluster (MIRA, docs/design.md §3.4).
 
 Each client moves its own locally trained update towards its neighbours:
 ΔW_k ← ΔW_k − η Σ_l a_kl (ΔW_k − ΔW_l), with a row-normalised fingerprint affinity a.

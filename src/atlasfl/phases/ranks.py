@@ -1,4 +1,4 @@
-"""Per-module LoRA rank allocation within one client's budget (DESIGN §3.2, AdaLoRA-style).
+"""Per-module LoRA rank allocation within one client's budget (docs/design.md §3.2, AdaLoRA-style).
 
 The budget (a total rank) is shared in proportion to layer importance and rounded to the preset's
 candidates. Allocation is a fixed priority order of single-step upgrades (each module from one

@@ -1,4 +1,4 @@
-"""Count-sketch compression of fingerprints on the client (DESIGN §3.1).
+"""Count-sketch compression of fingerprints on the client (docs/design.md §3.1).
 
 A linear map R^d → R^dim: coordinate i goes to bucket h(i) with sign s(i). The hash is drawn
 chunk by chunk from a CPU generator seeded with (seed, chunk index), so memory stays O(chunk),

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from atlasfl.methods import METHODS
+
 
 @dataclass(frozen=True)
 class TaskScore:
@@ -64,7 +66,6 @@ def in_protocol(r: RunRecord, protocol: str) -> RunRecord | None:
 
 
 def eta_label(method: str, config: dict) -> str | None:
-    """Runs of `atlas` with different η are different methods for a table; other methods have no η."""
-    if method != "atlas" or ("eta" not in config and not config.get("lambda_sweep")):
-        return None
-    return "sweep" if config.get("lambda_sweep") else f"{config['eta']:g}"
+    """A method's variants (atlas at different η, or its sweep) are different rows of a table: the method object
+    names them (`Method.variant`); a method this version does not know (the predecessor's) has none."""
+    return METHODS[method].variant(config) if method in METHODS else None

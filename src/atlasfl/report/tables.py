@@ -15,7 +15,7 @@ from atlasfl.report.stats import Stat, mean_std, paired_test
 
 MB = 1e6
 METRIC_SHORT = {"accuracy": "acc", "f1": "F1", "mcc": "MCC"}
-METHOD_ORDER = METHODS  # baselines first, atlas last, as in DESIGN §2
+METHOD_ORDER = METHODS  # baselines first, atlas last, as in docs/design.md §2
 
 
 @dataclass(frozen=True)

@@ -155,7 +155,7 @@ def references(shards: list, client_refs: dict[int, dict]) -> dict:
 
 def peak_memory(device: str | torch.device) -> tuple[int, str]:
     """This process's measured peak memory: CUDA max allocated on a GPU, else the peak RSS."""
-    if str(device).startswith("cuda"):
+    if str(device).startswith("cuda") and torch.cuda.is_available():
         return int(torch.cuda.max_memory_allocated(device)), "torch.cuda.max_memory_allocated"
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak RSS of the process (ru_maxrss)"
 
@@ -166,7 +166,7 @@ def memory(device: str, plan: Plan) -> dict:
                   key=lambda e: e["total_estimate"])
     peak, measured_by = peak_memory(device)
     return dict(peak_measured_bytes=peak, measured_by=measured_by,
-                estimate=dict(kind="ESTIMATE (memory model of DESIGN §3.2), largest client", **biggest))
+                estimate=dict(kind="ESTIMATE (memory model of docs/design.md §3.2), largest client", **biggest))
 
 
 def environment(device: str) -> dict:
@@ -177,4 +177,5 @@ def environment(device: str) -> dict:
         except metadata.PackageNotFoundError:
             pass
     return dict(python=sys.version.split()[0], platform=platform.platform(), device=device,
-                cuda=torch.cuda.get_device_name() if device.startswith("cuda") else None, versions=versions)
+                cuda=torch.cuda.get_device_name(device) if device.startswith("cuda") and torch.cuda.is_available()
+                else None, versions=versions)

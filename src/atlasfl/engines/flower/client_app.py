@@ -13,7 +13,6 @@ Every handler calls the same client functions as the in-process engine.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 
@@ -41,15 +40,14 @@ from atlasfl.federation.evaluation import evaluate_client, predict, test_scores
 from atlasfl.federation.fingerprint import fingerprint
 from atlasfl.federation.records import client_references, load_client_data, num_clients
 from atlasfl.federation.training import client_seed, train_local
+from atlasfl.methods import method_for
+from atlasfl.methods.base import PARTS, select
 from atlasfl.models.lora import FederatedLoRAModel, state_digest
 from atlasfl.models.registry import load_backbone, resolve_device
 from atlasfl.phases.fingerprint import LABEL_KEYS, NOISE_KEYS
 from atlasfl.results.build import peak_memory
 
-TEST_ONLY_FAIL_VAR = "ATLASFL_TEST_ONLY_FAIL_CLIENT"
 INITIAL = "initial"  # ArrayRecord in Context.state: the state before round 1, restored for each eta of a sweep
-
-app = ClientApp(mods=[transport_size_mod])
 
 
 @dataclass
@@ -99,7 +97,6 @@ def _keep_state(context: Context, fm: FederatedLoRAModel, cid: int) -> None:
     context.state[STATE] = plain_record(fm.get_state(cid))
 
 
-@app.query("fingerprint")
 def fingerprint_phase(msg: Message, context: Context) -> Message:
     """Phase 1 on the client: adopt the run config, load this node's shard, upload its fingerprint."""
     cfg_json = msg.content[ATLAS]["config"]
@@ -127,7 +124,6 @@ def fingerprint_phase(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"fingerprint": arrays, ATLAS: ConfigRecord({"client": json.dumps(info)})}), reply_to=msg)
 
 
-@app.query("identify")
 def identify(msg: Message, context: Context) -> Message:
     """Which client this node serves: asked of a node the ServerApp has not met in this run (a restarted
     SuperNode, or every node of a resumed run), whose state then comes from the server's copy."""
@@ -135,17 +131,16 @@ def identify(msg: Message, context: Context) -> Message:
                    reply_to=msg)
 
 
-@app.train()
 def train(msg: Message, context: Context) -> Message:
-    """Local training from the client's current state; the trained state is uploaded if the server asks
-    (the client shares with somebody this round: `Server.sharing_clients`), or sent as a BACKUP for the
-    server's checkpoint if it shares nothing. The first round's message brings the client's ranks (phase 2's
-    outcome); a node that lost the run (restarted, failed, or a resumed run) also gets the run config and,
-    after round 1, its last state (RESTORE)."""
+    """Local training of what the method trains, from the client's current state; what the method uploads is
+    sent if the server asks (the client shares with somebody this round: `Server.sharing_clients`), and what
+    the server cannot know from it (all of the state if the client shares nothing, else what the server sends
+    no new value of) goes as a BACKUP for the server's copy. The first round's message brings the client's
+    ranks (phase 2's outcome); a node that lost the run (restarted, failed, or a resumed run) also gets the run
+    config and, after round 1, its last state (RESTORE)."""
     conf = msg.content[ATLAS]
     if "config" in conf:
         context.state[ATLAS] = ConfigRecord({"config": conf["config"]})
-    _test_only_failure(context, "train", int(conf["round"]))
     if "ranks" in conf:
         context.state[ATLAS]["ranks"] = conf["ranks"]
     if INITIAL not in context.state:  # build the adapter at the planned ranks, keep its start
@@ -156,29 +151,30 @@ def train(msg: Message, context: Context) -> Message:
     elif RESTORE in msg.content.array_records:
         context.state[STATE] = msg.content[RESTORE]
     cfg, cid, fm, (_, _, train_enc, _, _) = _client(context)
+    method = method_for(cfg)
     t0, tally = time.perf_counter(), Tally()
     loss = train_local(fm, cid, train_enc, epochs=cfg.local_epochs, lr=cfg.lr, batch_size=cfg.batch_size,
                        seed=client_seed(cfg.seed, int(conf["round"]), cid), group_by_length=cfg.group_by_length,
-                       tally=tally)
+                       tally=tally, parts=method.trains, extra_loss=method.extra_loss())
     metrics = MetricRecord({"train_loss": loss, "train_s": time.perf_counter() - t0, **asdict(tally)})
     _keep_state(context, fm, cid)
     content = RecordDict({ATLAS: ConfigRecord({"client_id": cid}), "metrics": metrics})
+    state = fm.get_state(cid)
+    kept = [part for part in PARTS if part not in method.downloads] if conf["upload"] else PARTS
     if conf["upload"]:
-        content[STATE], nbytes = state_to_record(fm.get_state(cid), cfg.wire_dtype)
+        content[STATE], nbytes = state_to_record(select(state, method.uploads), cfg.wire_dtype)
         content["metrics"]["bytes_up"] = nbytes
-    else:
-        content[BACKUP] = plain_record(fm.get_state(cid))
+    if kept:
+        content[BACKUP] = plain_record(select(state, kept))
     return Message(content, reply_to=msg)
 
 
-@app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Adopt the state the server sent (if any), then score it on the test set and, from the same
     predictions, on its personal rows (and on the local validation set after the last round)."""
-    _test_only_failure(context, "evaluate", int(msg.content[ATLAS]["round"]))
     cfg, cid, fm, (shard, task, _, val_enc, test_enc) = _client(context)
     if STATE in msg.content.array_records:
-        fm.set_state(cid, record_to_state(msg.content[STATE], cfg.wire_dtype))
+        fm.set_state(cid, {**fm.get_state(cid), **record_to_state(msg.content[STATE], cfg.wire_dtype)})
         _keep_state(context, fm, cid)
     t0, tally = time.perf_counter(), Tally()
     test = test_scores(task, predict(fm, cid, test_enc, batch_size=cfg.eval_batch_size, tally=tally), shard.personal)
@@ -189,15 +185,22 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(RecordDict({ATLAS: ConfigRecord({"eval": json.dumps(reply)})}), reply_to=msg)
 
 
-def _test_only_failure(context: Context, phase: str, round_idx: int) -> None:
-    """TEST-ONLY fault injection: raise in `phase` of round `round_idx` for a client named in the environment
-    variable TEST_ONLY_FAIL_VAR ("phase:client:round", comma-separated), as a crashing ClientApp would."""
-    spec = os.environ.get(TEST_ONLY_FAIL_VAR, "")
-    if f"{phase}:{context.node_config.get('partition-id')}:{round_idx}" in spec.split(","):
-        raise RuntimeError(f"{TEST_ONLY_FAIL_VAR}: injected failure in {phase} of round {round_idx}")
-
-
 def _peak_memory(device: torch.device) -> dict:
-    """This process's measured peak, as the in-process engine measures its own."""
+    """This process's device and its measured peak, as the in-process engine measures its own."""
     peak, measured_by = peak_memory(device)
-    return dict(device=str(device), peak_bytes=peak, peak_measured_by=measured_by)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return dict(device=str(device), device_name=name, peak_bytes=peak, peak_measured_by=measured_by)
+
+
+def make_client_app(*mods) -> ClientApp:
+    """The ATLAS ClientApp: Flower's handlers above, behind the message-size mod and any further `mods` (a test
+    injects failures with one)."""
+    client_app = ClientApp(mods=[transport_size_mod, *mods])
+    client_app.query("fingerprint")(fingerprint_phase)
+    client_app.query("identify")(identify)
+    client_app.train()(train)
+    client_app.evaluate()(evaluate)
+    return client_app
+
+
+app = make_client_app()

@@ -18,6 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 from atlasfl.config import POSITIONAL, RunConfig, build_config, from_preset, overridable_settings, setting_type
 from atlasfl.engines.flower.strategy import AtlasStrategy
 from atlasfl.errors import AtlasError
+from atlasfl.federation import driver
 from atlasfl.results.io import atomic_write_json
 from atlasfl.results.schema import validate_result
 
@@ -81,7 +82,8 @@ def make_server_app(cfg: RunConfig | None = None, sink: Callable[[dict], None] |
     def main(grid: Grid, context: Context) -> None:
         run_cfg = cfg or config_from_run_config(dict(context.run_config))
         try:
-            result = AtlasStrategy(run_cfg).run(grid, resume=resume or bool(context.run_config.get(RESUME_KEY)))
+            result = driver.run(run_cfg, AtlasStrategy(run_cfg, grid),
+                                resume=resume or bool(context.run_config.get(RESUME_KEY)))
         except AtlasError as exc:  # one line in the log; a simulation's caller re-raises it
             log.error("%s", exc)
             if sink is None:

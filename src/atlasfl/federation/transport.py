@@ -1,0 +1,98 @@
+"""What an engine is to the driver (`federation.driver`): a `Transport` that moves work to the clients and their
+results back, and the records it answers with: the `Roster` of the clients, a round's `Trained` and `Evaluated`
+replies, with the clients that failed."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from atlasfl.data.batching import Tally
+from atlasfl.data.tasks import TaskData
+from atlasfl.federation.server import ClientInfo, Plan
+from atlasfl.phases.devices import ModelFacts
+
+
+@dataclass
+class Roster:
+    """What the server side knows of the clients and the model: each client's shard (`client_id`, `task`, sized
+    `train` and `val`), the tasks (labels, metric), each client's reference scores
+    (`records.client_references`), and the adapted modules, their shapes and the model's facts."""
+
+    shards: list
+    tasks: dict[str, TaskData]
+    references: dict[int, dict]
+    modules: list[str]
+    shapes: dict[str, tuple[int, int]]
+    facts: ModelFacts
+
+    def clients(self) -> list[ClientInfo]:
+        return [ClientInfo(s.client_id, s.task, len(s.train), self.tasks[s.task].num_labels) for s in self.shards]
+
+
+@dataclass
+class Trained:
+    """A round's training as the server received it: each trained client's mean loss, the uploads of the sharing
+    clients (as they arrived, at the wire dtype) and their bytes, the clients left out of the round and why, the
+    work counted, and the seconds the clients measured themselves (None where the server's clock is theirs)."""
+
+    losses: dict[int, float] = field(default_factory=dict)
+    uploads: dict[int, dict] = field(default_factory=dict)
+    bytes_up: dict[int, int] = field(default_factory=dict)
+    missing: dict[int, str] = field(default_factory=dict)
+    work: Tally = field(default_factory=Tally)
+    clients_s: float | None = None
+
+
+@dataclass
+class Evaluated:
+    """A round's evaluation: each client's test scores (`evaluation.test_scores`), its local-validation scores
+    when asked for, the clients that failed, the work counted and the clients' own seconds (None: the server's)."""
+
+    tests: dict[int, dict] = field(default_factory=dict)
+    val: dict[int, dict] = field(default_factory=dict)
+    missing: dict[int, str] = field(default_factory=dict)
+    work: Tally = field(default_factory=Tally)
+    clients_s: float | None = None
+
+
+class Transport(Protocol):
+    """An engine, as the driver uses it. Client ids are those of the roster; states are flat trainable states."""
+
+    clock_note: str  # where the round's phase clocks run, for the result's time_metrics
+    stop_hint: str  # what to do when the run stops for lack of replies
+    device: str  # where the clients train (read when the result is built)
+
+    def fingerprint(self) -> tuple[Roster, dict[int, dict]]:
+        """Phase 1: every client's fingerprint upload, with the roster learnt on the way."""
+
+    def restore(self, meta: dict) -> Roster:
+        """Take up a checkpoint's own part (`checkpoint_extra`) and say the roster."""
+
+    def build(self, plan: Plan) -> None:
+        """Give every client its adapter at its planned ranks."""
+
+    def start_eta(self, eta: float, states: dict[int, dict] | None) -> None:
+        """Clients start the eta from their initial states (None) or from `states` (an eta resumed after a round)."""
+
+    def train(self, round_idx: int, sharing: set[int], advance: Callable[[int], None]) -> Trained:
+        """Every client trains; the clients in `sharing` upload their trained state (the method's `uploads`).
+        `advance(n)`: n more clients are done (a progress bar)."""
+
+    def deliver(self, states: dict[int, dict]) -> dict[int, int]:
+        """Send each client its new state (the method's `downloads`); the bytes each was sent."""
+
+    def evaluate(self, round_idx: int, trained: set[int], validate: bool) -> Evaluated:
+        """The clients of `trained` score their test sets (and their local validation if `validate`)."""
+
+    def states(self) -> dict[int, dict]:
+        """Every client's current state (the server's exact copy, where the clients hold theirs)."""
+
+    def checkpoint_extra(self) -> dict:
+        """The engine's own bookkeeping for a checkpoint."""
+
+    def eta_done(self, eta_index: int) -> None:
+        """An eta's rounds and validation are over."""
+
+    def finish(self, result: dict, runs: list[dict]) -> None:
+        """Add the engine's own parts to the result dictionary (measured memory, transport sizes, devices)."""

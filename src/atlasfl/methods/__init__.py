@@ -1,0 +1,29 @@
+"""The federated methods, one small class each (`methods.base.Method`); adding one is a module here and its line
+in METHODS."""
+from __future__ import annotations
+
+from atlasfl.methods.atlas import Atlas
+from atlasfl.methods.atlas_no_laplacian import AtlasNoLaplacian
+from atlasfl.methods.base import Method
+from atlasfl.methods.fedavg_cluster import FedAvgCluster
+from atlasfl.methods.local_only import LocalOnly
+from atlasfl.methods.standard_fl import StandardFL
+
+# Baselines first, atlas last: the order of help texts and report tables.
+METHODS: dict[str, type[Method]] = {m.name: m for m in (LocalOnly, StandardFL, FedAvgCluster, AtlasNoLaplacian, Atlas)}
+
+
+def method_for(cfg) -> Method:
+    """The method object of a run config."""
+    return METHODS[cfg.method](cfg)
+
+
+def method_settings() -> dict:
+    """Every method's own settings, for `config.RunConfig`; a name two methods declare must be declared alike."""
+    out: dict = {}
+    for method in METHODS.values():
+        for name, declaration in method.settings.items():
+            if name in out and out[name] is not declaration:
+                raise TypeError(f"setting {name!r} is declared by two methods")
+            out[name] = declaration
+    return out
