@@ -84,7 +84,7 @@ class GeneralSettings(BaseModel):
     wire_dtype: Literal["float32", "float16", "bfloat16"] = setting("dtype of the tensors sent each round.",
                                                                     "float32")
     min_replies_per_group: int = setting(
-        "Flower: fewest replying clients an aggregation group may have in a round; below it the run stops with "
+        "Fewest replying clients an aggregation group may have in a round; below it the run stops with "
         "its last checkpoint kept (--resume continues it). A missing client keeps its last state.", 1, gt=0)
     output_dir: str = setting("Folder for result JSONs.", "results")
     log_dir: str = setting("Folder for run logs.", "logs")

@@ -58,7 +58,7 @@ def test_existing_result_is_not_overwritten(tmp_path, capsys):
 
 @pytest.mark.parametrize("args, needles", [
     (["run", "no-such-model", "1", "atlas"], ["unknown model", "minilm"]),
-    (["run", "tiny-bert", "1", "fedprox"], ["unknown method", "local_only"]),
+    (["run", "tiny-bert", "1", "no_such_method"], ["unknown method", "local_only"]),
     (["run", "tiny-bert", "abc", "atlas"], ["seed", "integer"]),
     (["run", "tiny-bert", "-5", "atlas"], ["seed"]),
     (["run", "tiny-bert", "1", "atlas", "--rounds", "0"], ["--rounds"]),
@@ -110,7 +110,7 @@ def test_atlas_integrated_accepts_the_seed_flags(tmp_path):
                  "--tasks", "gen_sentiment", "--output-dir", str(tmp_path), cwd=tmp_path)
     assert ok.returncode == 0, ok.stderr
     assert (tmp_path / "atlas_tiny-qwen2_local_only_seed5_r1.json").exists()
-    bad = _script(sys.executable, str(script), "--ablation", "fedprox", cwd=tmp_path)
+    bad = _script(sys.executable, str(script), "--ablation", "no_such_method", cwd=tmp_path)
     assert bad.returncode == 2 and "invalid choice" in bad.stderr and "local_only" in bad.stderr
 
 

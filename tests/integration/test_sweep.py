@@ -66,9 +66,9 @@ def test_failed_run_is_listed_and_the_rest_complete(tmp_path, runs, capsys):
 
 
 def test_invalid_grid_is_refused_before_anything_runs(runs, capsys):
-    code = main(["sweep", "--models", "tiny-bert", "--methods", "local_only", "fedprox", "--seeds", "0"])
+    code = main(["sweep", "--models", "tiny-bert", "--methods", "local_only", "no_such_method", "--seeds", "0"])
     err = capsys.readouterr().err.strip()
-    assert code == 2 and len(err.splitlines()) == 1 and "unknown method 'fedprox'" in err
+    assert code == 2 and len(err.splitlines()) == 1 and "unknown method 'no_such_method'" in err
     assert runs == []
 
 

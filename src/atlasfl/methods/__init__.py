@@ -1,5 +1,5 @@
-"""The federated methods, one small class each (`methods.base.Method`); adding one is a module here and its line
-in METHODS."""
+"""The federated methods, one small class each (`methods.base.Method`); adding one is a module here, its import
+and its line in METHODS."""
 from __future__ import annotations
 
 from atlasfl.methods.atlas import Atlas
@@ -10,7 +10,13 @@ from atlasfl.methods.local_only import LocalOnly
 from atlasfl.methods.standard_fl import StandardFL
 
 # Baselines first, atlas last: the order of help texts and report tables.
-METHODS: dict[str, type[Method]] = {m.name: m for m in (LocalOnly, StandardFL, FedAvgCluster, AtlasNoLaplacian, Atlas)}
+METHODS: dict[str, type[Method]] = {m.name: m for m in (
+    LocalOnly,
+    StandardFL,
+    FedAvgCluster,
+    AtlasNoLaplacian,
+    Atlas,
+)}
 
 
 def method_for(cfg) -> Method:
