@@ -1,0 +1,25 @@
+"""What the field's methods share: they run over all clients, as their papers do, or inside the discovered
+clusters (`--sharing cluster`), so what clustering brings and what the aggregation rule brings can be told
+apart (e.g. `hetlora --sharing cluster` against `atlas_no_laplacian`)."""
+from __future__ import annotations
+
+from typing import Literal
+
+from atlasfl.methods.base import Method
+from atlasfl.settings import setting
+
+
+class FieldMethod(Method):
+    """A published method: its group is every client unless `--sharing cluster`."""
+
+    settings = {"sharing": (Literal["all", "cluster"], setting(
+        "The field's methods (not local_only, standard_fl, fedavg_cluster or atlas*): all: one group of every "
+        "client, as their papers; cluster: one group per discovered cluster.", "all"))}
+
+    @property
+    def uses_fingerprints(self) -> bool:
+        """Phase 1's upload is traffic where it serves: clusters to share in, or importances to spread ranks by."""
+        return self.cfg.sharing == "cluster" or self.heterogeneous_ranks
+
+    def groups(self, clients, clusters):
+        return super().groups(clients, clusters) if self.cfg.sharing == "cluster" else [list(clients)]
