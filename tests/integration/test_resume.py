@@ -147,7 +147,7 @@ def test_an_interrupted_demo_continues_where_it_stopped(tmp_path, reference, mon
     assert _comparable(json.loads((tmp_path / "results" / f"{run_name()}.json").read_text())) == reference
 
 
-def test_resume_refuses_a_different_config_and_a_corrupt_checkpoint(tmp_path, capsys):
+def test_resume_refuses_a_different_config_an_older_format_and_a_corrupt_checkpoint(tmp_path, capsys):
     from atlasfl.cli.app import main
 
     base = ["run", *ARGS, "--output-dir", str(tmp_path / "results"), "--checkpoint-dir", str(tmp_path / "ck")]
@@ -158,6 +158,12 @@ def test_resume_refuses_a_different_config_and_a_corrupt_checkpoint(tmp_path, ca
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "lr" in err and "different config" in err
     newest = complete_checkpoints(tmp_path / "ck" / run_name())[-1]
+    meta = json.loads((newest / "state.json").read_text())
+    (newest / "state.json").write_text(json.dumps({k: v for k, v in meta.items() if k != "format"}))
+    assert main([*base, "--resume"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "earlier version of ATLAS (format 1" in err and "without --resume" in err
+    (newest / "state.json").write_text(json.dumps(meta))
     data = (newest / "states.safetensors").read_bytes()
     (newest / "states.safetensors").write_bytes(data[: len(data) // 2])
     assert main([*base, "--resume"]) == 2

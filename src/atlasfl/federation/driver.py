@@ -84,8 +84,8 @@ def run(cfg: RunConfig, transport: Transport, *, resume: bool = False, progress:
             for eta_index in range(start_eta, len(etas)):
                 eta = fed.server.eta = etas[eta_index]
                 if checkpoint is not None and eta_index == start_eta:
-                    fed.rounds, fed.val = checkpoint[0]["rounds"], {int(c): v for c, v in checkpoint[0]["val"].items()}
-                    transport.start_eta(eta, checkpoint[1] if start_round > 0 else None)
+                    fed.rounds, fed.val = meta["rounds"], {int(c): v for c, v in meta["val"].items()}
+                    transport.start_eta(eta, states if start_round > 0 else None)
                     tracker.resume(eta, fed.rounds)
                 else:
                     start_round, fed.rounds, fed.val = 0, [], {}

@@ -26,6 +26,8 @@ from atlasfl.errors import AtlasError
 from atlasfl.models.lora import state_digest
 
 KEEP_LAST = 2
+# What a checkpoint's state.json holds; 2: written by the one driver (local validation in the payload).
+FORMAT = 2
 TORCH_RNG_KEY = "__rng__/torch"
 # Config keys that say where files go, how many to keep or when to give up, not what is computed: a resume
 # may change them (e.g. a lower min_replies_per_group to continue a run that stopped for lack of replies).
@@ -104,6 +106,9 @@ def latest_checkpoint(cfg) -> tuple[dict, dict[int, dict[str, torch.Tensor]]] | 
               file=sys.stderr)
         return None
     meta, states = load_checkpoint(found[-1])
+    if meta.get("format") != FORMAT:
+        raise AtlasError(f"checkpoint {found[-1]} was written by an earlier version of ATLAS (format "
+                         f"{meta.get('format', 1)}, this one reads {FORMAT}); rerun without --resume to start afresh")
     differing = config_differences(meta["config"], cfg.model_dump(mode="json"))
     if differing:
         raise AtlasError(f"checkpoint {found[-1]} was made with a different config ({', '.join(differing)} "
@@ -117,9 +122,10 @@ def checkpoint_label(meta: dict) -> str:
 
 def checkpoint_payload(cfg, plan, rounds: list[dict], runs: list[dict], states: dict[int, dict[str, torch.Tensor]],
                        **extra) -> dict:
-    """What both engines keep beside the states: config, plan, the current eta's rounds so far, the finished
-    etas' runs and the states' digests; `extra` holds an engine's own (the Flower server's bookkeeping)."""
-    return dict(config=cfg.model_dump(mode="json"), plan=asdict(plan), rounds=rounds,
+    """What the driver keeps beside the states: config, plan, the current eta's rounds so far, the finished
+    etas' runs and the states' digests; `extra` holds the current eta's local validation and an engine's own
+    bookkeeping (the Flower server's)."""
+    return dict(format=FORMAT, config=cfg.model_dump(mode="json"), plan=asdict(plan), rounds=rounds,
                 runs=[dict(run, val={str(c): v for c, v in run["val"].items()}) for run in runs],
                 digests={str(c): state_digest(st) for c, st in states.items()},
                 optimizer="AdamW is created afresh each round: no moments to keep", **extra)
