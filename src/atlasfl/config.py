@@ -53,8 +53,8 @@ class GeneralSettings(BaseModel):
     max_length: int = setting("Max tokens per example.", 128, gt=8)
     group_by_length: bool = setting(
         "Training batches of similar lengths (seeded: shuffle, sort within groups of 50 batches, shuffle the "
-        "batches), so less padding is computed: 1.6x faster training on the identical-work benchmark, scores "
-        "within seed noise (docs/performance.md). --no-group-by-length: batches in plain shuffled order.", True)
+        "batches), so less padding is computed: faster training, scores within seed noise (measured: "
+        "docs/performance.md). --no-group-by-length: batches in plain shuffled order.", True)
     client_batching: bool = setting(
         "Train all clients of a round together through the one frozen base, each row through its own client's "
         "adapter and head (in-process engine; Flower trains one client per message). Same results as one client "

@@ -21,11 +21,8 @@ The rule, with the clients' sampling noise (representation fingerprints, the def
 - When every cluster is one task, T_k is a ratio of two noisy quadratic forms whose degrees of freedom
   follow from (σ²_i, n_i, r_i) (Satterthwaite): ν₁ ≈ (K − k)·r for the spread, ν₂ ≈ Σ_i (n_i − 1)·r for the
   noise estimate, so T_k ~ F(ν₁, ν₂). Its critical value c_k is the F quantile at 1 − SIGNIFICANCE: large
-  when few clients or few examples stand behind the fingerprints, near 1 when many do. The former rule kept
-  it at least 2, an allowance measured for the plain mean (MiniLM, seed 31: a right partition at
-  T = 1.34 against an F bar of 1.38). With the label-balanced mean no right partition came above 0.89 × c_k
-  over 650 IID cases (13 configurations × seeds 0–49), while that floor merged two tasks that the F bar
-  separates (GLUE-shaped mrpc/qnli, 48 of 50 seeds), so the bar is now the F quantile alone.
+  when few clients or few examples stand behind the fingerprints, near 1 when many do. The bar is the F
+  quantile alone, with no floor (why, measured over seeds: docs/clustering.md, "No floor").
 - k is the smallest k with T_k ≤ c_k (k = 1 is the explicit test "all clients alike").
 - The margin is how far the decision sits from flipping, in ln units of T over its critical value:
   min(ln c_k − ln T_k, ln T_{k−1} − ln c_{k−1}). 0.2 means one of the two nearest partitions is 20 % away

@@ -97,11 +97,9 @@ ACTIVATION_FACTORS: dict[str, tuple[float, float, float]] = {
 
 
 # Eager autograd holds more than the stored activations at its peak (backward's gradient buffers,
-# softmax/GELU temporaries), and a process's allocator keeps freed pages resident. Measured at the allocator
-# on CPU fp32 for a 4-layer BERT (h=256, seq 128, batch 48; tests/integration/test_memory_model.py): the
-# step stores 0.83× the count above and its peak of live tensors is 0.89× the count. Its peak RSS growth
-# ranged 0.25–1.7× the count across runs and machines (allocator and page-cache state). The factor is
-# headroom for that, so the estimate stays on the upper side.
+# softmax/GELU temporaries), and a process's allocator keeps freed pages resident: headroom for that, so the
+# estimate stays on the upper side (measured against the allocator: docs/performance.md, "The memory
+# estimate"; guarded by tests/integration/test_memory_model.py).
 EAGER_OVERHEAD = 1.5
 
 

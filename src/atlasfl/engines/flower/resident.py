@@ -2,8 +2,8 @@
 
 Flower 1.42's SuperNode starts a fresh `flwr-clientapp` process for every message. Run there, the ATLAS
 ClientApp (`client_app.py`) would import torch, transformers and peft and rebuild the model and the
-client's shard for every train and evaluate message: about 17 s of a 2-core machine per message for a
-tiny model (docs/performance.md), when the work itself takes a fraction of that. So this app imports
+client's shard for every train and evaluate message, many times the work itself for a tiny model
+(measured: docs/performance.md, "Flower deployment"). So this app imports
 nothing heavier than Flower: per run, the first message of a node starts a worker process
 (`python -m atlasfl.engines.flower.resident`) that imports the ClientApp once and keeps its per-process
 cache (the model and the encoded shard) between messages, as a Ray actor does in simulation; every
