@@ -12,7 +12,7 @@ def test_bench_rows_time_the_plain_loop_and_atlas_on_the_same_clients():
     assert [r[2] for r in rows] == ["plain loop", "atlas, ungrouped", "atlas, ungrouped + client batching",
                                     "atlas, grouped", "atlas, grouped + client batching"]
     assert all(r[0] == "tiny-bert" and r[1] == "4" for r in rows)
-    assert rows[0][-1] == "1.00x" and all(float(r[-1].rstrip("x")) > 0 for r in rows)
+    assert all(float(r[-1].rstrip("x")) > 0 for r in rows)  # the ratio's formula: tests/unit/test_bench.py
     padding = {r[2]: float(r[-2]) for r in rows}
     assert padding["atlas, grouped"] <= padding["atlas, ungrouped"]  # length-grouped batches never pad more here
     # a pass pads to its widest client's batch
