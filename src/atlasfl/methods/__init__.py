@@ -6,6 +6,9 @@ from atlasfl.methods.atlas import Atlas
 from atlasfl.methods.atlas_no_laplacian import AtlasNoLaplacian
 from atlasfl.methods.base import Method
 from atlasfl.methods.fedavg_cluster import FedAvgCluster
+from atlasfl.methods.fedprox import FedProx
+from atlasfl.methods.fedsa_lora import FedSALoRA
+from atlasfl.methods.ffa_lora import FFALoRA
 from atlasfl.methods.local_only import LocalOnly
 from atlasfl.methods.standard_fl import StandardFL
 
@@ -14,6 +17,9 @@ METHODS: dict[str, type[Method]] = {m.name: m for m in (
     LocalOnly,
     StandardFL,
     FedAvgCluster,
+    FedProx,
+    FFALoRA,
+    FedSALoRA,
     AtlasNoLaplacian,
     Atlas,
 )}

@@ -200,3 +200,27 @@ def aggregate_states(
                 for k, head in zip(group, new_heads):
                     out[k][key] = head
     return [{key: new[key] for key in state} for state, new in zip(states, out)]
+
+
+def mean_of_parts(states: Sequence[dict[str, Tensor]], weights: Sequence[float] | np.ndarray
+                  ) -> list[dict[str, Tensor]]:
+    """The weighted mean of every key of states that hold only some parts (B alone, A alone, with or without
+    heads), for methods whose factors share one basis or one rank, where a mean of one factor is exact
+    (FFA-LoRA's B under a common A) or is the rule itself (FedSA-LoRA's A). Factors must have equal shapes;
+    heads mix only among same-shape heads, as in `aggregate_states`."""
+    check_same_keys(states)
+    w = normalise_weights(weights, len(states))
+    out: list[dict[str, Tensor]] = [{} for _ in states]
+    for key in states[0]:
+        if not key.startswith(HEAD_PREFIX):
+            parse_key(key)  # only trainable-state keys
+            mean = weighted_mean([s[key] for s in states], w)
+            for k in range(len(states)):
+                out[k][key] = mean.clone()
+    for group in head_groups(states):
+        group_w = [w[k] for k in group]
+        for key in (k for k in states[group[0]] if k.startswith(HEAD_PREFIX)):
+            mean = weighted_mean([states[k][key] for k in group], group_w) if sum(group_w) > 0 else None
+            for k in group:
+                out[k][key] = states[k][key].clone() if mean is None else mean.clone()
+    return [{key: new[key] for key in state} for state, new in zip(states, out)]
