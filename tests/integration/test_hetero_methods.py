@@ -10,7 +10,7 @@ from atlasfl.experiment import run_and_save
 from atlasfl.results.schema import validate_result
 from tests.conftest import state_floats
 
-HETERO = ("flexlora",)
+HETERO = ("flexlora", "hetlora")
 DEVICES = ("cpu_2gb", "gpu_16gb")  # two device profiles: unequal ranks across clients
 
 
@@ -53,3 +53,13 @@ def test_flexlora_in_clusters_is_atlas_no_laplacian(make_config, tmp_path):
     assert _outcome(ours) == _outcome(theirs)
     everyone = _run(make_config, "flexlora", output_dir=str(tmp_path / "all"))
     assert _outcome(everyone)[0][-1] != _outcome(ours)[0][-1]
+
+
+def test_hetlora_regulariser_changes_local_training(make_config, tmp_path):
+    plain = _run(make_config, "hetlora", hetlora_lambda=0.0)
+    regularised = _run(make_config, "hetlora", hetlora_lambda=0.5, output_dir=str(tmp_path / "reg"))
+    assert plain["ranks"] == regularised["ranks"]
+    first = [r["clients"] for r in (plain["round_metrics"][0], regularised["round_metrics"][0])]
+    # Round 1 starts alike (B = 0: the tail term and its gradient are 0), so the term acts from step 2 on.
+    assert [c["train_loss"] for c in first[0]] != [c["train_loss"] for c in first[1]]
+    assert _outcome(plain)[0] != _outcome(regularised)[0]

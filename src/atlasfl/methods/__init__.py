@@ -7,6 +7,7 @@ from atlasfl.methods.atlas_no_laplacian import AtlasNoLaplacian
 from atlasfl.methods.base import Method
 from atlasfl.methods.fedavg_cluster import FedAvgCluster
 from atlasfl.methods.flexlora import FlexLoRA
+from atlasfl.methods.hetlora import HetLoRA
 from atlasfl.methods.local_only import LocalOnly
 from atlasfl.methods.standard_fl import StandardFL
 
@@ -16,6 +17,7 @@ METHODS: dict[str, type[Method]] = {m.name: m for m in (
     StandardFL,
     FedAvgCluster,
     FlexLoRA,
+    HetLoRA,
     AtlasNoLaplacian,
     Atlas,
 )}
