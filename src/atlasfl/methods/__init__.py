@@ -9,6 +9,8 @@ from atlasfl.methods.fedavg_cluster import FedAvgCluster
 from atlasfl.methods.fedprox import FedProx
 from atlasfl.methods.fedsa_lora import FedSALoRA
 from atlasfl.methods.ffa_lora import FFALoRA
+from atlasfl.methods.flexlora import FlexLoRA
+from atlasfl.methods.hetlora import HetLoRA
 from atlasfl.methods.local_only import LocalOnly
 from atlasfl.methods.standard_fl import StandardFL
 
@@ -20,6 +22,8 @@ METHODS: dict[str, type[Method]] = {m.name: m for m in (
     FedProx,
     FFALoRA,
     FedSALoRA,
+    FlexLoRA,
+    HetLoRA,
     AtlasNoLaplacian,
     Atlas,
 )}

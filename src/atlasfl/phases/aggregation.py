@@ -224,3 +224,14 @@ def mean_of_parts(states: Sequence[dict[str, Tensor]], weights: Sequence[float] 
             for k in group:
                 out[k][key] = states[k][key].clone() if mean is None else mean.clone()
     return [{key: new[key] for key in state} for state, new in zip(states, out)]
+
+
+def sparsity_weighted_zero_pad(
+    factors: Sequence[tuple[Tensor, Tensor]], fallback: Sequence[float] | np.ndarray
+) -> list[tuple[Tensor, Tensor]]:
+    """HetLoRA's server rule for one module (Cho et al., 2024): zero-pad every (A_k, B_k) to the largest rank,
+    average A and B separately with weights ‖B_k A_k‖_F / Σ_j ‖B_j A_j‖_F (the factors' own product, unscaled, as
+    the paper writes it), and give client k the first r_k rows of A and columns of B. Where every product is zero
+    (no client has an update yet) the `fallback` weights (shard sizes) are used instead of 0/0."""
+    norms = [float(torch.linalg.matrix_norm(B.to(torch.float64) @ A.to(torch.float64))) for A, B in factors]
+    return zero_pad_fedavg(factors, norms if sum(norms) > 0 else fallback)
