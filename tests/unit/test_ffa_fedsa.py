@@ -40,8 +40,6 @@ def test_ffa_lora_gives_every_client_the_shard_weighted_mean_of_b_and_head():
 
 def test_fedsa_lora_trains_everything_and_sends_only_a_over_all_clients_at_one_rank():
     cls = METHODS["fedsa_lora"]
-    assert list(METHODS).index("fedsa_lora") == list(METHODS).index("ffa_lora") + 1
-    assert list(METHODS).index("fedsa_lora") + 1 == list(METHODS).index("atlas_no_laplacian")
     assert cls.trains == ("lora_A", "lora_B", "head") and cls.uploads == cls.downloads == ("lora_A",)
     assert (cls.heterogeneous_ranks, cls.default_aggregation) == (False, "fedavg")
     assert method_for(build_config("tiny-bert", 0, "fedsa_lora")).groups([0, 1, 2], [0, 0, 1]) == [[0, 1, 2]]
