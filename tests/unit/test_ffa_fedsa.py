@@ -22,7 +22,7 @@ def _group(method, sizes):
 
 def test_ffa_lora_trains_and_sends_b_and_heads_only_over_all_clients_at_one_rank():
     cls = METHODS["ffa_lora"]
-    assert list(METHODS).index("ffa_lora") == list(METHODS).index("fedprox") + 1
+    assert list(METHODS).index("fedavg_cluster") < list(METHODS).index("ffa_lora") < list(METHODS).index("atlas")
     assert cls.trains == cls.uploads == cls.downloads == ("lora_B", "head")
     assert (cls.heterogeneous_ranks, cls.default_aggregation) == (False, "fedavg")
     assert method_for(build_config("tiny-bert", 0, "ffa_lora")).groups([0, 1, 2], [0, 0, 1]) == [[0, 1, 2]]
