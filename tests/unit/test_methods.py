@@ -106,3 +106,15 @@ def test_a_state_is_split_into_its_parts_by_key():
              "head::weight": torch.zeros(2, 3), "head::bias": torch.zeros(2)}
     assert [part_of(k) for k in state] == ["lora_A", "lora_B", "head", "head"]
     assert list(select(state, ("head", "lora_A"))) == ["lora::l.0.q::A", "head::weight", "head::bias"]
+
+
+def test_a_field_method_in_clusters_gets_a_file_and_a_report_row_of_its_own():
+    def name(method, **kw):
+        return build_config("tiny-bert", 0, method, rounds=3, **kw).run_name
+
+    assert name("flexlora") == "atlas_tiny-bert_flexlora_seed0_r3"
+    assert name("flexlora", sharing="cluster") == "atlas_tiny-bert_flexlora_seed0_r3_cluster"
+    assert name("fedprox", sharing="cluster", prox_mu=0.1) == "atlas_tiny-bert_fedprox_seed0_r3_cluster_mu0.1"
+    assert METHOD_CLASSES["hetlora"].variant({"sharing": "cluster"}) == "in clusters"
+    assert METHOD_CLASSES["hetlora"].variant({"sharing": "all"}) is None
+    assert METHOD_CLASSES["fedprox"].variant({"sharing": "cluster", "prox_mu": 0.1}) == "in clusters, mu0.1"

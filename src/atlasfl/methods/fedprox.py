@@ -19,11 +19,13 @@ class FedProx(FieldMethod):
 
     @classmethod
     def name_suffix(cls, cfg):
-        return f"_mu{cfg.prox_mu:g}" if cfg.prox_mu != DEFAULT_MU else ""
+        return super().name_suffix(cfg) + (f"_mu{cfg.prox_mu:g}" if cfg.prox_mu != DEFAULT_MU else "")
 
     @classmethod
     def variant(cls, config):
-        return f"mu{config['prox_mu']:g}" if config.get("prox_mu", DEFAULT_MU) != DEFAULT_MU else None
+        parts = [super().variant(config),
+                 f"mu{config['prox_mu']:g}" if config.get("prox_mu", DEFAULT_MU) != DEFAULT_MU else None]
+        return ", ".join(p for p in parts if p) or None
 
     def extra_loss(self):
         """None at mu = 0: no term at all, so the run is FedAvg's bit for bit (a zero term still changes sums)."""

@@ -16,6 +16,14 @@ class FieldMethod(Method):
         "The field's methods (not local_only, standard_fl, fedavg_cluster or atlas*): all: one group of every "
         "client, as their papers; cluster: one group per discovered cluster.", "all"))}
 
+    @classmethod
+    def name_suffix(cls, cfg):
+        return "_cluster" if cfg.sharing == "cluster" else ""  # an `all` and a `cluster` run never share a file
+
+    @classmethod
+    def variant(cls, config):
+        return "in clusters" if config.get("sharing") == "cluster" else None
+
     @property
     def uses_fingerprints(self) -> bool:
         """Phase 1's upload is traffic where it serves: clusters to share in, or importances to spread ranks by."""

@@ -24,7 +24,7 @@ class RunRecord:
     model: str
     method: str
     seed: int
-    eta: str | None  # atlas only: config eta, or 'sweep' when the run chose it by --lambda-sweep
+    eta: str | None  # the variant (Method.variant): atlas's eta or 'sweep', a field method's 'in clusters', ...
     tasks: dict[str, TaskScore]
     task_mean: float
     client_scores: dict[int, float]  # final GLUE metric per client
@@ -49,7 +49,11 @@ class RunRecord:
 
     @property
     def method_label(self) -> str:
-        return f"{self.method} (η={self.eta})" if self.eta is not None else self.method
+        """The method with its variant: `atlas (η=0.1)`, `atlas (η=sweep)`, `fedprox (in clusters, mu0.1)`."""
+        if self.eta is None:
+            return self.method
+        known = METHODS.get(self.method)
+        return f"{self.method} (η={self.eta})" if known is None or known.personalises else f"{self.method} ({self.eta})"
 
 
 PROTOCOLS = ("global", "personal")
