@@ -3,22 +3,13 @@ what the clients share, is averaged, while B and the head stay each client's own
 keeps the classifier local too), so each client ends with its own B_k·A."""
 from __future__ import annotations
 
-from atlasfl.methods.field import FieldMethod
+from atlasfl.methods.field import PartsMean
 
 
-class FedSALoRA(FieldMethod):
+class FedSALoRA(PartsMean):
     name = "fedsa_lora"
     summary = ("FedSA-LoRA: A averaged (shard-weighted) at the preset's median rank; B and the head trained and "
                "kept local.")
     uploads = downloads = ("lora_A",)
 
-    @classmethod
-    def check(cls, cfg):
-        if cfg.aggregation == "svd":
-            raise ValueError(f"{cls.name} averages A alone and keeps B local, so there is no B·A to refactor: "
-                             "--aggregation svd cannot apply; drop it")
-
-    def aggregate(self, states, group):
-        from atlasfl.phases.aggregation import mean_of_parts
-
-        return mean_of_parts(states, group.sizes)
+    svd_refusal = "averages A alone and keeps B local: there is no B·A to refactor"

@@ -3,7 +3,7 @@ clusters (`--sharing cluster`), so what clustering brings and what the aggregati
 apart (e.g. `hetlora --sharing cluster` against `atlas_no_laplacian`)."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from atlasfl.methods.base import Method
 from atlasfl.settings import setting
@@ -31,3 +31,20 @@ class FieldMethod(Method):
 
     def groups(self, clients, clusters):
         return super().groups(clients, clusters) if self.cfg.sharing == "cluster" else [list(clients)]
+
+
+class PartsMean(FieldMethod):
+    """A field method that sends only some parts of the state (`uploads`): the server's rule is the shard-weighted
+    mean of what arrives, and an SVD refactoring cannot apply (`svd_refusal` says why)."""
+
+    svd_refusal: ClassVar[str]
+
+    @classmethod
+    def check(cls, cfg):
+        if cfg.aggregation == "svd":
+            raise ValueError(f"{cls.name} {cls.svd_refusal}, so --aggregation svd cannot apply; drop it")
+
+    def aggregate(self, states, group):
+        from atlasfl.phases.aggregation import mean_of_parts
+
+        return mean_of_parts(states, group.sizes)
