@@ -138,7 +138,7 @@ class InProcess:
         sent = {}
         for cid, state in states.items():
             received, sent[cid] = wire(select(state, self.method.downloads), self.cfg.wire_dtype)
-            self.fm.set_state(cid, {**self.fm.get_state(cid), **received})
+            self.fm.set_state(cid, received, partial=True)
         return sent
 
     def evaluate(self, round_idx: int, trained: set[int], validate: bool) -> Evaluated:

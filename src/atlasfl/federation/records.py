@@ -102,7 +102,7 @@ def round_summary(round_idx: int, clients: list[dict], task_names: list[str], ti
                   missing: dict[str, str] | None = None) -> dict:
     """A round's entry (schema RoundEntry): task scores are the mean over each task's clients; `eta`
     (the Laplacian step of a personalising method) is recorded as `lambda_eta`. Its `cost` (`round_cost`)
-    travels with the round and moves to `time_metrics` in the result. `missing` (Flower: client id -> why it
+    travels with the round and moves to `time_metrics` in the result. `missing` (client id -> why it
     was left out of the round) becomes `missing_clients` and `missing_reasons`."""
     task_scores = {t: float(np.mean([c["test_metric"] for c in clients if c["task"] == t])) for t in task_names}
     entry = dict(round=round_idx, clients=clients, mean_accuracy=float(np.mean([c["test_accuracy"] for c in clients])),

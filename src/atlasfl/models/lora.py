@@ -156,15 +156,18 @@ class FederatedLoRAModel:
             state[f"head::{pname}"] = p.detach().cpu().clone()
         return state
 
-    def set_state(self, cid: int, state: dict[str, torch.Tensor]) -> None:
+    def set_state(self, cid: int, state: dict[str, torch.Tensor], *, partial: bool = False) -> None:
+        """Copy `state` into the client's tensors; with `partial`, only the keys it holds (a method that sends some
+        parts back: the rest stays the client's own)."""
         targets = {}
         for name, layer in self._lora_layers():
             targets[f"lora::{name}::A"] = layer.lora_A[_name(cid)].weight
             targets[f"lora::{name}::B"] = layer.lora_B[_name(cid)].weight
         for pname, p in self.heads[str(cid)].named_parameters():
             targets[f"head::{pname}"] = p
-        if set(targets) != set(state):
+        if not (set(state) <= set(targets) if partial else set(state) == set(targets)):
             raise ValueError(f"state keys do not match client {cid}'s trainable state")
+        targets = {key: targets[key] for key in state}
         with torch.no_grad():
             for key, p in targets.items():
                 if p.shape != state[key].shape:

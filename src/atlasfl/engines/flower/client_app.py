@@ -174,7 +174,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     predictions, on its personal rows (and on the local validation set after the last round)."""
     cfg, cid, fm, (shard, task, _, val_enc, test_enc) = _client(context)
     if STATE in msg.content.array_records:
-        fm.set_state(cid, {**fm.get_state(cid), **record_to_state(msg.content[STATE], cfg.wire_dtype)})
+        fm.set_state(cid, record_to_state(msg.content[STATE], cfg.wire_dtype), partial=True)
         _keep_state(context, fm, cid)
     t0, tally = time.perf_counter(), Tally()
     test = test_scores(task, predict(fm, cid, test_enc, batch_size=cfg.eval_batch_size, tally=tally), shard.personal)
