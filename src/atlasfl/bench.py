@@ -74,6 +74,44 @@ def bench_rows(model: str, settings: dict) -> list[list[str]]:
     return table_rows(model, len(transport.shards), clocks)
 
 
+def method_rows(model: str, settings: dict, methods: list[str]) -> list[list[str]]:
+    """Each method's own federation on the same clients and batches (its own plan: ranks differ by method), one
+    round of each in turn, the order flipped every round; per method its mean round costs, the mean bytes per
+    client per round each way, and its total seconds over the first method's (above 1: slower)."""
+    from atlasfl.config import build_config
+    from atlasfl.engines.inprocess import set_up
+    from atlasfl.federation.driver import RunProgress, plan_or_restore, run_round
+    from atlasfl.methods import method_for
+
+    rounds = settings.pop("rounds")
+    settings.pop("group_by_length", None)
+    with tempfile.TemporaryDirectory() as tmp:
+        feds = {}
+        for name in methods:  # one round more than measured: the last one's local validation is not round work
+            cfg = build_config(model, 42, name, output_dir=tmp, log_dir=tmp, checkpoint_dir=f"{tmp}/{name}",
+                               rounds=rounds + 1, **settings)
+            fed = feds[name] = plan_or_restore(cfg, method_for(cfg), set_up(cfg), None)
+            fed.server.eta = fed.method.etas()[0]
+            fed.transport.start_eta(fed.server.eta, None)
+        entries: dict[str, list[dict]] = {name: [] for name in methods}
+        for r in range(1, rounds + 1):
+            for name in methods if r % 2 else methods[::-1]:
+                with RunProgress(False) as bars:
+                    entries[name].append(run_round(feds[name], r, bars))
+                feds[name].rounds.append(entries[name][-1])
+    clients = len(next(iter(feds.values())).roster.shards)
+    mean = {name: _mean_cost([e["cost"] for e in es]) for name, es in entries.items()}
+    first = mean[methods[0]]["total_s"]
+    rows = []
+    for name, es in entries.items():
+        up, down = (sum(e[f"bytes_{way}_total"] for e in es) / (len(es) * clients) for way in ("up", "down"))
+        c = mean[name]
+        rows.append([model, name, str(clients), f"{c['train_s']:.1f}", f"{c['aggregate_s']:.2f}",
+                     f"{c['evaluate_s']:.1f}", f"{c['total_s']:.1f}", f"{up:,.0f}", f"{down:,.0f}",
+                     f"{c['total_s'] / first:.2f}x"])
+    return rows
+
+
 def table_rows(model: str, clients: int, clocks: dict[str, list[dict]]) -> list[list[str]]:
     """One row per loop of its round costs averaged over the rounds; the last cell is the plain loop's total
     seconds over the row's (above 1: faster than the plain loop)."""

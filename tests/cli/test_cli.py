@@ -133,6 +133,12 @@ def test_bench_scaling_runs_the_models_and_sizes_asked_for(monkeypatch, capsys):
     assert "peak memory" in capsys.readouterr().out
 
 
+def test_bench_methods_names_an_unknown_method_in_one_line(capsys):
+    assert main(["bench", "identical", "--methods", "standard_fl,no_such"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown method(s) ['no_such']" in err and "flexlora" in err
+
+
 HEAVY = ("torch", "transformers", "peft", "flwr", "datasets", "sklearn", "scipy", "matplotlib")
 HELP_PROBE = """
 import sys

@@ -8,6 +8,7 @@ from typing import List, Optional
 import typer
 
 from atlasfl.bench import SCALING
+from atlasfl.cli.options import split_values
 from atlasfl.errors import AtlasError
 
 
@@ -29,6 +30,10 @@ def bench(
         None, min=1, help="--scaling: clients per task of each step (default 3 12 24: 12, 48, 96 clients). One "
         "model and one size per call gives each its own peak memory."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
+    methods: Optional[List[str]] = typer.Option(
+        None, help="Instead of the plain loop: these methods' federations on the workload, one round of each in "
+        "turn; seconds and bytes per round, and seconds as a multiple of the first method's (say standard_fl "
+        "first). Space- or comma-separated."),
 ):
     """Time a workload: s/round by phase, examples/s and real tokens/s, padding, peak memory, ratio to a plain loop."""
     import torch
@@ -44,6 +49,8 @@ def bench(
         torch.set_num_threads(threads)
     if workload not in ("identical", "random"):
         raise AtlasError(f"unknown workload {workload!r}; choose identical or random")
+    if methods:
+        return _method_table(workload, data_dir, rounds, threads, device, split_values(methods))
     if scaling:
         client_batch_rows = client_batch_rows or SCALING["client_batch_rows"]
         runs = [(m, scaling_settings(m, c))
@@ -68,6 +75,31 @@ def bench(
     console.print(f"peak memory of the process (both loops): {peak / 1e9:.2f} GB, {measured_by}. tok/s counts real "
                   "(non-padding) tokens; padding % is of the token positions computed. Same process, alternating "
                   "rounds: compare the ratio, not the seconds, on a shared machine.", markup=False, highlight=False)
+
+
+def _method_table(workload: str, data_dir: str | None, rounds: int, threads: int, device: str,
+                  methods: list[str]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from atlasfl.bench import IDENTICAL, method_rows
+    from atlasfl.config import METHODS
+
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or workload != "identical":
+        raise AtlasError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}" if unknown else
+                         "--methods runs the identical workload only")
+    table = Table(title=f"atlas bench identical --methods (torch threads {threads or 'default'})")
+    for col in ("model", "method", "clients", "train s/rd", "agg s/rd", "eval s/rd", "total s/rd",
+                "bytes up/client/rd", "bytes down/client/rd", f"s/rd vs {methods[0]}"):
+        table.add_column(col, justify="left" if col in ("model", "method") else "right")
+    settings = dict(IDENTICAL, data_dir=data_dir, device=device, rounds=rounds)
+    for row in method_rows("minilm", settings, methods):
+        table.add_row(*row)
+    Console(width=200).print(table)
+    Console(width=200).print("Same process, one round of each method in turn, the order flipped every round: "
+                             "compare the ratio, not the seconds, on a shared machine.", markup=False,
+                             highlight=False)
 
 
 def _device(device: str) -> str:
