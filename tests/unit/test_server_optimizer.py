@@ -151,3 +151,70 @@ def test_the_rules_hand_their_group_average_to_the_step_and_share_its_result_out
     new = sparsity_weighted_zero_pad([(s["lora::m::A"], s["lora::m::B"]) for s in states], [1, 1],
                                      lambda A, B: (A * 0, B * 0))
     assert all(not A.any() and not B.any() for A, B in new)
+
+
+def _server(method, **kw):
+    from atlasfl.config import build_config
+    from atlasfl.federation.server import ClientInfo, Server
+    from atlasfl.methods import method_for
+    from atlasfl.phases.devices import ModelFacts
+
+    cfg = build_config("tiny-bert", 0, method, tasks=("generated",), **kw)
+    facts = ModelFacts(total_params=1000, hidden_size=4, num_layers=1, intermediate_size=8, num_heads=1,
+                       vocab_size=10, family="bert", dtype_bytes=4)
+    server = Server(cfg, method_for(cfg), [ClientInfo(c, "t", 10 * (c + 1), 2) for c in range(4)], modules=["m"],
+                    shapes={"m": (2, 2)}, facts=facts)
+    server.cluster_labels, server.affinity_space = [0, 0, 1, 1], np.zeros((4, 2))
+    return server
+
+
+def _upload(value: float):
+    return {"lora::m::A": torch.full((1, 2), value), "lora::m::B": torch.full((2, 1), value)}
+
+
+def test_the_server_keeps_one_state_per_sharing_group_even_when_a_member_is_missing():
+    server = _server("fedavg_cluster", server_optimizer="avgm", server_lr=1.0, server_momentum=0.5)
+    server.start_eta(0.1)
+    first = server.aggregate({0: _upload(1.0), 1: _upload(1.0), 2: _upload(2.0), 3: _upload(9.0)})
+    assert first[3]["lora::m::A"].tolist() == [[6.0, 6.0]]  # (2·30 + 9·40)/70: the first average passes through
+    assert sorted(server.optimizer.state) == ["0,1", "2,3"]
+    second = server.aggregate({0: _upload(3.0), 2: _upload(2.0), 3: _upload(2.0)}, missing=frozenset({1}))
+    assert sorted(server.optimizer.state) == ["0,1", "2,3"] and 1 not in second
+    assert second[0]["lora::m::A"].tolist() == [[3.0, 3.0]]  # x = 1, agg 3 (client 0 alone): g = −2, v = g, x − v
+    # group 2,3: x = 6, agg 2: g = 4, v = g, x − v = 2
+    assert second[2]["lora::m::B"].tolist() == [[2.0], [2.0]]
+    saved = server.optimizer_state()
+    server.start_eta(0.1)  # a new eta starts afresh...
+    assert server.optimizer.state == {}
+    server.start_eta(0.1, saved)  # ...or where a checkpoint left it
+    assert torch.equal(server.optimizer.state["0,1"]["lora::m::A"]["v"], torch.full((1, 2), -2.0))
+
+
+def test_a_rule_that_ignores_the_step_is_refused_rather_than_silently_unstepped(monkeypatch):
+    from atlasfl.errors import AtlasError
+    from atlasfl.methods.fedavg_cluster import FedAvgCluster
+
+    monkeypatch.setattr(FedAvgCluster, "aggregate", lambda self, states, group: states)
+    server = _server("fedavg_cluster", server_optimizer="adam")
+    server.start_eta(0.1)
+    with pytest.raises(AtlasError, match="fedavg_cluster's rule never handed its group average to the server"):
+        server.aggregate({c: _upload(1.0) for c in range(4)})
+
+
+@pytest.mark.parametrize(("method", "kw", "message"), [
+    ("atlas", dict(server_optimizer="adam"), "atlas forms no group average for a server optimiser to step"),
+    ("local_only", dict(server_lr=0.5), "local_only forms no group average"),
+    ("standard_fl", dict(server_optimizer="adam", server_momentum=0.5),
+     "--server-momentum applies to --server-optimizer avgm, not adam"),
+    ("flexlora", dict(server_optimizer="avgm", server_tau=0.1),
+     "--server-tau applies to --server-optimizer adam or yogi"),
+    ("hetlora", dict(server_beta2=0.9), "--server-beta2 applies to --server-optimizer adam or yogi, not sgd"),
+])
+def test_a_server_optimiser_where_it_cannot_apply_is_one_line_error(method, kw, message):
+    from atlasfl.config import build_config
+    from atlasfl.errors import AtlasError
+
+    with pytest.raises(AtlasError, match=message) as err:
+        build_config("tiny-bert", 0, method, **kw)
+    assert "\n" not in str(err.value)
+    assert build_config("tiny-bert", 0, "atlas", server_optimizer="sgd", server_lr=1.0).server_optimizer == "sgd"
