@@ -162,8 +162,9 @@ class GeneralSettings(BaseModel):
     def run_name(self) -> str:
         """The seed's name, with what the method adds for a variant (`Method.name_suffix`: e.g. atlas's eta or
         sweep), so variants in one grid never share (and skip) one result file."""
+        server = server_optimizer_label(self.model_dump())
         return (f"atlas_{self.model_label}_{self.method}_seed{self.seed}_r{self.rounds}"
-                + METHOD_CLASSES[self.method].name_suffix(self))
+                + METHOD_CLASSES[self.method].name_suffix(self) + (f"_{server}" if server else ""))
 
     @property
     def result_path(self) -> Path:
@@ -191,6 +192,19 @@ RunConfig = create_model(
     **method_settings())
 
 POSITIONAL = ("model", "seed", "method")
+SERVER_CONSTANTS = {"server_lr": "lr", "server_momentum": "mu", "server_beta1": "b1", "server_beta2": "b2",
+                    "server_tau": "tau"}
+
+
+def server_optimizer_label(config: dict) -> str | None:
+    """What a server optimiser adds to a run's file name and report label (`adam`, `avgm_lr0.5`), from a run's
+    config block; None where the server takes the average as it is (results before server optimisers too)."""
+    name = config.get("server_optimizer", "sgd")
+    changed = [f"{short}{config[key]:g}" for key, short in SERVER_CONSTANTS.items()
+               if config.get(key, RunConfig.model_fields[key].default) != RunConfig.model_fields[key].default]
+    if name == "sgd" and config.get("server_lr") in (None, 1.0):
+        return None
+    return "_".join([name, *changed])
 
 
 class _Null:

@@ -218,3 +218,19 @@ def test_a_server_optimiser_where_it_cannot_apply_is_one_line_error(method, kw, 
         build_config("tiny-bert", 0, method, **kw)
     assert "\n" not in str(err.value)
     assert build_config("tiny-bert", 0, "atlas", server_optimizer="sgd", server_lr=1.0).server_optimizer == "sgd"
+
+
+def test_a_server_optimiser_names_its_own_result_file_and_report_row():
+    from atlasfl.config import build_config
+    from atlasfl.report.records import eta_label
+
+    def name(method, **kw):
+        return build_config("tiny-bert", 0, method, rounds=2, **kw).run_name.removeprefix("atlas_tiny-bert_")
+
+    assert name("standard_fl", server_optimizer="sgd", server_lr=1.0) == name("standard_fl") == "standard_fl_seed0_r2"
+    assert name("standard_fl", server_optimizer="adam") == "standard_fl_seed0_r2_adam"
+    assert name("flexlora", server_optimizer="avgm", server_lr=0.5, server_momentum=0.5) == \
+        "flexlora_seed0_r2_avgm_lr0.5_mu0.5"
+    config = build_config("tiny-bert", 0, "fedprox", prox_mu=0.1, server_optimizer="yogi").model_dump(mode="json")
+    assert eta_label("fedprox", config) == "mu0.1, yogi"
+    assert eta_label("standard_fl", {"server_optimizer": "sgd"}) is None  # and results written before it
