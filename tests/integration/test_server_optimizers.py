@@ -63,3 +63,11 @@ def test_yogi_on_flower_matches_the_inprocess_engine(make_config, tmp_path):
     flower = _run(make_config, tmp_path, "b", engine="flower", **kw)
     assert _digests(flower) == _digests(inproc)
     assert flower["final_metrics"] == inproc["final_metrics"]
+
+
+@pytest.mark.parametrize("method", ["hetlora", "ffa_lora", "fedsa_lora", "atlas_no_laplacian"])
+def test_every_rule_with_a_group_average_takes_the_step(make_config, tmp_path, method):
+    plain = _run(make_config, tmp_path, "plain", method=method)
+    avgm = _run(make_config, tmp_path, "avgm", method=method, server_optimizer="avgm", server_lr=0.5)
+    assert set(_digests(avgm)[1].values()).isdisjoint(_digests(plain)[1].values())
+    assert avgm["communication_costs"]["total_bytes_up"] == plain["communication_costs"]["total_bytes_up"]
