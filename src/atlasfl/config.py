@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, create_model, field
 from atlasfl.errors import AtlasError
 from atlasfl.methods import METHODS as METHOD_CLASSES
 from atlasfl.methods import method_settings
-from atlasfl.phases import AGGREGATIONS
+from atlasfl.phases import AGGREGATIONS, SERVER_OPTIMIZERS
 from atlasfl.presets import preset_for
 from atlasfl.settings import setting
 
@@ -71,6 +71,15 @@ class GeneralSettings(BaseModel):
     lora_dropout: float = setting("LoRA dropout.", 0.05, ge=0, lt=1)
     aggregation: Literal[AGGREGATIONS] | None = setting(
         "Aggregation of rank-heterogeneous adapters (default: the method's).", None)
+    server_optimizer: Literal[SERVER_OPTIMIZERS] = setting(
+        "Server optimiser on each group's average (Reddi et al. 2021; docs/methods.md#server-optimisers): sgd "
+        "(at --server-lr 1: the average itself), avgm (FedAvgM), adam, yogi.", "sgd")
+    server_lr: float | None = setting(
+        "Server learning rate (default: sgd 1, avgm 0.1, adam 0.1, yogi 0.01).", None, gt=0)
+    server_momentum: float = setting("avgm: server momentum.", 0.9, gt=0, lt=1)
+    server_beta1: float = setting("adam, yogi: first-moment decay beta1.", 0.9, ge=0, lt=1)
+    server_beta2: float = setting("adam, yogi: second-moment decay beta2.", 0.99, ge=0, lt=1)
+    server_tau: float = setting("adam, yogi: adaptivity tau (added to the root of the second moment).", 1e-3, gt=0)
     clusters: Literal["fingerprint", "oracle"] = setting(
         "fingerprint: discovered clusters; oracle: the true task grouping.", "fingerprint")
     fingerprint: Literal["representation", "gradient"] = setting("Which fingerprint clusters the clients.",
@@ -119,6 +128,7 @@ class GeneralSettings(BaseModel):
         if self.data_dir is not None and not Path(self.data_dir).is_dir():
             raise ValueError(f"--data-dir {self.data_dir} is not a folder")
         METHOD_CLASSES[self.method].check(self)
+        self._check_server_optimizer()
         if self.eta_selection == "per_client" and not self.lambda_sweep:
             raise ValueError("--eta-selection per_client chooses among the etas of a sweep; add --lambda-sweep")
         if self.client_batching and self.engine == "flower":
@@ -129,6 +139,20 @@ class GeneralSettings(BaseModel):
                              "--engine inprocess")
         return self
 
+    def _check_server_optimizer(self):
+        """A server optimiser needs a group average to step, and its constants only mean something to it."""
+        opt, fields = self.server_optimizer, type(self).model_fields
+        stepping = opt != "sgd" or self.server_lr not in (None, 1.0)
+        if stepping and not METHOD_CLASSES[self.method].group_average:
+            raise ValueError(f"{self.method} forms no group average for a server optimiser to step; drop "
+                             "--server-optimizer/--server-lr, or use a method that averages")
+        users = {"server_momentum": ("avgm",), "server_beta1": ("adam", "yogi"), "server_beta2": ("adam", "yogi"),
+                 "server_tau": ("adam", "yogi")}
+        for name, optimizers in users.items():
+            if opt not in optimizers and getattr(self, name) != fields[name].default:
+                raise ValueError(f"--{name.replace('_', '-')} applies to --server-optimizer {' or '.join(optimizers)}"
+                                 f", not {opt}; drop it or change the optimiser")
+
     @property
     def model_label(self) -> str:
         """The model as it appears in file names: an alias, or a local folder's last part."""
@@ -138,8 +162,9 @@ class GeneralSettings(BaseModel):
     def run_name(self) -> str:
         """The seed's name, with what the method adds for a variant (`Method.name_suffix`: e.g. atlas's eta or
         sweep), so variants in one grid never share (and skip) one result file."""
+        server = server_optimizer_label(self.model_dump())
         return (f"atlas_{self.model_label}_{self.method}_seed{self.seed}_r{self.rounds}"
-                + METHOD_CLASSES[self.method].name_suffix(self))
+                + METHOD_CLASSES[self.method].name_suffix(self) + (f"_{server}" if server else ""))
 
     @property
     def result_path(self) -> Path:
@@ -167,6 +192,19 @@ RunConfig = create_model(
     **method_settings())
 
 POSITIONAL = ("model", "seed", "method")
+SERVER_CONSTANTS = {"server_lr": "lr", "server_momentum": "mu", "server_beta1": "b1", "server_beta2": "b2",
+                    "server_tau": "tau"}
+
+
+def server_optimizer_label(config: dict) -> str | None:
+    """What a server optimiser adds to a run's file name and report label (`adam`, `avgm_lr0.5`), from a run's
+    config block; None where the server takes the average as it is (results before server optimisers too)."""
+    name = config.get("server_optimizer", "sgd")
+    changed = [f"{short}{config[key]:g}" for key, short in SERVER_CONSTANTS.items()
+               if config.get(key, RunConfig.model_fields[key].default) != RunConfig.model_fields[key].default]
+    if name == "sgd" and config.get("server_lr") in (None, 1.0):
+        return None
+    return "_".join([name, *changed])
 
 
 class _Null:

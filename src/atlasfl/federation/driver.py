@@ -82,13 +82,15 @@ def run(cfg: RunConfig, transport: Transport, *, resume: bool = False, progress:
     try:
         with RunProgress(progress) as bars:
             for eta_index in range(start_eta, len(etas)):
-                eta = fed.server.eta = etas[eta_index]
+                eta = etas[eta_index]
                 if checkpoint is not None and eta_index == start_eta:
                     fed.rounds, fed.val = meta["rounds"], {int(c): v for c, v in meta["val"].items()}
+                    fed.server.start_eta(eta, meta["server_optimizer"] if start_round > 0 else None)
                     transport.start_eta(eta, states if start_round > 0 else None)
                     tracker.resume(eta, fed.rounds)
                 else:
                     start_round, fed.rounds, fed.val = 0, [], {}
+                    fed.server.start_eta(eta)
                     transport.start_eta(eta, None)
                 bars.start_rounds(f"rounds (eta={eta:g})" if len(etas) > 1 else "rounds", cfg.rounds, start_round)
                 for r in range(start_round + 1, cfg.rounds + 1):
@@ -189,7 +191,7 @@ def save(fed: Federation, eta_index: int, round_idx: int) -> float:
     payload = checkpoint_payload(fed.cfg, fed.plan, fed.rounds, fed.runs, states,
                                  val={str(c): v for c, v in fed.val.items()}, **fed.transport.checkpoint_extra())
     folder = save_checkpoint(fed.cfg.checkpoint_path, eta_index=eta_index, round_idx=round_idx, states=states,
-                             payload=payload, keep=fed.cfg.keep_checkpoints)
+                             payload=payload, keep=fed.cfg.keep_checkpoints, server_state=fed.server.optimizer_state())
     seconds = time.perf_counter() - t0
     fed.phases_s["checkpoint"] = fed.phases_s.get("checkpoint", 0.0) + seconds
     log.info("checkpoint %s: %.2fs, %.2f MB", folder.name, seconds,

@@ -25,6 +25,7 @@ from atlasfl.phases.clustering import (
 from atlasfl.phases.devices import PROFILES, ModelFacts, draw_devices, estimate_training_memory, fits
 from atlasfl.phases.fingerprint import NOISE_KEYS
 from atlasfl.phases.ranks import adapter_params, allocate_ranks, rank_budget_for_memory
+from atlasfl.phases.server_optimizer import ServerOptimizer, ServerRule
 
 State = dict[str, torch.Tensor]
 FINGERPRINT_KINDS = ("representation", "gradient")
@@ -81,6 +82,15 @@ class Server:
         self.eta = cfg.eta
         self.cluster_labels: list[int] = [0] * len(clients)
         self.affinity_space: np.ndarray | None = None
+        rule = ServerRule.of(cfg)
+        self.optimizer = None if rule is None else ServerOptimizer(rule)
+
+    def start_eta(self, eta: float, optimizer_state: dict[str, torch.Tensor] | None = None) -> None:
+        """An eta's federation begins: its step size, and the server optimiser's state afresh or as a checkpoint
+        of this eta left it (`ServerOptimizer.tensors`)."""
+        self.eta = eta
+        if self.optimizer is not None:
+            self.optimizer.load(optimizer_state or {})
 
     # ---- phases 1 and 2: before round 1 ---------------------------------------------------------
     def plan(self, uploads: dict[int, dict]) -> Plan:
@@ -214,11 +224,31 @@ class Server:
             if len(group) < max(1, min(self.cfg.min_replies_per_group, len(full))):
                 raise TooFewReplies(group=full, missing=[c for c in full if c in missing],
                                     needed=min(self.cfg.min_replies_per_group, len(full)))
+            stepped: list[str] = []
             new = self.method.aggregate([uploads[c] for c in group], Group(
                 clients=group, sizes=[self.clients[c].num_train for c in group],
-                fingerprints=self.affinity_space[group], cfg=self.cfg, eta=self.eta))
+                fingerprints=self.affinity_space[group], cfg=self.cfg, eta=self.eta,
+                step=self._step(",".join(map(str, full)), stepped)))
+            if self.optimizer is not None and not stepped:
+                raise AtlasError(f"{self.method.name}'s rule never handed its group average to the server optimiser; "
+                                 "it must pass Group.step on, or declare group_average = False")
             out.update(zip(group, new))
         return out
+
+    def optimizer_state(self) -> dict[str, torch.Tensor]:
+        """The server optimiser's state for a checkpoint (empty where there is none)."""
+        return {} if self.optimizer is None else self.optimizer.tensors()
+
+    def _step(self, group: str, stepped: list[str]):
+        """The server optimiser's step for one sharing group (its state is the group's, under every round's
+        replying subset), noting each key it steps; None when the server takes the average as it is."""
+        if self.optimizer is None:
+            return None
+
+        def step(key: str, aggregate: torch.Tensor) -> torch.Tensor:
+            stepped.append(key)
+            return self.optimizer.step(group, key, aggregate)
+        return step
 
 
 class TooFewReplies(AtlasError):

@@ -45,13 +45,16 @@ class Range:
 class Group:
     """One aggregation group of a round as a method's rule sees it: the members' ids, their training-shard sizes
     (the weights of a mean), their rows of the centred, unit-length fingerprints (the space of the Laplacian
-    graph), the run config and the round's step size."""
+    graph), the run config, the round's step size, and the server optimiser's step on each tensor of the group's
+    aggregate (`phases.aggregation.Step`; None: the aggregate as it is), which a rule with a group average applies
+    before it shares the average out."""
 
     clients: list[int]
     sizes: list[int]
     fingerprints: np.ndarray
     cfg: Any
     eta: float
+    step: Callable[[str, torch.Tensor], torch.Tensor] | None = None
 
 
 class Method:
@@ -64,6 +67,7 @@ class Method:
     default_aggregation: ClassVar[str] = "fedavg"  # the `--aggregation` it uses unless told otherwise
     uses_fingerprints: ClassVar[bool] = True  # phase 1's upload serves it (clusters or ranks), so it is traffic
     personalises: ClassVar[bool] = False  # a personal step instead of a mean: its step size is recorded per round
+    group_average: ClassVar[bool] = True  # its rule shares a group's average out, so a server optimiser can step it
     trains: ClassVar[tuple[Part, ...]] = PARTS  # what the client's optimizer updates
     uploads: ClassVar[tuple[Part, ...]] = PARTS  # what a sharing client sends after training
     downloads: ClassVar[tuple[Part, ...]] = PARTS  # what the server's rule sends back (the rest stays the client's)
@@ -117,4 +121,4 @@ class Method:
         from atlasfl.phases.aggregation import aggregate_states
 
         return aggregate_states(states, group.sizes, alpha=group.cfg.lora_alpha,
-                                mode=group.cfg.aggregation or self.default_aggregation)
+                                mode=group.cfg.aggregation or self.default_aggregation, step=group.step)

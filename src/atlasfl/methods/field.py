@@ -47,4 +47,4 @@ class PartsMean(FieldMethod):
     def aggregate(self, states, group):
         from atlasfl.phases.aggregation import mean_of_parts
 
-        return mean_of_parts(states, group.sizes)
+        return mean_of_parts(states, group.sizes, group.step)

@@ -70,12 +70,22 @@ class HetLoRA(FieldMethod):
         return lambda params, start: lam * tail_penalty(lora_pairs(params), gamma)
 
     def aggregate(self, states, group):
-        from atlasfl.phases.aggregation import aggregate_states, lora_modules, sparsity_weighted_zero_pad
+        from atlasfl.phases.aggregation import (
+            check_same_keys,
+            factor_step,
+            head_means,
+            lora_modules,
+            normalise_weights,
+            sparsity_weighted_zero_pad,
+        )
 
-        out = aggregate_states(states, group.sizes, alpha=group.cfg.lora_alpha, mode="fedavg")  # heads
+        check_same_keys(states)
+        out = [{} for _ in states]
         for module in lora_modules(states[0]):
             a, b = f"lora::{module}::A", f"lora::{module}::B"
-            new = sparsity_weighted_zero_pad([(s[a], s[b]) for s in states], group.sizes)
+            new = sparsity_weighted_zero_pad([(s[a], s[b]) for s in states], group.sizes,
+                                             factor_step(group.step, module))
             for state, (A, B) in zip(out, new):
                 state[a], state[b] = A, B
-        return out
+        head_means(states, normalise_weights(group.sizes, len(states)), out, group.step)
+        return [{key: new[key] for key in state} for state, new in zip(states, out)]

@@ -10,6 +10,7 @@ class LocalOnly(Method):
     heterogeneous_ranks = True
     default_aggregation = "svd"
     uses_fingerprints = False
+    group_average = False  # nothing is shared
 
     def groups(self, clients, clusters):
         return []

@@ -9,7 +9,7 @@ zero padding (FedIT/HetLoRA), kept as the classic baseline; with equal ranks it 
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -18,6 +18,9 @@ from atlasfl.errors import AtlasError
 from atlasfl.phases import AGGREGATIONS
 
 Tensor = torch.Tensor
+# A server optimiser's step on one tensor of a group's aggregate (`phases.server_optimizer`): (key, aggregate) ->
+# what the members receive. None: the aggregate as it is.
+Step = Callable[[str, Tensor], Tensor] | None
 LORA_PREFIX = "lora::"
 HEAD_PREFIX = "head::"
 
@@ -103,23 +106,33 @@ def mixed_svds(
 
 
 def svd_aggregate(
-    factors: Sequence[tuple[Tensor, Tensor, float]], weights: Sequence[float] | np.ndarray
+    factors: Sequence[tuple[Tensor, Tensor, float]], weights: Sequence[float] | np.ndarray,
+    step: Callable[[Tensor], Tensor] | None = None,
 ) -> list[tuple[Tensor, Tensor]]:
-    """Each client's rank-r_k best approximation of the weighted mean ΔW; factors are (A, B, scale)."""
+    """Each client's rank-r_k best approximation of the weighted mean ΔW; factors are (A, B, scale). With a
+    server `step`, the dense mean ΔW (float64) is formed, stepped, and the step's result is refactored."""
     w = normalise_weights(weights, len(factors))
-    U, S, Vh = mixed_svds(factors, [w])[0]
+    if step is None:
+        U, S, Vh = mixed_svds(factors, [w])[0]
+    else:
+        mean = sum(wk * lora_delta(A.to(torch.float64), B.to(torch.float64), s) for wk, (A, B, s) in zip(w, factors))
+        U, S, Vh = torch.linalg.svd(step(mean), full_matrices=False)
     return [split_svd(U, S, Vh, A.shape[0], scale, A.dtype) for A, _, scale in factors]
 
 
 def zero_pad_fedavg(
-    factors: Sequence[tuple[Tensor, Tensor]], weights: Sequence[float] | np.ndarray
+    factors: Sequence[tuple[Tensor, Tensor]], weights: Sequence[float] | np.ndarray,
+    step: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
 ) -> list[tuple[Tensor, Tensor]]:
-    """Average A and B separately after zero-padding to the largest rank; client k keeps its first r_k."""
+    """Average A and B separately after zero-padding to the largest rank; client k keeps its first r_k (of the
+    server `step`'s result on the padded means, where there is one)."""
     r_max = max(A.shape[0] for A, _ in factors)
     padded_A = [torch.cat([A, A.new_zeros(r_max - A.shape[0], A.shape[1])], dim=0) for A, _ in factors]
     padded_B = [torch.cat([B, B.new_zeros(B.shape[0], r_max - B.shape[1])], dim=1) for _, B in factors]
     mean_A = weighted_mean(padded_A, weights)
     mean_B = weighted_mean(padded_B, weights)
+    if step is not None:
+        mean_A, mean_B = step(mean_A, mean_B)
     return [(mean_A[: A.shape[0]].clone(), mean_B[:, : A.shape[0]].clone()) for A, _ in factors]
 
 
@@ -167,12 +180,15 @@ def aggregate_states(
     *,
     alpha: float,
     mode: str,
+    step: Step = None,
 ) -> list[dict[str, Tensor]]:
     """Aggregate one group's states; one new dict per client with its own keys, ranks and shapes.
 
     Adapters: 'svd' gives every client the best rank-r_k approximation of the weighted mean ΔW
     (also when ranks are equal, so all heterogeneous methods share one rule); 'fedavg' zero-pads.
-    Heads: weighted mean among clients whose heads have the same shapes.
+    Heads: weighted mean among clients whose heads have the same shapes. A server `step` acts on the group's
+    aggregate before it is shared out: per module on the dense mean ΔW (key `lora::<module>::dW`) for 'svd',
+    on the padded mean A and B for 'fedavg', and on each head group's mean (`head_means`).
     """
     if mode not in AGGREGATIONS:
         raise AtlasError(f"unknown aggregation '{mode}'; choose one of {', '.join(AGGREGATIONS)}")
@@ -183,31 +199,44 @@ def aggregate_states(
         a_key, b_key = f"{LORA_PREFIX}{module}::A", f"{LORA_PREFIX}{module}::B"
         if mode == "svd":
             factors = [(s[a_key], s[b_key], alpha / s[a_key].shape[0]) for s in states]
-            new = svd_aggregate(factors, w)
+            new = svd_aggregate(factors, w, None if step is None else
+                                lambda mean, module=module: step(f"{LORA_PREFIX}{module}::dW", mean))
         else:
-            new = zero_pad_fedavg([(s[a_key], s[b_key]) for s in states], w)
+            new = zero_pad_fedavg([(s[a_key], s[b_key]) for s in states], w, factor_step(step, module))
         for k, (A, B) in enumerate(new):
             out[k][a_key], out[k][b_key] = A, B
-    for group in head_groups(states):
-        group_w = [w[k] for k in group]
-        for key in states[group[0]]:
-            if key.startswith(HEAD_PREFIX):
-                if sum(group_w) > 0:
-                    mean = weighted_mean([states[k][key] for k in group], group_w)
-                    new_heads = [mean.clone() for _ in group]
-                else:  # nobody in this head group carries weight: each keeps its own head
-                    new_heads = [states[k][key].clone() for k in group]
-                for k, head in zip(group, new_heads):
-                    out[k][key] = head
+    head_means(states, w, out, step)
     return [{key: new[key] for key in state} for state, new in zip(states, out)]
 
 
-def mean_of_parts(states: Sequence[dict[str, Tensor]], weights: Sequence[float] | np.ndarray
+def factor_step(step: Step, module: str) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None:
+    """The server step on one module's mean (A, B), keyed by the factors' own state keys."""
+    if step is None:
+        return None
+    return lambda A, B: (step(f"{LORA_PREFIX}{module}::A", A), step(f"{LORA_PREFIX}{module}::B", B))
+
+
+def head_means(states: Sequence[dict[str, Tensor]], w: Sequence[float], out: list[dict[str, Tensor]],
+               step: Step = None) -> None:
+    """Fill `out` with each client's head: the weighted mean (then the server `step`, keyed `head::<param>@<shape>`
+    so heads of other shapes keep their own server state) among the clients whose heads have the same shapes; where
+    nobody in a head group carries weight, each keeps its own head."""
+    for group in head_groups(states):
+        group_w = [w[k] for k in group]
+        for key in (k for k in states[group[0]] if k.startswith(HEAD_PREFIX)):
+            mean = weighted_mean([states[k][key] for k in group], group_w) if sum(group_w) > 0 else None
+            if mean is not None and step is not None:
+                mean = step(f"{key}@{'x'.join(map(str, mean.shape))}", mean)
+            for k in group:
+                out[k][key] = states[k][key].clone() if mean is None else mean.clone()
+
+
+def mean_of_parts(states: Sequence[dict[str, Tensor]], weights: Sequence[float] | np.ndarray, step: Step = None
                   ) -> list[dict[str, Tensor]]:
     """The weighted mean of every key of states that hold only some parts (B alone, A alone, with or without
     heads), for methods whose factors share one basis or one rank, where a mean of one factor is exact
     (FFA-LoRA's B under a common A) or is the rule itself (FedSA-LoRA's A). Factors must have equal shapes;
-    heads mix only among same-shape heads, as in `aggregate_states`."""
+    heads mix only among same-shape heads, as in `aggregate_states`; a server `step` acts on each key's mean."""
     check_same_keys(states)
     w = normalise_weights(weights, len(states))
     out: list[dict[str, Tensor]] = [{} for _ in states]
@@ -215,23 +244,22 @@ def mean_of_parts(states: Sequence[dict[str, Tensor]], weights: Sequence[float] 
         if not key.startswith(HEAD_PREFIX):
             parse_key(key)  # only trainable-state keys
             mean = weighted_mean([s[key] for s in states], w)
+            if step is not None:
+                mean = step(key, mean)
             for k in range(len(states)):
                 out[k][key] = mean.clone()
-    for group in head_groups(states):
-        group_w = [w[k] for k in group]
-        for key in (k for k in states[group[0]] if k.startswith(HEAD_PREFIX)):
-            mean = weighted_mean([states[k][key] for k in group], group_w) if sum(group_w) > 0 else None
-            for k in group:
-                out[k][key] = states[k][key].clone() if mean is None else mean.clone()
+    head_means(states, w, out, step)
     return [{key: new[key] for key in state} for state, new in zip(states, out)]
 
 
 def sparsity_weighted_zero_pad(
-    factors: Sequence[tuple[Tensor, Tensor]], fallback: Sequence[float] | np.ndarray
+    factors: Sequence[tuple[Tensor, Tensor]], fallback: Sequence[float] | np.ndarray,
+    step: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
 ) -> list[tuple[Tensor, Tensor]]:
     """HetLoRA's server rule for one module (Cho et al., 2024): zero-pad every (A_k, B_k) to the largest rank,
     average A and B separately with weights ‖B_k A_k‖_F / Σ_j ‖B_j A_j‖_F (the factors' own product, unscaled, as
-    the paper writes it), and give client k the first r_k rows of A and columns of B. Where every product is zero
-    (no client has an update yet) the `fallback` weights (shard sizes) are used instead of 0/0."""
+    the paper writes it), and give client k the first r_k rows of A and columns of B (of the server `step`'s result
+    on the padded means, where there is one). Where every product is zero (no client has an update yet) the
+    `fallback` weights (shard sizes) are used instead of 0/0."""
     norms = [float(torch.linalg.matrix_norm(B.to(torch.float64) @ A.to(torch.float64))) for A, B in factors]
-    return zero_pad_fedavg(factors, norms if sum(norms) > 0 else fallback)
+    return zero_pad_fedavg(factors, norms if sum(norms) > 0 else fallback, step)

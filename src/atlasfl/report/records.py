@@ -6,6 +6,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from atlasfl.config import server_optimizer_label
 from atlasfl.methods import METHODS
 
 
@@ -71,5 +72,8 @@ def in_protocol(r: RunRecord, protocol: str) -> RunRecord | None:
 
 def eta_label(method: str, config: dict) -> str | None:
     """A method's variants (atlas at different η, or its sweep) are different rows of a table: the method object
-    names them (`Method.variant`); a method this version does not know (the predecessor's) has none."""
-    return METHODS[method].variant(config) if method in METHODS else None
+    names them (`Method.variant`), and a server optimiser adds its own name; a method this version does not know
+    (the predecessor's) has none."""
+    if method not in METHODS:
+        return None
+    return ", ".join(p for p in (METHODS[method].variant(config), server_optimizer_label(config)) if p) or None

@@ -4,8 +4,9 @@ A checkpoint is a folder `checkpoints/<run name>/round-<eta index>-<round>/` wit
 trainable states (`states.safetensors`) and everything else needed to continue (`state.json`:
 config, plan, round metrics so far, finished lambda-sweep runs, RNG states, digests). It is built
 in a temporary folder and renamed into place, so it either exists whole or not at all.
-Optimizers are created afresh each round (see federation.training.train_local), so there are no
-optimizer moments to keep.
+The clients' optimizers are created afresh each round (see federation.training.train_local), so there are
+no client moments to keep; a server optimiser's x and moments (`phases.server_optimizer`) travel in the
+safetensors file under `__server__/`.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ KEEP_LAST = 2
 # What a checkpoint's state.json holds; 2: written by the one driver (local validation in the payload).
 FORMAT = 2
 TORCH_RNG_KEY = "__rng__/torch"
+SERVER_PREFIX = "__server__/"
 # Config keys that say where files go, how many to keep or when to give up, not what is computed: a resume
 # may change them (e.g. a lower min_replies_per_group to continue a run that stopped for lack of replies).
 NON_RESULT_KEYS = ("output_dir", "log_dir", "checkpoint_dir", "keep_checkpoints", "save_adapters",
@@ -40,8 +42,9 @@ def _folder_name(eta_index: int, round_idx: int) -> str:
 
 
 def save_checkpoint(folder: Path, *, eta_index: int, round_idx: int, states: dict[int, dict[str, torch.Tensor]],
-                    payload: dict, keep: int = KEEP_LAST) -> Path:
-    """Write one checkpoint atomically (temp folder + rename), then prune all but the newest `keep`."""
+                    payload: dict, keep: int = KEEP_LAST, server_state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write one checkpoint atomically (temp folder + rename), then prune all but the newest `keep`;
+    `server_state`: the server optimiser's tensors (`federation.server.Server.optimizer_state`)."""
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / _folder_name(eta_index, round_idx)
     tmp = folder / f".{final.name}.tmp-{os.getpid()}"
@@ -50,6 +53,7 @@ def save_checkpoint(folder: Path, *, eta_index: int, round_idx: int, states: dic
     try:
         flat = {f"{cid}/{key}": t.contiguous() for cid, state in states.items() for key, t in state.items()}
         flat[TORCH_RNG_KEY] = torch.get_rng_state()
+        flat.update({SERVER_PREFIX + name: t.contiguous() for name, t in (server_state or {}).items()})
         save_file(flat, str(tmp / "states.safetensors"))
         meta = dict(payload, eta_index=eta_index, round=round_idx, rng=_host_rng_state())
         with open(tmp / "state.json", "w") as f:
@@ -80,7 +84,8 @@ def clear_checkpoints(folder: Path) -> None:
 
 
 def load_checkpoint(path: Path) -> tuple[dict, dict[int, dict[str, torch.Tensor]]]:
-    """The checkpoint's state.json and per-client states; a damaged one is a one-line AtlasError."""
+    """The checkpoint's state.json (with the server optimiser's tensors as `server_optimizer`) and per-client
+    states; a damaged one is a one-line AtlasError."""
     try:
         meta = json.loads((path / "state.json").read_text())
         flat = load_file(str(path / "states.safetensors"))
@@ -90,6 +95,8 @@ def load_checkpoint(path: Path) -> tuple[dict, dict[int, dict[str, torch.Tensor]
     torch_rng = flat.pop(TORCH_RNG_KEY, None)
     if torch_rng is not None:
         meta["rng"]["torch"] = torch_rng
+    meta["server_optimizer"] = {name.removeprefix(SERVER_PREFIX): flat.pop(name)
+                                for name in [n for n in flat if n.startswith(SERVER_PREFIX)]}
     states: dict[int, dict[str, torch.Tensor]] = {}
     for name, tensor in flat.items():
         cid, key = name.split("/", 1)
