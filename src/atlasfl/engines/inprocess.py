@@ -17,7 +17,7 @@ from atlasfl.federation.evaluation import evaluate_client, predict, test_scores
 from atlasfl.federation.fingerprint import fingerprint
 from atlasfl.federation.records import client_references, select_eta
 from atlasfl.federation.server import Plan
-from atlasfl.federation.training import TrainJob, client_seed, train_clients, train_local
+from atlasfl.federation.training import TrainJob, client_seed, train_client, train_cohort
 from atlasfl.federation.transport import Evaluated, Roster, Trained
 from atlasfl.federation.wire import wire
 from atlasfl.methods import method_for
@@ -109,10 +109,10 @@ class InProcess:
         the round with its state as it was, as a failing Flower ClientApp is; a CUDA out-of-memory stops the
         run instead: every client shares this process's device."""
         cfg, fm, out = self.cfg, self.fm, Trained()
-        kw = dict(epochs=cfg.local_epochs, lr=cfg.lr, batch_size=cfg.batch_size, group_by_length=cfg.group_by_length,
-                  tally=out.work, parts=self.method.trains, extra_loss=self.method.extra_loss())
+        kw = dict(method=self.method, lr=cfg.lr, batch_size=cfg.batch_size, group_by_length=cfg.group_by_length,
+                  tally=out.work)
         if cfg.client_batching:
-            out.losses = self._guard_oom(None, "training", lambda: train_clients(
+            out.losses = self._guard_oom(None, "training", lambda: train_cohort(
                 fm, [TrainJob(s.client_id, self.train_enc[s.client_id], client_seed(cfg.seed, round_idx, s.client_id))
                      for s in self.shards], max_rows=cfg.client_batch_rows, **kw))
             advance(len(self.shards))
@@ -120,7 +120,7 @@ class InProcess:
             for s in self.shards:
                 before = fm.get_state(s.client_id)
                 try:
-                    out.losses[s.client_id] = self._guard_oom(s, "training", lambda s=s: train_local(
+                    out.losses[s.client_id] = self._guard_oom(s, "training", lambda s=s: train_client(
                         fm, s.client_id, self.train_enc[s.client_id],
                         seed=client_seed(cfg.seed, round_idx, s.client_id), **kw))
                 except (AtlasError, RunInterrupted):

@@ -94,6 +94,12 @@ class Method:
         return None
 
     # ---- the client ------------------------------------------------------------------------
+    def local_phases(self) -> tuple[tuple[tuple[Part, ...], int], ...]:
+        """A round's local training as (parts trained, epochs) phases, run one after the other over consecutive
+        epochs of the client's batches, each with what is not in its parts frozen: here one phase of `trains`
+        for `--local-epochs`."""
+        return ((self.trains, self.cfg.local_epochs),)
+
     def extra_loss(self) -> Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor]], torch.Tensor] | None:
         """An extra term of the client's training loss, as f(trained parameters, their values at the start of the
         round), added to each batch's cross-entropy; None: cross-entropy alone."""

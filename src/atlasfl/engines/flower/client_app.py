@@ -39,7 +39,7 @@ from atlasfl.errors import AtlasError
 from atlasfl.federation.evaluation import evaluate_client, predict, test_scores
 from atlasfl.federation.fingerprint import fingerprint
 from atlasfl.federation.records import client_references, load_client_data, num_clients
-from atlasfl.federation.training import client_seed, train_local
+from atlasfl.federation.training import client_seed, train_client
 from atlasfl.methods import method_for
 from atlasfl.methods.base import PARTS, select
 from atlasfl.models.lora import FederatedLoRAModel, state_digest
@@ -153,9 +153,9 @@ def train(msg: Message, context: Context) -> Message:
     cfg, cid, fm, (_, _, train_enc, _, _) = _client(context)
     method = method_for(cfg)
     t0, tally = time.perf_counter(), Tally()
-    loss = train_local(fm, cid, train_enc, epochs=cfg.local_epochs, lr=cfg.lr, batch_size=cfg.batch_size,
-                       seed=client_seed(cfg.seed, int(conf["round"]), cid), group_by_length=cfg.group_by_length,
-                       tally=tally, parts=method.trains, extra_loss=method.extra_loss())
+    loss = train_client(fm, cid, train_enc, method=method, lr=cfg.lr, batch_size=cfg.batch_size,
+                        seed=client_seed(cfg.seed, int(conf["round"]), cid), group_by_length=cfg.group_by_length,
+                        tally=tally)
     metrics = MetricRecord({"train_loss": loss, "train_s": time.perf_counter() - t0, **asdict(tally)})
     _keep_state(context, fm, cid)
     content = RecordDict({ATLAS: ConfigRecord({"client_id": cid}), "metrics": metrics})
