@@ -17,6 +17,7 @@ from torch.nn.functional import cross_entropy
 from atlasfl.data.batching import Tally, batches
 from atlasfl.methods.base import PARTS, Method
 from atlasfl.models.lora import FederatedLoRAModel
+from atlasfl.models.personal import personal_id
 
 
 def client_seed(seed: int, round_idx: int, cid: int) -> int:
@@ -29,11 +30,12 @@ ExtraLoss = Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor]], torch.Ten
 
 def train_local(fm: FederatedLoRAModel, cid: int, encoded: list[dict], *, epochs: int, lr: float,
                 batch_size: int, seed: int, max_grad_norm: float = 1.0, group_by_length: bool = False,
-                tally: Tally | None = None, parts: Sequence[str] = PARTS, extra_loss: ExtraLoss | None = None
-                ) -> float:
+                tally: Tally | None = None, parts: Sequence[str] = PARTS, extra_loss: ExtraLoss | None = None,
+                anchor: Sequence[torch.Tensor] | None = None) -> float:
     """`epochs` passes of AdamW over the `parts` of the client's state (its method's `trains`) on its shard;
     returns the mean training cross-entropy. The batches (see `batching.batch_order`) are counted into `tally`.
-    `extra_loss(params, their values at the start)` (the method's `extra_loss`) is added to each batch's loss.
+    `extra_loss(params, their values at the start)` (the method's `extra_loss`) is added to each batch's loss;
+    `anchor`, if given, stands for those start values (a personal copy is pulled toward the shared state).
 
     The optimizer is created afresh each round: after aggregation the old moments describe weights
     the client no longer holds, and a fresh optimizer keeps resume exact without saving them.
@@ -41,7 +43,7 @@ def train_local(fm: FederatedLoRAModel, cid: int, encoded: list[dict], *, epochs
     torch.manual_seed(seed)
     fm.activate(cid, train=True)
     params = fm.trainable_parameters(cid, parts)
-    start = [p.detach().clone() for p in params] if extra_loss is not None else None
+    start = None if extra_loss is None else anchor if anchor is not None else [p.detach().clone() for p in params]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     losses = []
     with frozen_outside(fm, [cid], parts):
@@ -91,13 +93,25 @@ def round_loss(losses: Sequence[float], epochs: Sequence[int]) -> float:
 def train_client(fm: FederatedLoRAModel, cid: int, encoded: list[dict], *, method: Method, seed: int, lr: float,
                  batch_size: int, group_by_length: bool = False, tally: Tally | None = None) -> float:
     """One client's round of local training as its method lays it out: `train_local` for each of its phases in
-    turn, with the method's extra loss; the round's mean training loss."""
-    kw = dict(lr=lr, batch_size=batch_size, group_by_length=group_by_length, tally=tally,
-              extra_loss=method.extra_loss())
+    turn, with the method's extra loss; then, if the method keeps a personal copy, the same phases on the same
+    batches for the copy, with the method's personal loss anchored at the shared state the round started from.
+    The round's mean training loss (the personal copy's where there is one: it is what the client is scored by)."""
+    kw = dict(lr=lr, batch_size=batch_size, group_by_length=group_by_length, tally=tally)
     plan = phase_plan(method)
-    losses = [train_local(fm, cid, encoded, epochs=epochs, parts=parts, seed=seed + first, **kw)
-              for parts, epochs, first in plan]
+    anchors = _anchors(fm, [cid], plan) if method.keeps_personal else None
+    losses = [train_local(fm, cid, encoded, epochs=epochs, parts=parts, seed=seed + first,
+                          extra_loss=method.extra_loss(), **kw) for parts, epochs, first in plan]
+    if anchors is not None:
+        losses = [train_local(fm, personal_id(cid), encoded, epochs=epochs, parts=parts, seed=seed + first,
+                              extra_loss=method.personal_loss(), anchor=anchors[cid][i], **kw)
+                  for i, (parts, epochs, first) in enumerate(plan)]
     return round_loss(losses, [epochs for _, epochs, _ in plan])
+
+
+def _anchors(fm: FederatedLoRAModel, cids: Sequence[int], plan) -> dict[int, list[list[torch.Tensor]]]:
+    """Each client's shared parameters of each phase's parts, as they stand now (the round's start)."""
+    return {cid: [[p.detach().clone() for p in fm.trainable_parameters(cid, parts)] for parts, _, _ in plan]
+            for cid in cids}
 
 
 def local_batches(fm: FederatedLoRAModel, encoded: list[dict], *, epochs: int, batch_size: int, seed: int,
@@ -115,6 +129,7 @@ class TrainJob:
     cid: int
     encoded: list[dict]
     seed: int
+    anchor: list[torch.Tensor] | None = None  # what `extra_loss` measures from instead of the start (`train_local`)
 
 
 def train_clients(fm: FederatedLoRAModel, jobs: Sequence[TrainJob], *, epochs: int, lr: float, batch_size: int,
@@ -136,7 +151,8 @@ def train_clients(fm: FederatedLoRAModel, jobs: Sequence[TrainJob], *, epochs: i
     torch.manual_seed(jobs[0].seed)
     device, pad = fm.device, fm.backbone.tokenizer.pad_token_id
     params = {job.cid: fm.trainable_parameters(job.cid, parts) for job in jobs}
-    starts = {cid: [p.detach().clone() for p in ps] for cid, ps in params.items()} if extra_loss is not None else None
+    starts = None if extra_loss is None else {job.cid: job.anchor if job.anchor is not None else
+                                              [p.detach().clone() for p in params[job.cid]] for job in jobs}
     optimizers = {cid: torch.optim.AdamW(p, lr=lr, weight_decay=0.0) for cid, p in params.items()}
     streams = {job.cid: local_batches(fm, job.encoded, epochs=epochs, batch_size=batch_size, seed=job.seed,
                                       group_by_length=group_by_length) for job in jobs}
@@ -171,12 +187,18 @@ def train_clients(fm: FederatedLoRAModel, jobs: Sequence[TrainJob], *, epochs: i
 def train_cohort(fm: FederatedLoRAModel, jobs: Sequence[TrainJob], *, method: Method, lr: float, batch_size: int,
                  max_rows: int | None = None, group_by_length: bool = False, tally: Tally | None = None
                  ) -> dict[int, float]:
-    """`train_client` for every job at once: each phase of the method is one `train_clients` over all jobs."""
-    kw = dict(lr=lr, batch_size=batch_size, max_rows=max_rows, group_by_length=group_by_length, tally=tally,
-              extra_loss=method.extra_loss())
+    """`train_client` for every job at once: each phase of the method is one `train_clients` over all jobs (and
+    over all personal copies after them)."""
+    kw = dict(lr=lr, batch_size=batch_size, max_rows=max_rows, group_by_length=group_by_length, tally=tally)
     plan = phase_plan(method)
+    anchors = _anchors(fm, [job.cid for job in jobs], plan) if method.keeps_personal else None
     phases = [train_clients(fm, [replace(job, seed=job.seed + first) for job in jobs], epochs=epochs, parts=parts,
-                            **kw) for parts, epochs, first in plan]
+                            extra_loss=method.extra_loss(), **kw) for parts, epochs, first in plan]
+    if anchors is not None:
+        phases = [{personal_id(copy): loss for copy, loss in train_clients(  # personal_id is its own inverse
+            fm, [TrainJob(personal_id(job.cid), job.encoded, job.seed + first, anchors[job.cid][i]) for job in jobs],
+            epochs=epochs, parts=parts, extra_loss=method.personal_loss(), **kw).items()}
+            for i, (parts, epochs, first) in enumerate(plan)]
     return {job.cid: round_loss([p[job.cid] for p in phases], [e for _, e, _ in plan]) for job in jobs}
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from atlasfl.methods.atlas import Atlas
 from atlasfl.methods.atlas_no_laplacian import AtlasNoLaplacian
 from atlasfl.methods.base import Method
+from atlasfl.methods.ditto import Ditto
 from atlasfl.methods.fedavg_cluster import FedAvgCluster
 from atlasfl.methods.fedprox import FedProx
 from atlasfl.methods.fedrep import FedRep
@@ -26,6 +27,7 @@ METHODS: dict[str, type[Method]] = {m.name: m for m in (
     FlexLoRA,
     HetLoRA,
     FedRep,
+    Ditto,
     AtlasNoLaplacian,
     Atlas,
 )}
