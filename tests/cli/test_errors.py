@@ -70,7 +70,7 @@ def test_cuda_out_of_memory_names_client_model_batch_and_remedies(tmp_path, caps
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(inprocess, "train_local", oom)
+    monkeypatch.setattr(inprocess, "train_client", oom)
     err = _one_line_error(capsys, _run(tmp_path), "client 0", "tiny-bert", "batch size 8", "--batch-size",
                           "--fingerprint-samples", "--resume")
     assert "out of memory" in err

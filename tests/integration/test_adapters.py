@@ -18,6 +18,7 @@ from atlasfl.experiment import run_and_save
 from atlasfl.federation.evaluation import predict
 from atlasfl.federation.server import Plan
 from atlasfl.models.lora import FederatedLoRAModel
+from atlasfl.models.personal import PersonalLoRAModel
 from atlasfl.models.registry import load_backbone
 from atlasfl.results.checkpoint import complete_checkpoints, load_checkpoint
 from tests.conftest import tiny_config
@@ -84,7 +85,7 @@ def test_per_module_ranks_travel_in_rank_pattern(tmp_path, model):
     from atlasfl.results.adapters import save_client_adapters
 
     cfg = tiny_config(tmp_path, model=model, method="atlas", save_adapters=str(tmp_path / "adapters"))
-    fm = FederatedLoRAModel(load_backbone(model, seed=0), alpha=16.0, dropout=0.0, seed=0)
+    fm = PersonalLoRAModel(load_backbone(model, seed=0), alpha=16.0, dropout=0.0, seed=0)
     ranks = {0: {m: (2, 8, 4)[i % 3] for i, m in enumerate(fm.modules)}, 1: {m: 4 for m in fm.modules}}
     gen = torch.Generator().manual_seed(1)
     for cid, r in ranks.items():

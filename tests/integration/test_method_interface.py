@@ -91,7 +91,7 @@ def test_the_extra_loss_term_enters_every_step(make_config, together):
 
 def test_an_inprocess_client_whose_training_raises_is_left_out_and_rejoins(make_config, monkeypatch):
     force_clusters(monkeypatch, GROUPS)
-    real = inprocess.train_local
+    real = inprocess.train_client
 
     def failing(fm, cid, encoded, *, seed, **kw):
         if cid == 1 and seed == client_seed(0, 2, 1):
@@ -100,7 +100,7 @@ def test_an_inprocess_client_whose_training_raises_is_left_out_and_rejoins(make_
             raise RuntimeError("injected failure in train of round 2")
         return real(fm, cid, encoded, seed=seed, **kw)
 
-    monkeypatch.setattr(inprocess, "train_local", failing)
+    monkeypatch.setattr(inprocess, "train_client", failing)
     result, _ = run_and_save(make_config(method="fedavg_cluster", rounds=3), progress=False)
     first, second, third = result["round_metrics"]
     assert first["missing_clients"] == [] and third["missing_clients"] == []

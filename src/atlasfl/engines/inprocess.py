@@ -17,12 +17,13 @@ from atlasfl.federation.evaluation import evaluate_client, predict, test_scores
 from atlasfl.federation.fingerprint import fingerprint
 from atlasfl.federation.records import client_references, select_eta
 from atlasfl.federation.server import Plan
-from atlasfl.federation.training import TrainJob, client_seed, train_clients, train_local
+from atlasfl.federation.training import TrainJob, client_seed, train_client, train_cohort
 from atlasfl.federation.transport import Evaluated, Roster, Trained
 from atlasfl.federation.wire import wire
 from atlasfl.methods import method_for
 from atlasfl.methods.base import select
-from atlasfl.models.lora import FederatedLoRAModel, state_digest
+from atlasfl.models.lora import state_digest
+from atlasfl.models.personal import PersonalLoRAModel
 from atlasfl.models.registry import check_model_name, load_backbone, resolve_device
 from atlasfl.results import adapters
 
@@ -57,7 +58,7 @@ class InProcess:
         self.cfg = cfg
         self.method = method_for(cfg)
         self.device = resolve_device(cfg.device)
-        self.fm: FederatedLoRAModel | None = None
+        self.fm: PersonalLoRAModel | None = None
         self.roster: Roster | None = None
         self.initial: dict[int, dict] = {}
 
@@ -72,7 +73,7 @@ class InProcess:
                                   max_samples=cfg.max_samples, dirichlet_alpha=cfg.dirichlet_alpha,
                                   val_fraction=cfg.val_fraction)
         backbone = load_backbone(cfg.model, init=cfg.init, seed=cfg.seed, device=self.device)
-        self.fm = FederatedLoRAModel(backbone, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, seed=cfg.seed)
+        self.fm = PersonalLoRAModel(backbone, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, seed=cfg.seed)
         tok = backbone.tokenizer
         self.train_enc = {s.client_id: encode(tok, s.train, cfg.max_length) for s in self.shards}
         self.val_enc = {s.client_id: encode(tok, s.val, cfg.max_length) for s in self.shards}
@@ -97,7 +98,8 @@ class InProcess:
 
     def build(self, plan: Plan) -> None:
         for s in self.shards:
-            self.fm.add_client(s.client_id, plan.ranks[s.client_id], self.tasks[s.task].num_labels)
+            self.fm.add_client(s.client_id, plan.ranks[s.client_id], self.tasks[s.task].num_labels,
+                               personal=self.method.keeps_personal)
         self.initial = self.states()
 
     def start_eta(self, eta: float, states: dict[int, dict] | None) -> None:
@@ -109,10 +111,10 @@ class InProcess:
         the round with its state as it was, as a failing Flower ClientApp is; a CUDA out-of-memory stops the
         run instead: every client shares this process's device."""
         cfg, fm, out = self.cfg, self.fm, Trained()
-        kw = dict(epochs=cfg.local_epochs, lr=cfg.lr, batch_size=cfg.batch_size, group_by_length=cfg.group_by_length,
-                  tally=out.work, parts=self.method.trains, extra_loss=self.method.extra_loss())
+        kw = dict(method=self.method, lr=cfg.lr, batch_size=cfg.batch_size, group_by_length=cfg.group_by_length,
+                  tally=out.work)
         if cfg.client_batching:
-            out.losses = self._guard_oom(None, "training", lambda: train_clients(
+            out.losses = self._guard_oom(None, "training", lambda: train_cohort(
                 fm, [TrainJob(s.client_id, self.train_enc[s.client_id], client_seed(cfg.seed, round_idx, s.client_id))
                      for s in self.shards], max_rows=cfg.client_batch_rows, **kw))
             advance(len(self.shards))
@@ -120,7 +122,7 @@ class InProcess:
             for s in self.shards:
                 before = fm.get_state(s.client_id)
                 try:
-                    out.losses[s.client_id] = self._guard_oom(s, "training", lambda s=s: train_local(
+                    out.losses[s.client_id] = self._guard_oom(s, "training", lambda s=s: train_client(
                         fm, s.client_id, self.train_enc[s.client_id],
                         seed=client_seed(cfg.seed, round_idx, s.client_id), **kw))
                 except (AtlasError, RunInterrupted):
@@ -148,14 +150,14 @@ class InProcess:
         for s in self.shards:
             if s.client_id not in trained:
                 continue
-            key = (state_digest(self.fm.get_state(s.client_id)), s.task)
+            key, used = (state_digest(self.fm.get_state(s.client_id)), s.task), self.fm.model_of(s.client_id)
             if key not in predicted:
-                predicted[key] = predict(self.fm, s.client_id, self.test_enc[s.task], batch_size=cfg.eval_batch_size,
+                predicted[key] = predict(self.fm, used, self.test_enc[s.task], batch_size=cfg.eval_batch_size,
                                          tally=out.work)
             out.tests[s.client_id] = test_scores(self.tasks[s.task], predicted[key], s.personal)
             if validate:
-                out.val[s.client_id] = evaluate_client(self.fm, s.client_id, self.val_enc[s.client_id],
-                                                       self.tasks[s.task], cfg.eval_batch_size)
+                out.val[s.client_id] = evaluate_client(self.fm, used, self.val_enc[s.client_id], self.tasks[s.task],
+                                                       cfg.eval_batch_size)
         return out
 
     def states(self) -> dict[int, dict]:

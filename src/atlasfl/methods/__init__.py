@@ -5,8 +5,10 @@ from __future__ import annotations
 from atlasfl.methods.atlas import Atlas
 from atlasfl.methods.atlas_no_laplacian import AtlasNoLaplacian
 from atlasfl.methods.base import Method
+from atlasfl.methods.ditto import Ditto
 from atlasfl.methods.fedavg_cluster import FedAvgCluster
 from atlasfl.methods.fedprox import FedProx
+from atlasfl.methods.fedrep import FedRep
 from atlasfl.methods.fedsa_lora import FedSALoRA
 from atlasfl.methods.ffa_lora import FFALoRA
 from atlasfl.methods.flexlora import FlexLoRA
@@ -24,6 +26,8 @@ METHODS: dict[str, type[Method]] = {m.name: m for m in (
     FedSALoRA,
     FlexLoRA,
     HetLoRA,
+    FedRep,
+    Ditto,
     AtlasNoLaplacian,
     Atlas,
 )}

@@ -18,12 +18,15 @@ if TYPE_CHECKING:
 
     State = dict[str, torch.Tensor]
 
-Part = Literal["lora_A", "lora_B", "head"]
-PARTS: tuple[Part, ...] = ("lora_A", "lora_B", "head")
+Part = Literal["lora_A", "lora_B", "head", "personal"]
+PARTS: tuple[Part, ...] = ("lora_A", "lora_B", "head")  # what a client trains and may send ("personal" never travels)
 
 
 def part_of(key: str) -> Part:
-    """Which part of a client's state a key of the flat state (`lora::<module>::A|B`, `head::<param>`) is."""
+    """Which part of a client's state a key of the flat state (`lora::<module>::A|B`, `head::<param>`, or a personal
+    copy's `personal::<key>`, `models.personal`) is."""
+    if key.startswith("personal::"):
+        return "personal"
     return "head" if key.startswith("head::") else ("lora_A" if key.endswith("::A") else "lora_B")
 
 
@@ -68,6 +71,7 @@ class Method:
     uses_fingerprints: ClassVar[bool] = True  # phase 1's upload serves it (clusters or ranks), so it is traffic
     personalises: ClassVar[bool] = False  # a personal step instead of a mean: its step size is recorded per round
     group_average: ClassVar[bool] = True  # its rule shares a group's average out, so a server optimiser can step it
+    keeps_personal: ClassVar[bool] = False  # each client also trains a personal copy (`models.personal`), evaluated
     trains: ClassVar[tuple[Part, ...]] = PARTS  # what the client's optimizer updates
     uploads: ClassVar[tuple[Part, ...]] = PARTS  # what a sharing client sends after training
     downloads: ClassVar[tuple[Part, ...]] = PARTS  # what the server's rule sends back (the rest stays the client's)
@@ -98,6 +102,17 @@ class Method:
         return None
 
     # ---- the client ------------------------------------------------------------------------
+    def local_phases(self) -> tuple[tuple[tuple[Part, ...], int], ...]:
+        """A round's local training as (parts trained, epochs) phases, run one after the other over consecutive
+        epochs of the client's batches, each with what is not in its parts frozen: here one phase of `trains`
+        for `--local-epochs`."""
+        return ((self.trains, self.cfg.local_epochs),)
+
+    def personal_loss(self) -> Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor]], torch.Tensor] | None:
+        """With `keeps_personal`: the extra term of the personal copy's loss, as f(its trained parameters, the shared
+        state's values of them at the start of the round); None: cross-entropy alone."""
+        return None
+
     def extra_loss(self) -> Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor]], torch.Tensor] | None:
         """An extra term of the client's training loss, as f(trained parameters, their values at the start of the
         round), added to each batch's cross-entropy; None: cross-entropy alone."""

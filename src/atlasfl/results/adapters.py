@@ -27,7 +27,8 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from atlasfl.config import RunConfig
-from atlasfl.models.lora import FederatedLoRAModel, _name
+from atlasfl.models.lora import _name
+from atlasfl.models.personal import PersonalLoRAModel
 from atlasfl.models.registry import HUB_ALIASES
 
 log = logging.getLogger("atlasfl")
@@ -56,7 +57,7 @@ def _staging(cfg: RunConfig, eta_index: int) -> Path:
     return adapters_folder(cfg) / f".eta-{eta_index:02d}"
 
 
-def save_client_adapters(cfg: RunConfig, fm: FederatedLoRAModel, clients: dict[int, tuple[str, str]],
+def save_client_adapters(cfg: RunConfig, fm: PersonalLoRAModel, clients: dict[int, tuple[str, str]],
                          folder: Path) -> None:
     """Write every client's adapter (PEFT format) and head into `folder/c<k>/`. `clients`: id -> (task, metric)."""
     if folder.exists():
@@ -64,16 +65,19 @@ def save_client_adapters(cfg: RunConfig, fm: FederatedLoRAModel, clients: dict[i
     folder.mkdir(parents=True)
     pooling, pooling_doc = POOLING[fm.family.kind]
     for cid, (task, metric) in clients.items():
+        used = fm.model_of(cid)  # what the client predicts with: its personal copy where it keeps one
         # PEFT writes a named (non-default) adapter into folder/<adapter name>/: c<k>, as FederatedLoRAModel names it.
-        fm.peft.save_pretrained(str(folder), selected_adapters=[_name(cid)], save_embedding_layers=False)
-        head = fm.heads[str(cid)]
+        fm.peft.save_pretrained(str(folder), selected_adapters=[_name(used)], save_embedding_layers=False)
+        if used != cid:
+            (folder / _name(used)).rename(folder / _name(cid))
+        head = fm.heads[str(used)]
         save_file({n: p.detach().cpu().contiguous() for n, p in head.named_parameters()},
                   str(folder / _name(cid) / "head.safetensors"))
         meta = dict(client_id=cid, task=task, metric=metric, num_labels=head.out_features,
                     hidden_size=head.in_features, bias=head.bias is not None, pooling=pooling,
                     pooling_doc=pooling_doc, base_model=cfg.model, base_model_id=HUB_ALIASES.get(cfg.model, cfg.model),
                     base_model_source=fm.backbone.source, init=cfg.init, seed=cfg.seed,
-                    method=cfg.method, run_name=cfg.run_name, ranks=fm.ranks[cid], lora_alpha=cfg.lora_alpha,
+                    method=cfg.method, run_name=cfg.run_name, ranks=fm.ranks[used], lora_alpha=cfg.lora_alpha,
                     max_length=cfg.max_length)
         (folder / _name(cid) / "head_config.json").write_text(json.dumps(meta, indent=2) + "\n")
     (folder / "README.md").unlink(missing_ok=True)  # PEFT's generic model card; ours is written on publishing
@@ -89,12 +93,12 @@ def _readable(folder: Path) -> None:
             path.chmod(0o666 & ~umask)
 
 
-def save_eta(cfg: RunConfig, fm: FederatedLoRAModel, clients: dict[int, tuple[str, str]], eta_index: int) -> None:
+def save_eta(cfg: RunConfig, fm: PersonalLoRAModel, clients: dict[int, tuple[str, str]], eta_index: int) -> None:
     """The clients at the end of eta number `eta_index`, staged until the run chooses its eta."""
     save_client_adapters(cfg, fm, clients, _staging(cfg, eta_index))
 
 
-def publish(cfg: RunConfig, fm: FederatedLoRAModel, chosen_index: int, eta: float) -> Path | None:
+def publish(cfg: RunConfig, fm: PersonalLoRAModel, chosen_index: int, eta: float) -> Path | None:
     """Move the chosen eta's clients into place, with the tokenizer and a README; drop the other etas.
     A missing stage (a resumed run whose chosen eta finished before --save-adapters was given) is a warning:
     the run's result still gets written."""

@@ -39,10 +39,11 @@ from atlasfl.errors import AtlasError
 from atlasfl.federation.evaluation import evaluate_client, predict, test_scores
 from atlasfl.federation.fingerprint import fingerprint
 from atlasfl.federation.records import client_references, load_client_data, num_clients
-from atlasfl.federation.training import client_seed, train_local
+from atlasfl.federation.training import client_seed, train_client
 from atlasfl.methods import method_for
-from atlasfl.methods.base import PARTS, select
-from atlasfl.models.lora import FederatedLoRAModel, state_digest
+from atlasfl.methods.base import part_of, select
+from atlasfl.models.lora import state_digest
+from atlasfl.models.personal import PersonalLoRAModel
 from atlasfl.models.registry import load_backbone, resolve_device
 from atlasfl.phases.fingerprint import LABEL_KEYS, NOISE_KEYS
 from atlasfl.results.build import peak_memory
@@ -55,7 +56,7 @@ class _Work:
     """A process's cache of one run: the shared model (adapters of every client this process serves)
     and each client's encoded data."""
     key: tuple
-    fm: FederatedLoRAModel
+    fm: PersonalLoRAModel
     data: dict  # client id -> (shard, task, train, val, test encodings)
 
 
@@ -71,7 +72,7 @@ def _client(context: Context):
     work = _CACHE.get("run")
     if work is None or work.key != key:
         backbone = load_backbone(cfg.model, init=cfg.init, seed=cfg.seed, device=resolve_device(cfg.device))
-        work = _CACHE["run"] = _Work(key, FederatedLoRAModel(backbone, alpha=cfg.lora_alpha,
+        work = _CACHE["run"] = _Work(key, PersonalLoRAModel(backbone, alpha=cfg.lora_alpha,
                                                              dropout=cfg.lora_dropout, seed=cfg.seed), {})
     if cid not in work.data:
         shard, task = load_client_data(cfg, cid)
@@ -80,7 +81,8 @@ def _client(context: Context):
                           encode(tok, task.test, cfg.max_length))
     if "ranks" in kept:
         if cid not in work.fm.ranks:
-            work.fm.add_client(cid, json.loads(kept["ranks"]), work.data[cid][1].num_labels)
+            work.fm.add_client(cid, json.loads(kept["ranks"]), work.data[cid][1].num_labels,
+                               personal=method_for(cfg).keeps_personal)
         if STATE in context.state:
             work.fm.set_state(cid, plain_state(context.state[STATE]))
     return cfg, cid, work.fm, work.data[cid]
@@ -93,7 +95,7 @@ def _node_config(context: Context) -> RunConfig:
     return config_from_json(context.state[ATLAS]["config"], **own)
 
 
-def _keep_state(context: Context, fm: FederatedLoRAModel, cid: int) -> None:
+def _keep_state(context: Context, fm: PersonalLoRAModel, cid: int) -> None:
     context.state[STATE] = plain_record(fm.get_state(cid))
 
 
@@ -153,19 +155,19 @@ def train(msg: Message, context: Context) -> Message:
     cfg, cid, fm, (_, _, train_enc, _, _) = _client(context)
     method = method_for(cfg)
     t0, tally = time.perf_counter(), Tally()
-    loss = train_local(fm, cid, train_enc, epochs=cfg.local_epochs, lr=cfg.lr, batch_size=cfg.batch_size,
-                       seed=client_seed(cfg.seed, int(conf["round"]), cid), group_by_length=cfg.group_by_length,
-                       tally=tally, parts=method.trains, extra_loss=method.extra_loss())
+    loss = train_client(fm, cid, train_enc, method=method, lr=cfg.lr, batch_size=cfg.batch_size,
+                        seed=client_seed(cfg.seed, int(conf["round"]), cid), group_by_length=cfg.group_by_length,
+                        tally=tally)
     metrics = MetricRecord({"train_loss": loss, "train_s": time.perf_counter() - t0, **asdict(tally)})
     _keep_state(context, fm, cid)
     content = RecordDict({ATLAS: ConfigRecord({"client_id": cid}), "metrics": metrics})
     state = fm.get_state(cid)
-    kept = [part for part in PARTS if part not in method.downloads] if conf["upload"] else PARTS
+    kept = {key: value for key, value in state.items() if not conf["upload"] or part_of(key) not in method.downloads}
     if conf["upload"]:
         content[STATE], nbytes = state_to_record(select(state, method.uploads), cfg.wire_dtype)
         content["metrics"]["bytes_up"] = nbytes
     if kept:
-        content[BACKUP] = plain_record(select(state, kept))
+        content[BACKUP] = plain_record(kept)
     return Message(content, reply_to=msg)
 
 
@@ -177,11 +179,12 @@ def evaluate(msg: Message, context: Context) -> Message:
         fm.set_state(cid, record_to_state(msg.content[STATE], cfg.wire_dtype), partial=True)
         _keep_state(context, fm, cid)
     t0, tally = time.perf_counter(), Tally()
-    test = test_scores(task, predict(fm, cid, test_enc, batch_size=cfg.eval_batch_size, tally=tally), shard.personal)
+    test = test_scores(task, predict(fm, fm.model_of(cid), test_enc, batch_size=cfg.eval_batch_size, tally=tally),
+                       shard.personal)
     reply = dict(client_id=cid, digest=state_digest(fm.get_state(cid)), test=test, evaluate_s=time.perf_counter() - t0,
                  work=asdict(tally), **_peak_memory(fm.device))
     if msg.content[ATLAS]["validate"]:
-        reply["val"] = evaluate_client(fm, cid, val_enc, task, cfg.eval_batch_size)
+        reply["val"] = evaluate_client(fm, fm.model_of(cid), val_enc, task, cfg.eval_batch_size)
     return Message(RecordDict({ATLAS: ConfigRecord({"eval": json.dumps(reply)})}), reply_to=msg)
 
 
