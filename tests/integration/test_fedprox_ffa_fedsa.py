@@ -83,9 +83,9 @@ def test_fedsa_lora_averages_the_as_and_leaves_each_client_its_own_b_and_head(ma
     seen = []
     deliver = InProcess.deliver
 
-    def spy(self, states):
+    def spy(self, states, round_idx):
         before = self.states()
-        sent = deliver(self, states)
+        sent = deliver(self, states, round_idx)
         seen.append((before, self.states(), self.fm))
         return sent
 

@@ -41,7 +41,7 @@ from atlasfl.federation.fingerprint import fingerprint
 from atlasfl.federation.records import client_references, load_client_data, num_clients
 from atlasfl.federation.training import client_seed, train_local
 from atlasfl.methods import method_for
-from atlasfl.methods.base import PARTS, select
+from atlasfl.methods.base import PARTS, RESIDUAL, select
 from atlasfl.models.lora import FederatedLoRAModel, state_digest
 from atlasfl.models.registry import load_backbone, resolve_device
 from atlasfl.phases.fingerprint import LABEL_KEYS, NOISE_KEYS
@@ -80,7 +80,8 @@ def _client(context: Context):
                           encode(tok, task.test, cfg.max_length))
     if "ranks" in kept:
         if cid not in work.fm.ranks:
-            work.fm.add_client(cid, json.loads(kept["ranks"]), work.data[cid][1].num_labels)
+            work.fm.add_client(cid, json.loads(kept["ranks"]), work.data[cid][1].num_labels,
+                               residual=method_for(cfg).keeps_residual)
         if STATE in context.state:
             work.fm.set_state(cid, plain_state(context.state[STATE]))
     return cfg, cid, work.fm, work.data[cid]
@@ -160,7 +161,7 @@ def train(msg: Message, context: Context) -> Message:
     _keep_state(context, fm, cid)
     content = RecordDict({ATLAS: ConfigRecord({"client_id": cid}), "metrics": metrics})
     state = fm.get_state(cid)
-    kept = [part for part in PARTS if part not in method.downloads] if conf["upload"] else PARTS
+    kept = [part for part in PARTS if part not in method.downloads] if conf["upload"] else (*PARTS, RESIDUAL)
     if conf["upload"]:
         content[STATE], nbytes = state_to_record(select(state, method.uploads), cfg.wire_dtype)
         content["metrics"]["bytes_up"] = nbytes
@@ -174,7 +175,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     predictions, on its personal rows (and on the local validation set after the last round)."""
     cfg, cid, fm, (shard, task, _, val_enc, test_enc) = _client(context)
     if STATE in msg.content.array_records:
-        fm.set_state(cid, record_to_state(msg.content[STATE], cfg.wire_dtype), partial=True)
+        received = record_to_state(msg.content[STATE], cfg.wire_dtype)
+        fm.set_state(cid, method_for(cfg).receive(received, fm.residuals.tensors(cid), ranks=fm.ranks[cid], cid=cid,
+                                                  round_idx=int(msg.content[ATLAS]["round"])), partial=True)
         _keep_state(context, fm, cid)
     t0, tally = time.perf_counter(), Tally()
     test = test_scores(task, predict(fm, cid, test_enc, batch_size=cfg.eval_batch_size, tally=tally), shard.personal)
