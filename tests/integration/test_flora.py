@@ -1,7 +1,8 @@
 """`flora` end to end on tiny models: a client's forward adds its residual in nn.Linear orientation (GPT-2's Conv1D
 included); after every round each client holds the group's exact mean update merged into its residual and a
-fresh LoRA; the bytes are what travels (the stacked factors down); resume is exact. (Flower's equality with the
-in-process engine: test_hetero_methods.)"""
+fresh LoRA; the bytes are what travels (the stacked factors down); resume is exact; a lone client's residual
+stays in the Flower server's copy. (Flower's equality with the in-process engine over all clients:
+test_hetero_methods.)"""
 from __future__ import annotations
 
 import pytest
@@ -14,7 +15,7 @@ from atlasfl.methods.base import select
 from atlasfl.models.lora import FederatedLoRAModel
 from atlasfl.models.registry import load_backbone
 from atlasfl.phases.stacking import fresh_lora
-from tests.conftest import HETERO_DEVICES, comparable, saved_result, state_floats
+from tests.conftest import HETERO_DEVICES, comparable, force_clusters, outcome, saved_result, state_floats
 
 
 def _batch(fm):
@@ -128,3 +129,16 @@ def test_a_resumed_flora_run_equals_the_uninterrupted_one(make_config, tmp_path,
     assert all(torch.count_nonzero(t) for t in select(states[0], ("residual",)).values())  # the residuals are kept
     resumed, _ = run_and_save(cfg, progress=False, resume=True)
     assert comparable(resumed) == reference
+
+
+def test_in_clusters_a_lone_client_keeps_its_zero_residual_and_flower_agrees(make_config, tmp_path, monkeypatch):
+    """Client 0 alone in its group sends nothing and merges nothing; on Flower its BACKUP carries its residual to
+    the server's copy, whose digest the ServerApp checks against the client's every round."""
+    force_clusters(monkeypatch, [0, 1, 1, 1])
+    kw = dict(method="flora", sharing="cluster", devices=HETERO_DEVICES)
+    inproc = saved_result(make_config(output_dir=str(tmp_path / "a"), **kw))
+    flower = saved_result(make_config(output_dir=str(tmp_path / "b"), engine="flower", **kw))
+    assert outcome(flower) == outcome(inproc)
+    for result in (inproc, flower):
+        assert result["communication_costs"]["per_client_bytes_down"]["0"] == 0
+        assert result["communication_costs"]["per_client_bytes_down"]["1"] > 0
