@@ -1,6 +1,7 @@
 """Shared helpers: tiny end-to-end runs on random-initialised models and generated tasks."""
 from __future__ import annotations
 
+import json
 import warnings
 
 import pytest
@@ -50,6 +51,55 @@ def force_clusters(monkeypatch, labels):
         adopt(self, plan)
 
     monkeypatch.setattr(Server, "adopt", forced)
+
+
+def comparable(result: dict) -> dict:
+    """A result without what may differ between two runs of one config (times, memory, environment, folders)."""
+    out = json.loads(json.dumps(result))
+    for key in ("time_metrics", "memory", "environment"):
+        out.pop(key)
+    for key in ("output_dir", "log_dir", "checkpoint_dir"):
+        out["config"].pop(key)
+    for r in out["round_metrics"]:
+        r.pop("time_s")
+    return out
+
+
+HETERO_DEVICES = ("cpu_2gb", "gpu_16gb")  # two device profiles: unequal ranks across clients
+
+
+def saved_result(cfg) -> dict:
+    """Run `cfg` in its engine and return the result file it wrote, checked against the schema."""
+    from atlasfl.experiment import run_and_save
+    from atlasfl.results.schema import validate_result
+
+    _, path = run_and_save(cfg, progress=False)
+    on_disk = json.loads(path.read_text())
+    validate_result(on_disk)
+    return on_disk
+
+
+def outcome(result: dict) -> tuple[list, dict]:
+    """Every round's state digests and the final metrics: what two engines (or two runs) must agree on."""
+    return [r["state_digests"] for r in result["round_metrics"]], result["final_metrics"]
+
+
+@pytest.fixture
+def deliveries(monkeypatch):
+    """Every in-process delivery of the next run, as (round, states before, states after, the transport)."""
+    from atlasfl.engines.inprocess import InProcess
+
+    seen = []
+    deliver = InProcess.deliver
+
+    def spy(self, states, round_idx):
+        before = self.states()
+        sent = deliver(self, states, round_idx)
+        seen.append((round_idx, before, self.states(), self))
+        return sent
+
+    monkeypatch.setattr(InProcess, "deliver", spy)
+    return seen
 
 
 def state_floats(model: str, ranks: dict[str, int], num_labels: int) -> int:

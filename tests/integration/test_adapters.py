@@ -120,3 +120,29 @@ def test_flower_engine_refuses_save_adapters(tmp_path):
 
     with pytest.raises(AtlasError, match="--save-adapters"):
         tiny_config(tmp_path, engine="flower", save_adapters=str(tmp_path / "a"))
+
+
+@pytest.mark.parametrize("model", ["tiny-bert", "tiny-gpt2"])
+def test_a_client_with_a_residual_is_saved_as_one_merged_adapter_that_peft_loads(tmp_path, model):
+    """flora's clients: the residual and the LoRA's update in one full-rank adapter (GPT-2's Conv1D included)."""
+    from atlasfl.results.adapters import save_client_adapters
+
+    cfg = tiny_config(tmp_path, model=model, method="flora", save_adapters=str(tmp_path / "adapters"))
+    fm = FederatedLoRAModel(load_backbone(model, seed=0), alpha=16.0, dropout=0.0, seed=0)
+    fm.add_client(0, {m: 2 for m in fm.modules}, 2, residual=True)
+    gen = torch.Generator().manual_seed(1)
+    fm.set_state(0, {k: torch.randn(v.shape, generator=gen) * 0.3 for k, v in fm.get_state(0).items()})
+    save_client_adapters(cfg, fm, {0: ("gen_sentiment", "accuracy")}, tmp_path / "out")
+    folder = tmp_path / "out" / "c0"
+    head_cfg = json.loads((folder / "head_config.json").read_text())
+    assert head_cfg["saved_ranks"] == {m: min(s) for m, s in fm.module_shapes().items()}
+    assert list(fm.peft.peft_config) == ["c0"]  # the temporary adapter is gone
+    encoded = encode(fm.backbone.tokenizer, load_task("gen_sentiment", max_test=16).test, 64)
+    _, y_run, _ = predict(fm, 0, encoded, batch_size=8)
+    assert np.array_equal(_peft_predictions(folder, model, 0, encoded, fm.backbone.tokenizer.pad_token_id), y_run)
+    batch = next(batches(encoded, 8, shuffle=False, seed=None, pad_token_id=fm.backbone.tokenizer.pad_token_id))
+    peft_model = PeftModel.from_pretrained(load_backbone(model, seed=0).model, str(folder)).eval()
+    with torch.no_grad():
+        fm.activate(0, train=False)
+        theirs = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        torch.testing.assert_close(theirs, fm.hidden_states(batch), rtol=1e-4, atol=1e-4)

@@ -79,21 +79,11 @@ def test_ffa_lora_refuses_the_svd_aggregation_in_one_line():
     assert "\n" not in str(info.value)
 
 
-def test_fedsa_lora_averages_the_as_and_leaves_each_client_its_own_b_and_head(make_config, monkeypatch):
-    seen = []
-    deliver = InProcess.deliver
-
-    def spy(self, states):
-        before = self.states()
-        sent = deliver(self, states)
-        seen.append((before, self.states(), self.fm))
-        return sent
-
-    monkeypatch.setattr(InProcess, "deliver", spy)
+def test_fedsa_lora_averages_the_as_and_leaves_each_client_its_own_b_and_head(make_config, deliveries):
     cfg = make_config(method="fedsa_lora", model="tiny-gpt2")  # c_attn: d_in 32 ≠ d_out 96
     result, _ = run_and_save(cfg, progress=False)
-    assert len(seen) == cfg.rounds
-    for before, after, _ in seen:
+    assert len(deliveries) == cfg.rounds
+    for _, before, after, _ in deliveries:
         for cid, state in after.items():
             for key in select(state, ("lora_A",)):  # the group's mean, not the client's own trained A
                 assert torch.equal(state[key], after[0][key]) and not torch.equal(state[key], before[cid][key])
@@ -102,7 +92,7 @@ def test_fedsa_lora_averages_the_as_and_leaves_each_client_its_own_b_and_head(ma
         for part in ("lora_B", "head"):  # trained locally on different shards: every client's differs
             for key in select(after[0], (part,)):
                 assert len({after[cid][key].numpy().tobytes() for cid in after}) == len(after), key
-    fm, rank = seen[0][2], cfg.homogeneous_rank
+    fm, rank = deliveries[0][3].fm, cfg.homogeneous_rank
     expected = 4 * sum(rank * d_in for _, d_in in fm.module_shapes().values())
     assert expected == 4 * 2 * 4 * 32
     assert _sent(result) == [[(expected, expected)] * 4] * cfg.rounds

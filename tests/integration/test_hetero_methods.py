@@ -2,27 +2,15 @@
 adapters at each client's ranks and its head, and `flexlora --sharing cluster` is `atlas_no_laplacian`."""
 from __future__ import annotations
 
-import json
-
 import pytest
 
-from atlasfl.experiment import run_and_save
-from atlasfl.results.schema import validate_result
-from tests.conftest import state_floats
+from tests.conftest import HETERO_DEVICES, outcome, saved_result, state_floats
 
 HETERO = ("flexlora", "hetlora")
-DEVICES = ("cpu_2gb", "gpu_16gb")  # two device profiles: unequal ranks across clients
 
 
 def _run(make_config, method, **kw):
-    result, path = run_and_save(make_config(method=method, devices=DEVICES, **kw), progress=False)
-    on_disk = json.loads(path.read_text())
-    validate_result(on_disk)
-    return on_disk
-
-
-def _outcome(result):
-    return [r["state_digests"] for r in result["round_metrics"]], result["final_metrics"]
+    return saved_result(make_config(method=method, devices=HETERO_DEVICES, **kw))
 
 
 @pytest.mark.parametrize("method", HETERO)
@@ -50,9 +38,9 @@ def test_flexlora_in_clusters_is_atlas_no_laplacian(make_config, tmp_path):
     theirs = _run(make_config, "atlas_no_laplacian", output_dir=str(tmp_path / "theirs"))
     assert ours["cluster_labels"] == theirs["cluster_labels"] and ours["ranks"] == theirs["ranks"]
     assert len(set(ours["cluster_labels"])) > 1  # the clusters split the clients, so sharing="all" would differ
-    assert _outcome(ours) == _outcome(theirs)
+    assert outcome(ours) == outcome(theirs)
     everyone = _run(make_config, "flexlora", output_dir=str(tmp_path / "all"))
-    assert _outcome(everyone)[0][-1] != _outcome(ours)[0][-1]
+    assert outcome(everyone)[0][-1] != outcome(ours)[0][-1]
 
 
 def test_hetlora_regulariser_changes_local_training(make_config, tmp_path):
@@ -62,17 +50,18 @@ def test_hetlora_regulariser_changes_local_training(make_config, tmp_path):
     first = [r["clients"] for r in (plain["round_metrics"][0], regularised["round_metrics"][0])]
     # Round 1 starts alike (B = 0: the tail term and its gradient are 0), so the term acts from step 2 on.
     assert [c["train_loss"] for c in first[0]] != [c["train_loss"] for c in first[1]]
-    assert _outcome(plain)[0] != _outcome(regularised)[0]
+    assert outcome(plain)[0] != outcome(regularised)[0]
 
 
-@pytest.mark.parametrize(("method", "kw"), [("flexlora", {}), ("hetlora", {"hetlora_lambda": 0.05})])
+@pytest.mark.parametrize(("method", "kw"), [("flexlora", {}), ("hetlora", {"hetlora_lambda": 0.05}), ("flora", {})])
 def test_flower_simulation_matches_the_inprocess_engine(make_config, tmp_path, method, kw):
     """Same states and metrics bit for bit at one thread (conftest; one Ray CPU per actor). hetlora runs at a
-    non-default lambda, so the ClientApp must take the method's own setting from the run config."""
+    non-default lambda, so the ClientApp must take the method's own setting from the run config; flora's clients
+    merge what they receive into their residuals, as the ServerApp's copies do (it checks their digests)."""
     inproc = _run(make_config, method, output_dir=str(tmp_path / "a"), **kw)
     flower = _run(make_config, method, output_dir=str(tmp_path / "b"), engine="flower", **kw)
     assert flower["config"]["engine"] == "flower" and flower["ranks"] == inproc["ranks"]
-    assert _outcome(flower) == _outcome(inproc)
+    assert outcome(flower) == outcome(inproc)
     assert [[c["train_loss"] for c in r["clients"]] for r in flower["round_metrics"]] == \
         [[c["train_loss"] for c in r["clients"]] for r in inproc["round_metrics"]]
     for key in ("per_client_bytes_up", "per_client_bytes_down"):

@@ -14,22 +14,12 @@ import pytest
 import atlasfl.results.checkpoint as ckpt
 from atlasfl.experiment import run_and_save
 from atlasfl.results.checkpoint import complete_checkpoints
+from tests.conftest import comparable as _comparable
 
 ROUNDS = 5
 ARGS = ["tiny-bert", "3", "atlas", "--tasks", "gen_sentiment", "--tasks", "gen_pair", "--clients-per-task", "2",
         "--rounds", str(ROUNDS), "--max-samples", "160", "--max-test-samples", "32", "--batch-size", "8",
         "--fingerprint-samples", "16"]
-
-
-def _comparable(result: dict) -> dict:
-    out = json.loads(json.dumps(result))
-    for key in ("time_metrics", "memory", "environment"):
-        out.pop(key)
-    for key in ("output_dir", "log_dir", "checkpoint_dir"):
-        out["config"].pop(key)
-    for r in out["round_metrics"]:
-        r.pop("time_s")
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -99,7 +99,7 @@ class InProcess:
     def build(self, plan: Plan) -> None:
         for s in self.shards:
             self.fm.add_client(s.client_id, plan.ranks[s.client_id], self.tasks[s.task].num_labels,
-                               personal=self.method.keeps_personal)
+                               personal=self.method.keeps_personal, residual=self.method.keeps_residual)
         self.initial = self.states()
 
     def start_eta(self, eta: float, states: dict[int, dict] | None) -> None:
@@ -136,11 +136,13 @@ class InProcess:
             out.uploads[cid], out.bytes_up[cid] = wire(select(fm.get_state(cid), self.method.uploads), cfg.wire_dtype)
         return out
 
-    def deliver(self, states: dict[int, dict]) -> dict[int, int]:
+    def deliver(self, states: dict[int, dict], round_idx: int) -> dict[int, int]:
         sent = {}
         for cid, state in states.items():
             received, sent[cid] = wire(select(state, self.method.downloads), self.cfg.wire_dtype)
-            self.fm.set_state(cid, received, partial=True)
+            adopted = self.method.receive(received, self.fm.residuals.tensors(cid), ranks=self.fm.ranks[cid], cid=cid,
+                                          round_idx=round_idx)
+            self.fm.set_state(cid, adopted, partial=True)
         return sent
 
     def evaluate(self, round_idx: int, trained: set[int], validate: bool) -> Evaluated:

@@ -150,7 +150,7 @@ def run_round(fed: Federation, r: int, bars: RunProgress) -> dict:
     t_train = time.perf_counter()
     warn_missing(r, trained.missing)
     _check_missing(fed, trained.missing)
-    down = fed.transport.deliver(fed.server.aggregate(trained.uploads, frozenset(trained.missing)))
+    down = fed.transport.deliver(fed.server.aggregate(trained.uploads, frozenset(trained.missing)), r)
     t_aggregate = time.perf_counter()
     evaluated = fed.transport.evaluate(r, set(trained.losses) - set(trained.missing), validate=r == fed.cfg.rounds)
     t_end = time.perf_counter()

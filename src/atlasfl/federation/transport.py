@@ -79,8 +79,9 @@ class Transport(Protocol):
         """Every client trains; the clients in `sharing` upload their trained state (the method's `uploads`).
         `advance(n)`: n more clients are done (a progress bar)."""
 
-    def deliver(self, states: dict[int, dict]) -> dict[int, int]:
-        """Send each client its new state (the method's `downloads`); the bytes each was sent."""
+    def deliver(self, states: dict[int, dict], round_idx: int) -> dict[int, int]:
+        """Send each client its new state (the method's `downloads`, which it adopts by `Method.receive`); the bytes
+        each was sent."""
 
     def evaluate(self, round_idx: int, trained: set[int], validate: bool) -> Evaluated:
         """The clients of `trained` score their test sets (and their local validation if `validate`)."""

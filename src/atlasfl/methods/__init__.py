@@ -12,6 +12,7 @@ from atlasfl.methods.fedrep import FedRep
 from atlasfl.methods.fedsa_lora import FedSALoRA
 from atlasfl.methods.ffa_lora import FFALoRA
 from atlasfl.methods.flexlora import FlexLoRA
+from atlasfl.methods.flora import FLoRA
 from atlasfl.methods.hetlora import HetLoRA
 from atlasfl.methods.local_only import LocalOnly
 from atlasfl.methods.standard_fl import StandardFL
@@ -26,6 +27,7 @@ METHODS: dict[str, type[Method]] = {m.name: m for m in (
     FedSALoRA,
     FlexLoRA,
     HetLoRA,
+    FLoRA,
     FedRep,
     Ditto,
     AtlasNoLaplacian,

@@ -18,16 +18,19 @@ if TYPE_CHECKING:
 
     State = dict[str, torch.Tensor]
 
-Part = Literal["lora_A", "lora_B", "head", "personal"]
-PARTS: tuple[Part, ...] = ("lora_A", "lora_B", "head")  # what a client trains and may send ("personal" never travels)
+Part = Literal["lora_A", "lora_B", "head", "residual", "personal"]
+PARTS: tuple[Part, ...] = ("lora_A", "lora_B", "head")  # what a method may train and send
+RESIDUAL: Part = "residual"  # a frozen dense residual per module (`Method.keeps_residual`): never trained nor sent
 
 
 def part_of(key: str) -> Part:
-    """Which part of a client's state a key of the flat state (`lora::<module>::A|B`, `head::<param>`, or a personal
-    copy's `personal::<key>`, `models.personal`) is."""
+    """Which part of a client's state a key of the flat state (`lora::<module>::A|B|R`, `head::<param>`, or a
+    personal copy's `personal::<key>`, `models.personal`) is; "residual" and "personal" never travel."""
     if key.startswith("personal::"):
         return "personal"
-    return "head" if key.startswith("head::") else ("lora_A" if key.endswith("::A") else "lora_B")
+    if key.startswith("head::"):
+        return "head"
+    return {"A": "lora_A", "R": RESIDUAL}.get(key.rpartition("::")[2], "lora_B")
 
 
 def select(state: State, parts: Sequence[Part]) -> State:
@@ -75,6 +78,7 @@ class Method:
     trains: ClassVar[tuple[Part, ...]] = PARTS  # what the client's optimizer updates
     uploads: ClassVar[tuple[Part, ...]] = PARTS  # what a sharing client sends after training
     downloads: ClassVar[tuple[Part, ...]] = PARTS  # what the server's rule sends back (the rest stays the client's)
+    keeps_residual: ClassVar[bool] = False  # each client adds a frozen dense residual per module to the base weights
     settings: ClassVar[dict[str, tuple[Any, Any]]] = {}  # name -> (type, settings.setting(...)): its own flags
     search_space: ClassVar[dict[str, Range]] = {"lr": Range(1e-5, 1e-2, log=True)}
 
@@ -117,6 +121,13 @@ class Method:
         """An extra term of the client's training loss, as f(trained parameters, their values at the start of the
         round), added to each batch's cross-entropy; None: cross-entropy alone."""
         return None
+
+    def receive(self, received: State, residual: State, *, ranks: dict[str, int], cid: int, round_idx: int
+                ) -> State:
+        """What client `cid` (at `ranks`, holding `residual`) sets in its state after round `round_idx`'s download
+        `received`: here the parts received, as they came. Engines and the Flower server's copy call it alike, so
+        it must be a pure function of its arguments."""
+        return received
 
     # ---- the server ------------------------------------------------------------------------
     def groups(self, clients: list[int], clusters: list[int]) -> list[list[int]]:

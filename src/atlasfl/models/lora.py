@@ -13,6 +13,7 @@ import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ from torch import nn
 
 from atlasfl.errors import AtlasError
 from atlasfl.models.registry import Backbone
+from atlasfl.models.residual import Residuals
 from atlasfl.phases.devices import ModelFacts
 
 
@@ -110,10 +112,12 @@ class FederatedLoRAModel:
         self.peft: PeftModel | None = None
         self.heads = nn.ModuleDict()
         self.ranks: dict[int, dict[str, int]] = {}
+        self.residuals = Residuals()
 
     # ---- building ---------------------------------------------------------------------------
-    def add_client(self, cid: int, ranks: dict[str, int], num_labels: int) -> None:
-        """Adapter and head start from the run seed, so same-shape clients start identical (a server broadcast)."""
+    def add_client(self, cid: int, ranks: dict[str, int], num_labels: int, *, residual: bool = False) -> None:
+        """Adapter and head start from the run seed, so same-shape clients start identical (a server broadcast);
+        with `residual`, a zero frozen residual per module too (`models.residual`)."""
         if set(ranks) != set(self.modules):
             raise ValueError("ranks must name exactly the adapted modules")
         default = max(set(ranks.values()), key=list(ranks.values()).count)
@@ -128,6 +132,8 @@ class FederatedLoRAModel:
             self.peft.add_adapter(_name(cid), config)
         self.heads[str(cid)] = self.new_head(num_labels)
         self.ranks[cid] = dict(ranks)
+        if residual:
+            self.residuals.add(cid, dict(self._lora_layers()), self.module_shapes(), self.base_weight(self.modules[0]))
 
     # ---- per-client state -------------------------------------------------------------------
     def _lora_layers(self):
@@ -152,6 +158,7 @@ class FederatedLoRAModel:
         for name, layer in self._lora_layers():
             state[f"lora::{name}::A"] = layer.lora_A[_name(cid)].weight.detach().cpu().clone()
             state[f"lora::{name}::B"] = layer.lora_B[_name(cid)].weight.detach().cpu().clone()
+        state.update({key: t.detach().cpu().clone() for key, t in self.residuals.tensors(cid).items()})
         for pname, p in self.heads[str(cid)].named_parameters():
             state[f"head::{pname}"] = p.detach().cpu().clone()
         return state
@@ -163,6 +170,7 @@ class FederatedLoRAModel:
         for name, layer in self._lora_layers():
             targets[f"lora::{name}::A"] = layer.lora_A[_name(cid)].weight
             targets[f"lora::{name}::B"] = layer.lora_B[_name(cid)].weight
+        targets.update(self.residuals.tensors(cid))
         for pname, p in self.heads[str(cid)].named_parameters():
             targets[f"head::{pname}"] = p
         if not (set(state) <= set(targets) if partial else set(state) == set(targets)):
@@ -257,25 +265,26 @@ class FederatedLoRAModel:
         """One forward pass of the frozen base over `batch`, whose rows `start:stop` belong to client `cid` for each
         (cid, start, stop) of `spans` (contiguous, covering every row): every adapted module adds to those rows
         the LoRA delta of that client's adapter, as PEFT's forward does for the active one (dropout, then A, B
-        and scaling), and each client's head scores its pooled rows. Use inside `training_together`.
+        and scaling), and its residual if it has one; each client's head scores its pooled rows. Use inside
+        `training_together`.
 
         Its own hooks rather than PEFT's mixed-batch `adapter_names` (inference only at PeftModel level): rows
         of a client are contiguous here, so slices replace PEFT's row gathers and scatters."""
         if spans[0][1] != 0 or spans[-1][2] != len(batch["input_ids"]) or \
                 any(a[2] != b[1] for a, b in zip(spans, spans[1:])):
             raise ValueError("spans must cover the batch's rows contiguously, in order")
-        names = [(_name(cid), start, stop) for cid, start, stop in spans]
+        names = [(cid, _name(cid), start, stop) for cid, start, stop in spans]
 
-        def add_deltas(layer, args, output):
+        def add_deltas(layer, args, output, *, module):
             x = args[0]
             deltas = []
-            for name, start, stop in names:
+            for cid, name, start, stop in names:
                 rows = x[start:stop].to(layer.lora_A[name].weight.dtype)
-                deltas.append(layer.lora_B[name](layer.lora_A[name](layer.lora_dropout[name](rows)))
-                              * layer.scaling[name])
+                delta = layer.lora_B[name](layer.lora_A[name](layer.lora_dropout[name](rows))) * layer.scaling[name]
+                deltas.append(self.residuals.add_to(delta, rows, cid, module))
             return output + torch.cat(deltas).to(output.dtype)
 
-        handles = [layer.register_forward_hook(add_deltas) for _, layer in self._lora_layers()]
+        handles = [layer.register_forward_hook(partial(add_deltas, module=m)) for m, layer in self._lora_layers()]
         try:
             hidden = self.hidden_states(batch)
         finally:

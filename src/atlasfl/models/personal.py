@@ -27,12 +27,13 @@ class PersonalLoRAModel(FederatedLoRAModel):
         super().__init__(*args, **kwargs)
         self.personal: set[int] = set()
 
-    def add_client(self, cid: int, ranks: dict[str, int], num_labels: int, *, personal: bool = False) -> None:
+    def add_client(self, cid: int, ranks: dict[str, int], num_labels: int, *, personal: bool = False,
+                   residual: bool = False) -> None:
         """The copy starts from the run seed as the client itself does: v⁰ = w⁰."""
         if personal:
             super().add_client(personal_id(cid), ranks, num_labels)
             self.personal.add(cid)
-        super().add_client(cid, ranks, num_labels)
+        super().add_client(cid, ranks, num_labels, residual=residual)
 
     def model_of(self, cid: int) -> int:
         """The id whose adapter and head client `cid` predicts with: its personal copy where it keeps one."""

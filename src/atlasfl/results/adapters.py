@@ -11,6 +11,8 @@
 
 `PeftModel.from_pretrained(AutoModel.from_pretrained(BASE), "DIR/NAME/c<k>")` gives client k's
 backbone; its last hidden state, pooled as `head_config.json` says, through the head gives its logits.
+A client with a frozen residual (`flora`) is written as one merged adapter: its residual plus its LoRA's update,
+refactored at full rank (min(d_out, d_in) per module), so peft alone loads the client's whole model.
 
 With `--lambda-sweep` every eta's final clients are written to a staging folder as the eta finishes
 (so a resumed run still has them); the chosen eta's are moved into place when the run ends.
@@ -20,10 +22,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
 
+import torch
+from peft import LoraConfig
 from safetensors.torch import save_file
 
 from atlasfl.config import RunConfig
@@ -66,8 +71,7 @@ def save_client_adapters(cfg: RunConfig, fm: PersonalLoRAModel, clients: dict[in
     pooling, pooling_doc = POOLING[fm.family.kind]
     for cid, (task, metric) in clients.items():
         used = fm.model_of(cid)  # what the client predicts with: its personal copy where it keeps one
-        # PEFT writes a named (non-default) adapter into folder/<adapter name>/: c<k>, as FederatedLoRAModel names it.
-        fm.peft.save_pretrained(str(folder), selected_adapters=[_name(used)], save_embedding_layers=False)
+        saved_ranks = _save_adapter(fm, used, folder)
         if used != cid:
             (folder / _name(used)).rename(folder / _name(cid))
         head = fm.heads[str(used)]
@@ -78,10 +82,42 @@ def save_client_adapters(cfg: RunConfig, fm: PersonalLoRAModel, clients: dict[in
                     pooling_doc=pooling_doc, base_model=cfg.model, base_model_id=HUB_ALIASES.get(cfg.model, cfg.model),
                     base_model_source=fm.backbone.source, init=cfg.init, seed=cfg.seed,
                     method=cfg.method, run_name=cfg.run_name, ranks=fm.ranks[used], lora_alpha=cfg.lora_alpha,
-                    max_length=cfg.max_length)
+                    max_length=cfg.max_length, **({} if saved_ranks is None else dict(
+                        saved_ranks=saved_ranks, residual="merged into the adapter (full rank)")))
         (folder / _name(cid) / "head_config.json").write_text(json.dumps(meta, indent=2) + "\n")
     (folder / "README.md").unlink(missing_ok=True)  # PEFT's generic model card; ours is written on publishing
     _readable(folder)
+
+
+def _save_adapter(fm: PersonalLoRAModel, cid: int, folder: Path) -> dict[str, int] | None:
+    """Write client `cid`'s adapter into `folder/c<k>/` (PEFT writes a named adapter into folder/<name>/). A client
+    with a residual gets a temporary adapter of full rank whose update is R + (α/r)·B@A: its ranks are returned."""
+    if cid not in fm.residuals.of:
+        fm.peft.save_pretrained(str(folder), selected_adapters=[_name(cid)], save_embedding_layers=False)
+        return None
+    from atlasfl.phases.aggregation import lora_delta, refactor
+
+    state, shapes, name = fm.get_state(cid), fm.module_shapes(), f"{_name(cid)}-merged"
+    ranks = {m: min(shapes[m]) for m in fm.modules}
+    default = max(ranks.values())
+    with torch.random.fork_rng(devices=[]):  # PEFT's initialisation of the temporary adapter draws from it
+        fm.peft.add_adapter(name, LoraConfig(r=default, lora_alpha=fm.alpha, target_modules=list(fm.modules),
+                                             rank_pattern={re.escape(m): r for m, r in ranks.items() if r != default},
+                                             bias="none"))
+    try:
+        for m in fm.modules:
+            A, B = state[f"lora::{m}::A"], state[f"lora::{m}::B"]
+            merged = refactor(state[f"lora::{m}::R"] + lora_delta(A, B, fm.alpha / A.shape[0]), ranks[m],
+                              fm.alpha / ranks[m])
+            layer = fm.peft.base_model.model.get_submodule(m)
+            with torch.no_grad():
+                for factor, value in zip((layer.lora_A[name].weight, layer.lora_B[name].weight), merged):
+                    factor.copy_(value)
+        fm.peft.save_pretrained(str(folder), selected_adapters=[name], save_embedding_layers=False)
+        (folder / name).rename(folder / _name(cid))
+    finally:
+        fm.peft.delete_adapter(name)
+    return ranks
 
 
 def _readable(folder: Path) -> None:

@@ -82,7 +82,7 @@ def _client(context: Context):
     if "ranks" in kept:
         if cid not in work.fm.ranks:
             work.fm.add_client(cid, json.loads(kept["ranks"]), work.data[cid][1].num_labels,
-                               personal=method_for(cfg).keeps_personal)
+                               personal=method_for(cfg).keeps_personal, residual=method_for(cfg).keeps_residual)
         if STATE in context.state:
             work.fm.set_state(cid, plain_state(context.state[STATE]))
     return cfg, cid, work.fm, work.data[cid]
@@ -176,7 +176,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     predictions, on its personal rows (and on the local validation set after the last round)."""
     cfg, cid, fm, (shard, task, _, val_enc, test_enc) = _client(context)
     if STATE in msg.content.array_records:
-        fm.set_state(cid, record_to_state(msg.content[STATE], cfg.wire_dtype), partial=True)
+        received = record_to_state(msg.content[STATE], cfg.wire_dtype)
+        fm.set_state(cid, method_for(cfg).receive(received, fm.residuals.tensors(cid), ranks=fm.ranks[cid], cid=cid,
+                                                  round_idx=int(msg.content[ATLAS]["round"])), partial=True)
         _keep_state(context, fm, cid)
     t0, tally = time.perf_counter(), Tally()
     test = test_scores(task, predict(fm, fm.model_of(cid), test_enc, batch_size=cfg.eval_batch_size, tally=tally),

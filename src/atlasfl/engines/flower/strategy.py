@@ -39,7 +39,7 @@ from atlasfl.federation.records import num_clients, select_eta
 from atlasfl.federation.server import Plan
 from atlasfl.federation.transport import Evaluated, Roster, Trained
 from atlasfl.methods import method_for
-from atlasfl.methods.base import select
+from atlasfl.methods.base import RESIDUAL, select
 from atlasfl.models.lora import state_digest
 from atlasfl.phases.devices import ModelFacts
 from atlasfl.phases.fingerprint import LABEL_KEYS, NOISE_KEYS
@@ -166,12 +166,14 @@ class AtlasStrategy:
         advance(len(out.losses))
         return out
 
-    def deliver(self, states: dict[int, dict]) -> dict[int, int]:
+    def deliver(self, states: dict[int, dict], round_idx: int) -> dict[int, int]:
         sent = {}
         for cid, state in states.items():
             self.pending[cid], sent[cid] = state_to_record(select(state, self.method.downloads), self.cfg.wire_dtype)
-            # exactly what cid adopts
-            self.copies[cid] = {**self.copies.get(cid, {}), **record_to_state(self.pending[cid], self.cfg.wire_dtype)}
+            own = self.copies.get(cid, {})  # exactly what cid adopts, as its ClientApp does
+            self.copies[cid] = {**own, **self.method.receive(
+                record_to_state(self.pending[cid], self.cfg.wire_dtype), select(own, (RESIDUAL,)),
+                ranks=self.ranks[cid], cid=cid, round_idx=round_idx)}
         return sent
 
     def evaluate(self, round_idx: int, trained: set[int], validate: bool) -> Evaluated:
