@@ -25,6 +25,8 @@ class FLoRA(FieldMethod):
                "(Wang et al., 2024).")
     heterogeneous_ranks = True
     keeps_residual = True
+    # The stacked factors are sent, not a dense average: a server optimiser's step would need the dense ΔW sent.
+    group_average = False
 
     @classmethod
     def check(cls, cfg):
