@@ -133,12 +133,13 @@ def test_bench_scaling_runs_the_models_and_sizes_asked_for(monkeypatch, capsys):
     assert "peak memory" in capsys.readouterr().out
 
 
-HEAVY = ("torch", "transformers", "peft", "flwr", "datasets", "sklearn", "scipy", "matplotlib")
+HEAVY = ("torch", "transformers", "peft", "flwr", "datasets", "sklearn", "scipy", "matplotlib", "optuna")
 HELP_PROBE = """
 import sys
 from typer.testing import CliRunner
 from atlasfl.cli.app import app
-for args in (["--help"], *([c, "--help"] for c in ("run", "demo", "presets", "sweep", "report", "config", "bench"))):
+COMMANDS = ("run", "demo", "presets", "sweep", "tune", "report", "config", "bench")
+for args in (["--help"], *([c, "--help"] for c in COMMANDS)):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0 and "Usage" in result.output, (args, result.output)
 print(" ".join(m for m in sys.argv[1:] if m in sys.modules))
