@@ -7,6 +7,7 @@ import typer
 from rich.console import Console
 
 from atlasfl.cli.options import CONFIG_HELP, merge_config_file, parse_seed, split_values, with_overrides
+from atlasfl.cli.tune import DEV_SEED
 from atlasfl.config import METHODS, overridable_settings
 from atlasfl.errors import AtlasError
 from atlasfl.sweep import grid_configs, run_sweep
@@ -52,7 +53,13 @@ def sweep(
             raise AtlasError(f"Missing option '--{name}': give it on the command line or as `{name} = [...]` "
                              "in a --config file")
         grid[name] = values
-    configs = grid_configs(grid["models"], grid["methods"], [parse_seed(s) for s in grid["seeds"]], **settings)
+    seeds = [parse_seed(s) for s in grid["seeds"]]
+    if settings.get("tune"):  # every method the same trials on one development seed, not a reported one
+        settings["tune_seed"] = DEV_SEED if settings.get("tune_seed") is None else settings["tune_seed"]
+        if settings["tune_seed"] in seeds:
+            raise AtlasError(f"--tune-seed {settings['tune_seed']} is also a reported seed: tune on a development "
+                             "seed the sweep does not report (--tune-seed N)")
+    configs = grid_configs(grid["models"], grid["methods"], seeds, **settings)
     console = Console(soft_wrap=True)  # one line per run, whatever the terminal width
     outcome = run_sweep(configs, overwrite=overwrite,
                         say=lambda line: console.print(line, markup=False, highlight=False))

@@ -7,14 +7,15 @@ import typer
 from rich.console import Console
 
 from atlasfl.cli.options import CONFIG_HELP, merge_config_file, parse_seed, with_overrides
-from atlasfl.config import METHODS, overridable_settings
+from atlasfl.config import METHODS, build_config, overridable_settings
 from atlasfl.errors import AtlasError
 
 DEV_SEED = 7  # the research benchmark's development seed: not one of the reported seeds (42, 123, 456)
 OWN_KEYS = ("model", "method", "seed", "trials", "search_space")
+NOT_HERE = ("engine", "tune", "tune_seed")  # trials run in-process; a study is what --tune runs
 
 
-@with_overrides(exclude=("engine",))
+@with_overrides(exclude=NOT_HERE)
 def tune(
     model: Optional[str] = typer.Argument(None, help="As `atlas run`'s MODEL.", show_default=False),
     method: Optional[str] = typer.Argument(None, help=" | ".join(METHODS), show_default=False),
@@ -29,7 +30,7 @@ def tune(
     storage: Optional[str] = typer.Option(None, "--storage", help="SQLAlchemy URL of the study's database, e.g. "
                                           "postgresql://user@host/db (default: sqlite under "
                                           "OUTPUT_DIR/tuning/STUDY.db).", show_default=False),
-    study: Optional[str] = typer.Option(None, "--study", help="Study name (default: the run name + _tune).",
+    study: Optional[str] = typer.Option(None, "--study", help="Study name (default: the run name + _tune<trials>).",
                                         show_default=False),
     config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP.format(keys="model, method, seed, trials")
                                          + " A [search_space] table narrows, widens or adds ranges: "
@@ -43,8 +44,8 @@ def tune(
     from atlasfl.tuning.study import masked
 
     given = dict(model=model, method=method, seed=seed, trials=trials)
-    settings = merge_config_file(config, [*OWN_KEYS, *(n for n in overridable_settings() if n != "engine")],
-                                 given | overrides)
+    keys = [*OWN_KEYS, *(n for n in overridable_settings() if n not in NOT_HERE)]
+    settings = merge_config_file(config, keys, given | overrides)
     for name in ("model", "method", "trials"):
         if settings.get(name) is None:
             where = f"`--{name}`" if name == "trials" else name.upper()
@@ -52,9 +53,9 @@ def tune(
     edits = settings.pop("search_space", None)
     if edits is not None and not isinstance(edits, dict):
         raise AtlasError("search_space in a config file is a table: [search_space] then lines like lr = [1e-4, 1e-2]")
-    plan = study_plan(str(settings.pop("model")), parse_seed(str(settings.pop("seed", DEV_SEED))),
-                      str(settings.pop("method")), int(settings.pop("trials")), edits=edits, name=study,
-                      storage=storage, **settings)
+    base = build_config(str(settings.pop("model")), parse_seed(str(settings.pop("seed", DEV_SEED))),
+                        str(settings.pop("method")), **{k: v for k, v in settings.items() if k != "trials"})
+    plan = study_plan(base, int(settings["trials"]), edits=edits, name=study, storage=storage)
     console = Console(soft_wrap=True)
     say = lambda line: console.print(line, markup=False, highlight=False)  # noqa: E731
     say(f"study {plan.name} ({masked(plan.storage)}): searching {', '.join(plan.space)}")

@@ -5,19 +5,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from atlasfl.config import QUICK, RunConfig, build_config
+from atlasfl.config import RunConfig, build_config
+from atlasfl.methods import METHODS
 from atlasfl.tuning.space import search_space
-from atlasfl.tuning.study import StudyPlan, best_config, plan_study, run_study
+from atlasfl.tuning.study import StudyPlan, best_config, plan_study, run_study, with_settings
 
 
-def study_plan(model: str, seed: int, method: str, trials: int, *, edits: dict | None = None,
-               name: str | None = None, storage: str | None = None, **overrides) -> StudyPlan:
-    """The study of `method` on `seed`'s clients with the given settings; a setting given (flag or config key, or
-    set by --mode quick) is fixed, the rest of the method's space is searched."""
-    fixed = {k for k, v in overrides.items() if v is not None} | (set(QUICK) if overrides.get("mode") == "quick"
-                                                                  else set())
-    base = build_config(model, seed, method, **overrides)
-    return plan_study(base, search_space(method, fixed=fixed, edits=edits), trials, name=name, storage=storage)
+def study_plan(base: RunConfig, trials: int, *, edits: dict | None = None, name: str | None = None,
+               storage: str | None = None) -> StudyPlan:
+    """The study of `base`'s method on `base`'s seed: the method's space (changed by `edits`, a [search_space]
+    table) less the settings `base` sets to other than their default (the preset's or the field's), which are
+    kept."""
+    default = build_config(base.model, base.seed, base.method, mode=base.mode)
+    names = {*METHODS[base.method].search_space, *(n.replace("-", "_") for n in edits or {})}
+    fixed = {n for n in names if n in RunConfig.model_fields and getattr(base, n) != getattr(default, n)}
+    return plan_study(base, search_space(base.method, fixed=fixed, edits=edits), trials, name=name, storage=storage)
 
 
 def tune(plan: StudyPlan, *, timeout: float | None = None, say: Callable[[str], None] = print):
@@ -25,9 +27,20 @@ def tune(plan: StudyPlan, *, timeout: float | None = None, say: Callable[[str], 
     from atlasfl.tuning.output import write_best_toml, write_plots
 
     study = run_study(plan, timeout=timeout, say=say)
-    best: RunConfig = best_config(plan, study)
+    best = best_config(plan, study)
     say(f"best settings: {write_best_toml(plan, study, best)}")
     written, skipped = write_plots(plan, study)
     for line in [*map(str, written), *skipped]:
         say(f"plot: {line}")
     return study, best
+
+
+def tuned_run(cfg: RunConfig, say: Callable[[str], None] = print) -> tuple[RunConfig, dict]:
+    """`--tune N`: the study of `cfg` on --tune-seed's clients (default: its own), trials in this process; `cfg`
+    with the best trial's settings, and the result's `tuning` block."""
+    from atlasfl.tuning.output import tuning_record
+
+    seed = cfg.seed if cfg.tune_seed is None else cfg.tune_seed
+    plan = study_plan(with_settings(cfg, seed=seed, tune=None, tune_seed=None, engine="inprocess"), cfg.tune)
+    study, _ = tune(plan, say=say)
+    return with_settings(cfg, **study.best_trial.params), tuning_record(plan, study)

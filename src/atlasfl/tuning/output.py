@@ -87,8 +87,8 @@ def tuning_record(plan: StudyPlan, study) -> dict:
         study=plan.name, storage=masked(plan.storage), seed=plan.base.seed,
         budget=dict(trials=plan.trials, rounds_per_trial=plan.base.rounds, finished=len(finished(study)),
                     pruned=sum(t.state.name == "PRUNED" for t in trials)),
-        space=space_record(plan.space), objective="mean local-validation task score of the clients after the last "
-                                                  "round (no test row is read)",
+        space=space_record(plan.space), untuned={n: getattr(plan.base, n) for n in plan.space},
+        objective="mean local-validation task score of the clients after the last round (no test row is read)",
         best=dict(trial=best.number, params=best.params, val_score=best.value,
                   val_scores={str(k): v for k, v in sorted(best.intermediate_values.items())}),
         trials=[dict(number=t.number, state=t.state.name.lower(), params=t.params, val_score=t.value,

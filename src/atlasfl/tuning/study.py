@@ -81,7 +81,7 @@ def plan_study(base: RunConfig, space: dict[str, Range], trials: int, *, name: s
     for setting, r in space.items():  # a range the setting's own constraints refuse fails now, not in trial 7
         for bound in (r.low, r.high):
             with_settings(base, **{setting: int(bound) if setting_type(setting) is int else bound})
-    name = name or f"{base.run_name}_tune"
+    name = name or f"{base.run_name}_tune{trials}"
     if storage is None:
         path = Path(base.output_dir) / "tuning" / f"{name}.db"
         path.parent.mkdir(parents=True, exist_ok=True)
