@@ -103,6 +103,11 @@ class GeneralSettings(BaseModel):
         "Write each client's final adapter (PEFT format) and head to DIR/<run name>/c<k>/.", None, min_length=1)
     tensorboard: str | None = setting(
         "Write live TensorBoard curves (per round, client and task) to DIR/<run name>/.", None, min_length=1)
+    tune: int | None = setting(
+        "Tune first: an Optuna study of N trials (docs/tuning.md) on --tune-seed's clients' local validation, then "
+        "the run with the best settings; settings set to other than their default are kept.", None, gt=0)
+    tune_seed: int | None = setting(
+        "--tune: the seed whose clients the trials use (default: the run's own; a sweep's default: 7).", None, ge=0)
 
     @field_validator("rank_candidates")
     @classmethod
@@ -164,7 +169,8 @@ class GeneralSettings(BaseModel):
         sweep), so variants in one grid never share (and skip) one result file."""
         server = server_optimizer_label(self.model_dump())
         return (f"atlas_{self.model_label}_{self.method}_seed{self.seed}_r{self.rounds}"
-                + METHOD_CLASSES[self.method].name_suffix(self) + (f"_{server}" if server else ""))
+                + METHOD_CLASSES[self.method].name_suffix(self) + (f"_{server}" if server else "")
+                + (f"_tune{self.tune}" if self.tune else ""))
 
     @property
     def result_path(self) -> Path:

@@ -101,14 +101,23 @@ def run_and_save(cfg: RunConfig, *, overwrite: bool = False, progress: bool = Tr
     from atlasfl.engines.flower.simulation import run_flower
     from atlasfl.engines.inprocess import run_experiment
 
+    run_cfg, tuning = cfg, None
     try:
         with interrupts_raise():
-            result = (run_flower if cfg.engine == "flower" else run_experiment)(cfg, progress=progress, resume=resume)
+            if cfg.tune:  # the study first (continued if it exists), then the run with its best settings
+                from atlasfl.tuning import tuned_run
+
+                run_cfg, tuning = tuned_run(cfg, say=lambda line: print(line, file=sys.stderr))
+                setup_logging(cfg)  # the trials logged to their own files
+            result = (run_flower if cfg.engine == "flower" else run_experiment)(run_cfg, progress=progress,
+                                                                                 resume=resume)
     except RunInterrupted as exc:
         log.warning("interrupted by %s", exc)
         print(f"atlas: interrupted ({exc}); checkpoints are in {cfg.checkpoint_path}; continue with:\n"
               f"  {resume_command()}", file=sys.stderr)
         raise
+    if tuning is not None:  # filed under the untuned name: a tuned sweep's runs are found before they are tuned
+        result.update(run_name=cfg.run_name, tuning=tuning)
     validate_result(result)
     try:
         atomic_write_json(path, result)

@@ -139,12 +139,13 @@ def test_bench_methods_names_an_unknown_method_in_one_line(capsys):
     assert "unknown method(s) ['no_such']" in err and "flexlora" in err
 
 
-HEAVY = ("torch", "transformers", "peft", "flwr", "datasets", "sklearn", "scipy", "matplotlib")
+HEAVY = ("torch", "transformers", "peft", "flwr", "datasets", "sklearn", "scipy", "matplotlib", "optuna")
 HELP_PROBE = """
 import sys
 from typer.testing import CliRunner
 from atlasfl.cli.app import app
-for args in (["--help"], *([c, "--help"] for c in ("run", "demo", "presets", "sweep", "report", "config", "bench"))):
+COMMANDS = ("run", "demo", "presets", "sweep", "tune", "report", "config", "bench")
+for args in (["--help"], *([c, "--help"] for c in COMMANDS)):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0 and "Usage" in result.output, (args, result.output)
 print(" ".join(m for m in sys.argv[1:] if m in sys.modules))

@@ -13,6 +13,7 @@ from atlasfl.cli.options import ListOptionsCommand
 from atlasfl.cli.report import report
 from atlasfl.cli.run import demo, presets, run
 from atlasfl.cli.sweep import sweep
+from atlasfl.cli.tune import tune
 from atlasfl.errors import AtlasError, RunInterrupted
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -21,6 +22,7 @@ app.command("run", cls=ListOptionsCommand)(run)
 app.command("demo")(demo)
 app.command("presets")(presets)
 app.command("sweep", cls=ListOptionsCommand)(sweep)
+app.command("tune", cls=ListOptionsCommand)(tune)
 app.command("report", cls=ListOptionsCommand)(report)
 app.command("config")(config)
 app.command("bench")(bench)

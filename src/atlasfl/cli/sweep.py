@@ -7,6 +7,7 @@ import typer
 from rich.console import Console
 
 from atlasfl.cli.options import CONFIG_HELP, merge_config_file, parse_seed, split_values, with_overrides
+from atlasfl.cli.tune import DEV_SEED
 from atlasfl.config import METHODS, overridable_settings
 from atlasfl.errors import AtlasError
 from atlasfl.sweep import grid_configs, run_sweep
@@ -39,6 +40,10 @@ def sweep(
                                               show_default=False),
     config: Optional[str] = typer.Option(None, "--config", help=CONFIG_HELP.format(keys="models, methods, seeds")),
     overwrite: bool = typer.Option(False, help="Re-run and replace results that are already complete."),
+    jobs: int = typer.Option(1, "--jobs", min=1, help="Runs at once, each an `atlas run` process with its share "
+                             "of the CPU threads and its log in LOG_DIR/sweep/."),
+    gpus: Optional[str] = typer.Option(None, "--gpus", help="--jobs: GPUs to give the runs, round robin by "
+                                       "CUDA_VISIBLE_DEVICES, e.g. 0,1,2.", show_default=False),
     overrides: dict | None = None,
 ):
     """Run a grid of MODELS × METHODS × SEEDS, skipping complete results; failed runs are listed at the end."""
@@ -52,10 +57,19 @@ def sweep(
             raise AtlasError(f"Missing option '--{name}': give it on the command line or as `{name} = [...]` "
                              "in a --config file")
         grid[name] = values
-    configs = grid_configs(grid["models"], grid["methods"], [parse_seed(s) for s in grid["seeds"]], **settings)
+    seeds = [parse_seed(s) for s in grid["seeds"]]
+    if settings.get("tune"):  # every method the same trials on one development seed, not a reported one
+        settings["tune_seed"] = DEV_SEED if settings.get("tune_seed") is None else settings["tune_seed"]
+        if settings["tune_seed"] in seeds:
+            raise AtlasError(f"--tune-seed {settings['tune_seed']} is also a reported seed: tune on a development "
+                             "seed the sweep does not report (--tune-seed N)")
+    configs = grid_configs(grid["models"], grid["methods"], seeds, **settings)
     console = Console(soft_wrap=True)  # one line per run, whatever the terminal width
-    outcome = run_sweep(configs, overwrite=overwrite,
-                        say=lambda line: console.print(line, markup=False, highlight=False))
+    if jobs > 1 or gpus:
+        outcome = run_parallel(configs, jobs, split_values([gpus] if gpus else []), overwrite, console)
+    else:
+        outcome = run_sweep(configs, overwrite=overwrite,
+                            say=lambda line: console.print(line, markup=False, highlight=False))
     console.print(f"sweep: {len(configs)} runs: {len(outcome.ran)} ran, {len(outcome.skipped)} already complete, "
                   f"{len(outcome.failed)} failed", markup=False, highlight=False)
     for name, reason in outcome.failed:
@@ -63,3 +77,24 @@ def sweep(
     if outcome.failed:
         raise SweepFailed(f"{len(outcome.failed)} of {len(configs)} runs failed (listed above); fix them and run the "
                           "same sweep again: complete runs are skipped")
+
+
+def run_parallel(configs, jobs: int, gpus: list[str], overwrite: bool, console: Console):
+    """`--jobs N`: the runs as processes, with a live table of their states."""
+    from rich.live import Live
+    from rich.table import Table
+
+    from atlasfl.jobs import run_jobs
+
+    def table(queue) -> Table:
+        t = Table(title=f"sweep: {len(queue)} runs, {jobs} at once")
+        for col in ("run", "state", "seconds", "log"):
+            t.add_column(col)
+        for job in queue:
+            t.add_row(job.cfg.run_name, job.state, f"{job.seconds:.0f}" if job.seconds else "",
+                      str(job.log) if job.state not in ("waiting", "skipped") else "")
+        return t
+
+    with Live(console=console, auto_refresh=False) as live:
+        return run_jobs(configs, jobs=jobs, gpus=gpus, overwrite=overwrite,
+                        show=lambda queue: live.update(table(queue), refresh=True))

@@ -34,9 +34,10 @@ CLOCK_NOTE = ("in-process: every phase timed in this one process around all clie
               "checkpoint: writing the round's checkpoint)")
 
 
-def run_experiment(cfg: RunConfig, *, progress: bool = True, resume: bool = False) -> dict:
-    """Run one federated experiment in this process end to end (`driver.run`) and return its result dictionary."""
-    return driver.run(cfg, InProcess(cfg), resume=resume, progress=progress)
+def run_experiment(cfg: RunConfig, *, progress: bool = True, resume: bool = False, on_round=None) -> dict:
+    """Run one federated experiment in this process end to end (`driver.run`, which says what `on_round` gets)
+    and return its result dictionary."""
+    return driver.run(cfg, InProcess(cfg), resume=resume, progress=progress, on_round=on_round)
 
 
 def set_up(cfg: RunConfig) -> InProcess:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from atlasfl.config import RunConfig
@@ -56,19 +57,24 @@ class Federation:
     rounds: list[dict] = field(default_factory=list)
     runs: list[dict] = field(default_factory=list)
     val: dict[int, dict] = field(default_factory=dict)
+    on_round: Callable[[int, dict[int, dict]], None] | None = None
 
 
-def run(cfg: RunConfig, transport: Transport, *, resume: bool = False, progress: bool = False) -> dict:
+def run(cfg: RunConfig, transport: Transport, *, resume: bool = False, progress: bool = False,
+        on_round: Callable[[int, dict[int, dict]], None] | None = None) -> dict:
     """One federated experiment end to end over `transport`; returns its result dictionary.
 
     A checkpoint is written after planning and after every round; with `resume` the run continues from the
-    newest complete one and ends with the same result as an uninterrupted run."""
+    newest complete one and ends with the same result as an uninterrupted run. `on_round(round, val)`, if given,
+    receives every round's local-validation scores after its checkpoint (a tuner's pruning): the clients then
+    validate every round instead of after the last only, which changes no state and no result."""
     t_start = time.perf_counter()
     method = method_for(cfg)
     etas = method.etas()
     tracker = open_tracker(cfg, etas)  # before any work: a missing tensorboard package fails fast
     checkpoint = latest_checkpoint(cfg) if resume else None
     fed = plan_or_restore(cfg, method, transport, checkpoint)
+    fed.on_round = on_round
     setup_s = time.perf_counter() - t_start
     start_eta, start_round = 0, 0
     if checkpoint is None:
@@ -100,6 +106,8 @@ def run(cfg: RunConfig, transport: Transport, *, resume: bool = False, progress:
                     fed.rounds[-1]["cost"]["checkpoint_s"] = save(fed, eta_index, r)
                     tracker.round(eta, fed.rounds[-1], fed.phases_s)
                     bars.advance()
+                    if on_round is not None:
+                        on_round(r, dict(fed.val))
                 transport.eta_done(eta_index)
                 fed.runs.append(eta_run(eta, fed.rounds, dict(fed.val)))
     except AtlasError as exc:
@@ -152,7 +160,8 @@ def run_round(fed: Federation, r: int, bars: RunProgress) -> dict:
     _check_missing(fed, trained.missing)
     down = fed.transport.deliver(fed.server.aggregate(trained.uploads, frozenset(trained.missing)), r)
     t_aggregate = time.perf_counter()
-    evaluated = fed.transport.evaluate(r, set(trained.losses) - set(trained.missing), validate=r == fed.cfg.rounds)
+    evaluated = fed.transport.evaluate(r, set(trained.losses) - set(trained.missing),
+                                       validate=r == fed.cfg.rounds or fed.on_round is not None)
     t_end = time.perf_counter()
     warn_missing(r, evaluated.missing)
     missing = {**trained.missing, **evaluated.missing}

@@ -29,7 +29,8 @@ class Atlas(Method):
             "score) or per_client (each client's eta with its best own local-validation score); both are "
             "recorded.", "shared")),
     }
-    search_space = {**Method.search_space, "eta": Range(0.0, 1.0)}
+    search_space = {**Method.search_space, "eta": Range(
+        0.0, 1.0, why="the whole step: 0 is local_only, 1 a full step to the neighbours' updates")}
 
     def etas(self):
         return self.cfg.lambda_grid if self.cfg.lambda_sweep else (self.cfg.eta,)

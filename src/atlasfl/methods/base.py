@@ -40,11 +40,19 @@ def select(state: State, parts: Sequence[Part]) -> State:
 
 @dataclass(frozen=True)
 class Range:
-    """One hyperparameter's search range for tuning: [low, high], sampled on a log scale if `log`."""
+    """One setting's search range for tuning (`atlasfl.tuning`): [low, high], on a log scale if `log`; an integer
+    setting draws integers. `why`: where the range comes from (docs/tuning.md lists them)."""
 
     low: float
     high: float
     log: bool = False
+    why: str = ""
+
+    def __post_init__(self):
+        if not self.low < self.high:
+            raise ValueError(f"a search range needs low < high, got [{self.low}, {self.high}]")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log-scale search range needs low > 0, got {self.low}")
 
 
 @dataclass(frozen=True)
@@ -80,7 +88,12 @@ class Method:
     downloads: ClassVar[tuple[Part, ...]] = PARTS  # what the server's rule sends back (the rest stays the client's)
     keeps_residual: ClassVar[bool] = False  # each client adds a frozen dense residual per module to the base weights
     settings: ClassVar[dict[str, tuple[Any, Any]]] = {}  # name -> (type, settings.setting(...)): its own flags
-    search_space: ClassVar[dict[str, Range]] = {"lr": Range(1e-5, 1e-2, log=True)}
+    search_space: ClassVar[dict[str, Range]] = {  # setting -> its tuning range (every method tunes these)
+        "lr": Range(1e-5, 1e-2, log=True, why="AdamW on LoRA adapters: the presets use 1e-4 to 1e-3; a decade "
+                                              "either side reaches a rate too small to move and one that diverges"),
+        "local_epochs": Range(1, 3, why="more local work per round against client drift; 3 already triples a "
+                                        "trial's training cost"),
+    }
 
     def __init__(self, cfg):
         self.cfg = cfg

@@ -15,7 +15,8 @@ class FedProx(FieldMethod):
     settings = {**FieldMethod.settings, "prox_mu": (float, setting(
         "fedprox: weight mu of the proximal term (mu/2)·||θ − θ_start||² (squared norm) added to each client's "
         "loss; 0 is plain FedAvg.", DEFAULT_MU, ge=0))}
-    search_space = {**FieldMethod.search_space, "prox_mu": Range(1e-3, 1.0, log=True)}
+    search_space = {**FieldMethod.search_space, "prox_mu": Range(
+        1e-3, 1.0, log=True, why="the FedProx paper's grid {0.001, 0.01, 0.1, 1}, OpenFedLLM's 0.01 inside")}
 
     @classmethod
     def name_suffix(cls, cfg):

@@ -55,7 +55,9 @@ class HetLoRA(FieldMethod):
             "hetlora: decay gamma; the regulariser acts on each module's ranks past floor(gamma·r).", 0.99,
             gt=0, le=1)),
     }
-    search_space = {**FieldMethod.search_space, "hetlora_lambda": Range(1e-4, 1e-1, log=True)}
+    search_space = {**FieldMethod.search_space, "hetlora_lambda": Range(
+        1e-4, 1e-1, log=True, why="a decade around the default 0.01 each way; the regulariser is a Frobenius norm "
+                                  "beside a cross-entropy of order 1")}
 
     @classmethod
     def check(cls, cfg):

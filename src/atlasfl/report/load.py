@@ -67,12 +67,13 @@ def from_atlas(data: dict, path: Path) -> list[RunRecord]:
         source=path, model=r.model, method=r.method, seed=r.seed, client_tasks={c.client_id: c.task for c in r.clients},
         **_costs(r), time_s=r.time_metrics.total_s, peak_memory_bytes=r.memory.peak_measured_bytes,
         clustering=r.phase1_clustering or {}, lambda_sweep=r.lambda_sweep, diverged=list(r.diverged_clients),
+        tuned=r.tuning["budget"]["trials"] if r.tuning else None,
     )
+    label = eta_label(r.method, r.config, searched=(r.tuning or {}).get("space", {}))
     selections = (r.lambda_sweep or {}).get("selections")
     if not selections:
-        return [_record(common, eta_label(r.method, r.config), r.final_metrics.model_dump(), r.round_metrics, refs)]
-    return [_record(common, eta_label(r.method, r.config), selections["shared"]["final_metrics"], r.round_metrics,
-                    refs),
+        return [_record(common, label, r.final_metrics.model_dump(), r.round_metrics, refs)]
+    return [_record(common, label, selections["shared"]["final_metrics"], r.round_metrics, refs),
             _record(common, PER_CLIENT_ETA, selections["per_client"]["final_metrics"], [], refs)]  # no one η's curve
 
 

@@ -47,14 +47,17 @@ class RunRecord:
     references: dict[str, dict[str, TaskScore]] | None = None  # task -> 'majority'/'chance', on this protocol
     personal: dict[str, Any] | None = None  # the personal protocol's values of the fields above (schema 1.2 on)
     diverged: list[int] = field(default_factory=list)  # clients flagged by the divergence rule (diverged_clients)
+    tuned: int | None = None  # --tune N: the trials of the study its settings were chosen by
 
     @property
     def method_label(self) -> str:
-        """The method with its variant: `atlas (η=0.1)`, `atlas (η=sweep)`, `fedprox (in clusters, mu0.1)`."""
-        if self.eta is None:
-            return self.method
+        """The method with its variant: `atlas (η=0.1)`, `atlas (η=sweep)`, `fedprox (in clusters, mu0.1)`, and
+        `, tuned ×8` after a study of 8 trials."""
         known = METHODS.get(self.method)
-        return f"{self.method} (η={self.eta})" if known is None or known.personalises else f"{self.method} ({self.eta})"
+        variant = None if self.eta is None else (
+            f"η={self.eta}" if known is None or known.personalises else self.eta)
+        parts = [p for p in (variant, f"tuned ×{self.tuned}" if self.tuned else None) if p]
+        return f"{self.method} ({', '.join(parts)})" if parts else self.method
 
 
 PROTOCOLS = ("global", "personal")
@@ -70,10 +73,12 @@ def in_protocol(r: RunRecord, protocol: str) -> RunRecord | None:
     return None
 
 
-def eta_label(method: str, config: dict) -> str | None:
+def eta_label(method: str, config: dict, searched=()) -> str | None:
     """A method's variants (atlas at different η, or its sweep) are different rows of a table: the method object
     names them (`Method.variant`), and a server optimiser adds its own name; a method this version does not know
-    (the predecessor's) has none."""
+    (the predecessor's) has none. Settings a study `searched` name no variant: a tuned run's row is the method's,
+    tuned."""
     if method not in METHODS:
         return None
-    return ", ".join(p for p in (METHODS[method].variant(config), server_optimizer_label(config)) if p) or None
+    kept = {k: v for k, v in config.items() if k not in searched}
+    return ", ".join(p for p in (METHODS[method].variant(kept), server_optimizer_label(kept)) if p) or None

@@ -7,12 +7,13 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
-SCHEMA_VERSION = "1.2"
+SCHEMA_VERSION = "1.3"
 # 1.1: per-round phase clocks and work (time_metrics.rounds/totals), lambda-sweep totals
 # 1.2: the personal protocol (personal_* per client, round and task), `references`, per-client eta selection;
 #      phase1_clustering's spread-to-noise rule: threshold_by_k, dof_by_k, significance (noise_ratio dropped);
 #      Flower rounds record the clients missing from them (missing_clients, missing_reasons, ClientRound.missing)
-KNOWN_SCHEMA_VERSIONS = ("1.0", "1.1", "1.2")
+# 1.3: a tuned run's `tuning` block (--tune N)
+KNOWN_SCHEMA_VERSIONS = ("1.0", "1.1", "1.2", "1.3")
 PERSONAL = ("personal protocol (1.2 on): the client's personal test set, rows of the task's test set whose label mix "
             "follows the client's training shard (data.partition.personal_test_rows), scored from the same predictions")
 
@@ -194,6 +195,10 @@ class Result(_Strict):
                                   "is the headline final_metrics")
     references: Optional[dict[str, dict[str, ProtocolReference]]] = Field(
         default=None, description="task -> 'global'/'personal' -> majority-class and chance scores (1.2 on)")
+    tuning: Optional[dict[str, Any]] = Field(
+        default=None, description="--tune N (1.3 on): the Optuna study the run's settings were chosen by: study, "
+                                  "storage, seed, budget (trials, rounds per trial, finished, pruned), space, untuned "
+                                  "values, the best trial (params, val_score, val_scores per round) and every trial")
     communication_costs: CommunicationCosts
     time_metrics: TimeMetrics
     memory: MemoryMetrics
