@@ -5,12 +5,14 @@ from __future__ import annotations
 from atlasfl.methods.atlas import Atlas
 from atlasfl.methods.atlas_no_laplacian import AtlasNoLaplacian
 from atlasfl.methods.base import Method
+from atlasfl.methods.cfl import CFL
 from atlasfl.methods.fedavg_cluster import FedAvgCluster
 from atlasfl.methods.fedprox import FedProx
 from atlasfl.methods.fedsa_lora import FedSALoRA
 from atlasfl.methods.ffa_lora import FFALoRA
 from atlasfl.methods.flexlora import FlexLoRA
 from atlasfl.methods.hetlora import HetLoRA
+from atlasfl.methods.ifca import IFCA
 from atlasfl.methods.local_only import LocalOnly
 from atlasfl.methods.standard_fl import StandardFL
 
@@ -24,6 +26,8 @@ METHODS: dict[str, type[Method]] = {m.name: m for m in (
     FedSALoRA,
     FlexLoRA,
     HetLoRA,
+    IFCA,
+    CFL,
     AtlasNoLaplacian,
     Atlas,
 )}
