@@ -200,8 +200,8 @@ class Server:
         return sorted(c for group in self.sharing_groups() for c in group)
 
     def regroup(self, round_idx: int, uploads: dict[int, State], starts: dict[int, State]) -> None:
-        """A method that finds clusters during training updates them from the round's uploads, before they are
-        aggregated (`Method.regroup`)."""
+        """A method that finds clusters during training updates them from the round's uploads, once they are
+        aggregated (`Method.regroup`): the clients that upload in a round are always those it aggregates."""
         self.method.regroup(round_idx, sorted(self.clients), uploads, starts)
 
     def round_clusters(self) -> dict | None:

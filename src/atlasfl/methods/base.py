@@ -123,9 +123,9 @@ class Method:
     # ---- clusters the method finds during training (ifca, cfl) --------------------------------------
     def regroup(self, round_idx: int, clients: list[int], uploads: dict[int, State], starts: dict[int, State]
                 ) -> None:
-        """Before a round's aggregation: update the method's own clusters of `clients` (what `groups` returns) from
-        the replying clients' uploads and the states they started the round from (none before round 1: a Flower
-        server never holds the initial states). Here: the clusters never change."""
+        """After a round's aggregation: update the method's own clusters of `clients` (what `groups` returns from
+        the next round on) from the replying clients' uploads and the states they started the round from (none
+        before round 1: a Flower server never holds the initial states). Here: the clusters never change."""
 
     def offers(self, labels: dict[int, int]) -> dict[int, list[State]] | None:
         """After a round's aggregation: the candidate states offered to each client (id -> its head's label count);
