@@ -13,12 +13,12 @@ from atlasfl.data.partition import ClientShard, make_shards
 from atlasfl.data.tasks import expand_tasks, load_task
 from atlasfl.errors import AtlasError, RunInterrupted
 from atlasfl.federation import driver
-from atlasfl.federation.evaluation import evaluate_client, predict, test_scores
+from atlasfl.federation.evaluation import adopt_lowest, evaluate_client, predict, test_scores
 from atlasfl.federation.fingerprint import fingerprint
 from atlasfl.federation.records import client_references, select_eta
 from atlasfl.federation.server import Plan
 from atlasfl.federation.training import TrainJob, client_seed, train_client, train_cohort
-from atlasfl.federation.transport import Evaluated, Roster, Trained
+from atlasfl.federation.transport import CHOICE_BYTES, Evaluated, Offered, Roster, Trained
 from atlasfl.federation.wire import wire
 from atlasfl.methods import method_for
 from atlasfl.methods.base import select
@@ -145,6 +145,16 @@ class InProcess:
                                           round_idx=round_idx)
             self.fm.set_state(cid, adopted, partial=True)
         return sent
+
+    def offer(self, round_idx: int, candidates: dict[int, list[dict]]) -> Offered:
+        out = Offered()
+        for cid, states in candidates.items():
+            received = [wire(state, self.cfg.wire_dtype) for state in states]
+            out.bytes_down[cid] = sum(nbytes for _, nbytes in received)
+            out.choices[cid] = adopt_lowest(self.fm, cid, self.train_enc[cid], [state for state, _ in received],
+                                            batch_size=self.cfg.eval_batch_size)
+            out.bytes_up[cid] = CHOICE_BYTES
+        return out
 
     def evaluate(self, round_idx: int, trained: set[int], validate: bool) -> Evaluated:
         """Test sets (clients holding identical weights predict identically, so each such state is scored once per

@@ -24,7 +24,7 @@ from atlasfl.federation.records import (
     warn_missing,
 )
 from atlasfl.federation.server import Plan, Server, TooFewReplies
-from atlasfl.federation.transport import Roster, Transport
+from atlasfl.federation.transport import Offered, Roster, Transport
 from atlasfl.methods import Method, method_for
 from atlasfl.models.lora import state_digest
 from atlasfl.results.build import build_result
@@ -91,7 +91,8 @@ def run(cfg: RunConfig, transport: Transport, *, resume: bool = False, progress:
                 eta = etas[eta_index]
                 if checkpoint is not None and eta_index == start_eta:
                     fed.rounds, fed.val = meta["rounds"], {int(c): v for c, v in meta["val"].items()}
-                    fed.server.start_eta(eta, meta["server_optimizer"] if start_round > 0 else None)
+                    saved = _unprefixed("optimizer/", meta["server_tensors"])
+                    fed.server.start_eta(eta, saved if start_round > 0 else None)
                     transport.start_eta(eta, states if start_round > 0 else None)
                     tracker.resume(eta, fed.rounds)
                 else:
@@ -137,6 +138,8 @@ def plan_or_restore(cfg: RunConfig, method: Method, transport: Transport, checkp
         server = _server(cfg, method, roster)
         plan = Plan.from_json(checkpoint[0]["plan"])
         server.adopt(plan)
+        method.restore_clustering(checkpoint[0].get("clustering", {}),
+                                  _unprefixed("clustering/", checkpoint[0]["server_tensors"]))
     warn_infeasible(cfg, plan)
     log.info("%s: %d clients on %s, model %s, clusters %s (%s), groups %s", cfg.run_name, len(roster.shards),
              ", ".join(roster.tasks), cfg.model, plan.cluster_labels, plan.cluster_source, server.groups())
@@ -154,22 +157,29 @@ def run_round(fed: Federation, r: int, bars: RunProgress) -> dict:
     keeps its last state and its last metrics, labelled as such. The entry carries its `cost`."""
     t0 = time.perf_counter()
     bars.start_clients(len(fed.roster.shards))
+    # The clients' states before training (`Method.regroup`); none before round 1: the initial states stay with
+    # the clients (a Flower server never holds them), so both engines give a method the same view.
+    starts = dict(fed.transport.states()) if r > 1 else {}
     trained = fed.transport.train(r, set(fed.server.sharing_clients()), bars.advance_clients)
     t_train = time.perf_counter()
     warn_missing(r, trained.missing)
     _check_missing(fed, trained.missing)
     down = fed.transport.deliver(fed.server.aggregate(trained.uploads, frozenset(trained.missing)), r)
+    fed.server.regroup(r, trained.uploads, starts)
+    offered = _offer(fed, r, set(trained.missing))
     t_aggregate = time.perf_counter()
     evaluated = fed.transport.evaluate(r, set(trained.losses) - set(trained.missing),
                                        validate=r == fed.cfg.rounds or fed.on_round is not None)
     t_end = time.perf_counter()
     warn_missing(r, evaluated.missing)
-    missing = {**trained.missing, **evaluated.missing}
+    missing = {**trained.missing, **offered.missing, **evaluated.missing}
     _check_missing(fed, missing)
     fed.val.update(evaluated.val)
     clients = []
     for s in fed.roster.shards:
-        cid, up, sent = s.client_id, trained.bytes_up.get(s.client_id, 0), down.get(s.client_id, 0)
+        cid = s.client_id
+        up = trained.bytes_up.get(cid, 0) + offered.bytes_up.get(cid, 0)
+        sent = down.get(cid, 0) + offered.bytes_down.get(cid, 0)
         clients.append(kept_round(fed.rounds, cid, up, sent) if cid in missing else
                        client_round(cid, s.task, trained.losses[cid], evaluated.tests[cid], up, sent))
     clients_s = (None if trained.clients_s is None else
@@ -179,7 +189,20 @@ def run_round(fed: Federation, r: int, bars: RunProgress) -> dict:
     digests = {str(c): state_digest(st) for c, st in sorted(fed.transport.states().items())}
     return round_summary(r, clients, list(fed.roster.tasks), t_end - t0, digests,
                          eta=fed.server.eta if fed.method.personalises else None, cost=cost,
-                         missing={str(c): why for c, why in sorted(missing.items())})
+                         missing={str(c): why for c, why in sorted(missing.items())},
+                         clusters=fed.server.round_clusters())
+
+
+def _offer(fed: Federation, r: int, missing: set[int]) -> Offered:
+    """The candidate states a method offers after aggregation (ifca's k models), each client's adopted choice
+    told to the server; nothing when the method offers none."""
+    candidates = fed.server.offers(missing)
+    if candidates is None:
+        return Offered()
+    offered = fed.transport.offer(r, candidates)
+    warn_missing(r, offered.missing)
+    fed.server.chose(offered.choices)
+    return offered
 
 
 def _check_missing(fed: Federation, missing: dict[int, str]) -> None:
@@ -197,15 +220,27 @@ def save(fed: Federation, eta_index: int, round_idx: int) -> float:
     log. (The saved copy of the round's cost has no checkpoint seconds yet: they are being measured.)"""
     t0 = time.perf_counter()
     states = fed.transport.states()
-    payload = checkpoint_payload(fed.cfg, fed.plan, fed.rounds, fed.runs, states,
+    clustering, clustering_tensors = fed.method.clustering_state()
+    server_tensors = {**_prefixed("optimizer/", fed.server.optimizer_state()),
+                      **_prefixed("clustering/", clustering_tensors)}
+    payload = checkpoint_payload(fed.cfg, fed.plan, fed.rounds, fed.runs, states, clustering=clustering,
                                  val={str(c): v for c, v in fed.val.items()}, **fed.transport.checkpoint_extra())
     folder = save_checkpoint(fed.cfg.checkpoint_path, eta_index=eta_index, round_idx=round_idx, states=states,
-                             payload=payload, keep=fed.cfg.keep_checkpoints, server_state=fed.server.optimizer_state())
+                             payload=payload, keep=fed.cfg.keep_checkpoints, server_tensors=server_tensors)
     seconds = time.perf_counter() - t0
     fed.phases_s["checkpoint"] = fed.phases_s.get("checkpoint", 0.0) + seconds
     log.info("checkpoint %s: %.2fs, %.2f MB", folder.name, seconds,
              sum(f.stat().st_size for f in folder.iterdir()) / 1e6)
     return seconds
+
+
+def _prefixed(prefix: str, tensors: dict) -> dict:
+    return {prefix + key: t for key, t in tensors.items()}
+
+
+def _unprefixed(prefix: str, tensors: dict) -> dict:
+    """The tensors of `server_tensors` saved under `prefix`, by their own names."""
+    return {key.removeprefix(prefix): t for key, t in tensors.items() if key.startswith(prefix)}
 
 
 class RunProgress:

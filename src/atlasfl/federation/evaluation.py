@@ -36,6 +36,21 @@ def scores(task: TaskData, predictions: tuple, rows: Sequence[int] | None = None
             "metric_name": task.metric}
 
 
+def adopt_lowest(fm: FederatedLoRAModel, cid: int, encoded: list[dict], candidates: Sequence[dict], *,
+                 batch_size: int) -> int:
+    """The client scores each candidate state by its mean loss on `encoded` (its training shard; eval mode), adopts
+    the lowest (the first on ties: `phases.ifca.lowest`) and returns its index."""
+    from atlasfl.phases.ifca import lowest
+
+    losses = []
+    for state in candidates:
+        fm.set_state(cid, state, partial=True)
+        losses.append(float(predict(fm, cid, encoded, batch_size=batch_size)[2].mean()))
+    best = lowest(losses)
+    fm.set_state(cid, candidates[best], partial=True)
+    return best
+
+
 @torch.inference_mode()
 def predict(fm: FederatedLoRAModel, cid: int, encoded: list[dict], *, batch_size: int,
             tally: Tally | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -196,17 +196,34 @@ class Server:
         return self.method.groups(sorted(self.clients), self.cluster_labels)
 
     def sharing_groups(self) -> list[list[int]]:
-        """The groups in which anything changes hands this round: those of two clients or more, and none
+        """The groups in which anything changes hands this round: those of two clients or more (or of one, for a
+        method that keeps its models on the server: `Method.shares_alone`), and none
         where the method shares nothing at this step size (`Method.shares`: atlas at η = 0, its identity). A
         client outside them has nobody to share with: it uploads nothing, receives nothing and keeps its own
         state untouched, so `atlas --eta 0` is `local_only` at every wire dtype."""
         if not self.method.shares(self.eta):
             return []
-        return [group for group in self.groups() if len(group) >= 2]
+        return [group for group in self.groups() if len(group) >= (1 if self.method.shares_alone else 2)]
 
     def sharing_clients(self) -> list[int]:
         """Client ids that upload their trained state this round (the members of `sharing_groups`)."""
         return sorted(c for group in self.sharing_groups() for c in group)
+
+    def regroup(self, round_idx: int, uploads: dict[int, State], starts: dict[int, State]) -> None:
+        """A method that finds clusters during training updates them from the round's uploads, once they are
+        aggregated (`Method.regroup`): the clients that upload in a round are always those it aggregates."""
+        self.method.regroup(round_idx, sorted(self.clients), uploads, starts)
+
+    def round_clusters(self) -> dict | None:
+        """The round record of such a method's clusters: a label per client id, their ARI against the true tasks
+        (beside phase 1's, in `phase1_clustering`) and what its rule saw; None for the other methods."""
+        found = self.method.round_clusters(sorted(self.clients))
+        if found is None:
+            return None
+        labels, seen = found
+        tasks = list(dict.fromkeys(self.clients[c].task for c in sorted(self.clients)))
+        return dict(labels=labels, ari=adjusted_rand(labels, [tasks.index(self.clients[c].task)
+                                                              for c in sorted(self.clients)]), **seen)
 
     def aggregate(self, uploads: dict[int, State], missing: frozenset[int] = frozenset()) -> dict[int, State]:
         """New trainable state for every replying client of every sharing group, at each client's own shapes.
@@ -233,7 +250,14 @@ class Server:
                 raise AtlasError(f"{self.method.name}'s rule never handed its group average to the server optimiser; "
                                  "it must pass Group.step on, or declare group_average = False")
             out.update(zip(group, new))
-        return out
+        return out if self.method.downloads else {}  # a method that sends nothing back delivers nothing
+
+    def offers(self, exclude: set[int]) -> dict[int, list[State]] | None:
+        """The candidate states each client not in `exclude` is offered this round (`Method.offers`), or None."""
+        return self.method.offers({c: info.num_labels for c, info in sorted(self.clients.items()) if c not in exclude})
+
+    def chose(self, choices: dict[int, int]) -> None:
+        self.method.chose(choices)
 
     def optimizer_state(self) -> dict[str, torch.Tensor]:
         """The server optimiser's state for a checkpoint (empty where there is none)."""

@@ -56,6 +56,20 @@ class Evaluated:
     clients_s: float | None = None
 
 
+CHOICE_BYTES = 4  # an offer's reply: the index of the adopted candidate, an int32
+
+
+@dataclass
+class Offered:
+    """An offer's replies (`Transport.offer`): the candidate each client adopted, the bytes each was sent and sent
+    back (the choice), and the clients that failed."""
+
+    choices: dict[int, int] = field(default_factory=dict)
+    bytes_down: dict[int, int] = field(default_factory=dict)
+    bytes_up: dict[int, int] = field(default_factory=dict)
+    missing: dict[int, str] = field(default_factory=dict)
+
+
 class Transport(Protocol):
     """An engine, as the driver uses it. Client ids are those of the roster; states are flat trainable states."""
 
@@ -82,6 +96,10 @@ class Transport(Protocol):
     def deliver(self, states: dict[int, dict], round_idx: int) -> dict[int, int]:
         """Send each client its new state (the method's `downloads`, which it adopts by `Method.receive`); the bytes
         each was sent."""
+
+    def offer(self, round_idx: int, candidates: dict[int, list[dict]]) -> Offered:
+        """Send each client its candidate states; it scores each on its training data and adopts the one with the
+        lowest loss (`evaluation.adopt_lowest`), and sends back which one (`Method.offers`: ifca)."""
 
     def evaluate(self, round_idx: int, trained: set[int], validate: bool) -> Evaluated:
         """The clients of `trained` score their test sets (and their local validation if `validate`)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from atlasfl.methods.atlas import Atlas
 from atlasfl.methods.atlas_no_laplacian import AtlasNoLaplacian
 from atlasfl.methods.base import Method
+from atlasfl.methods.cfl import CFL
 from atlasfl.methods.ditto import Ditto
 from atlasfl.methods.fedavg_cluster import FedAvgCluster
 from atlasfl.methods.fedprox import FedProx
@@ -14,6 +15,7 @@ from atlasfl.methods.ffa_lora import FFALoRA
 from atlasfl.methods.flexlora import FlexLoRA
 from atlasfl.methods.flora import FLoRA
 from atlasfl.methods.hetlora import HetLoRA
+from atlasfl.methods.ifca import IFCA
 from atlasfl.methods.local_only import LocalOnly
 from atlasfl.methods.standard_fl import StandardFL
 
@@ -27,6 +29,8 @@ METHODS: dict[str, type[Method]] = {m.name: m for m in (
     FedSALoRA,
     FlexLoRA,
     HetLoRA,
+    IFCA,
+    CFL,
     FLoRA,
     FedRep,
     Ditto,

@@ -87,6 +87,7 @@ class Method:
     uploads: ClassVar[tuple[Part, ...]] = PARTS  # what a sharing client sends after training
     downloads: ClassVar[tuple[Part, ...]] = PARTS  # what the server's rule sends back (the rest stays the client's)
     keeps_residual: ClassVar[bool] = False  # each client adds a frozen dense residual per module to the base weights
+    shares_alone: ClassVar[bool] = False  # a group of one still uploads and is aggregated (a model kept on the server)
     settings: ClassVar[dict[str, tuple[Any, Any]]] = {}  # name -> (type, settings.setting(...)): its own flags
     search_space: ClassVar[dict[str, Range]] = {  # setting -> its tuning range (every method tunes these)
         "lr": Range(1e-5, 1e-2, log=True, why="AdamW on LoRA adapters: the presets use 1e-4 to 1e-3; a decade "
@@ -161,3 +162,30 @@ class Method:
 
         return aggregate_states(states, group.sizes, alpha=group.cfg.lora_alpha,
                                 mode=group.cfg.aggregation or self.default_aggregation, step=group.step)
+
+    # ---- clusters the method finds during training (ifca, cfl) --------------------------------------
+    def regroup(self, round_idx: int, clients: list[int], uploads: dict[int, State], starts: dict[int, State]
+                ) -> None:
+        """After a round's aggregation: update the method's own clusters of `clients` (what `groups` returns from
+        the next round on) from the replying clients' uploads and the states they started the round from (none
+        before round 1: a Flower server never holds the initial states). Here: the clusters never change."""
+
+    def offers(self, labels: dict[int, int]) -> dict[int, list[State]] | None:
+        """After a round's aggregation: the candidate states offered to each client (id -> its head's label count);
+        the client scores each on its training data and adopts the lowest loss (`phases.ifca.lowest`). None: none."""
+        return None
+
+    def chose(self, choices: dict[int, int]) -> None:
+        """Which candidate of `offers` each client adopted."""
+
+    def round_clusters(self, clients: list[int]) -> tuple[list[int], dict] | None:
+        """The clusters of `clients` at the end of a round (a label per client, in their order) and what the rule
+        saw; None for a method whose clusters are phase 1's."""
+        return None
+
+    def clustering_state(self) -> tuple[dict, State]:
+        """The method's own server state for a checkpoint: a JSON part and tensors (nothing here)."""
+        return {}, {}
+
+    def restore_clustering(self, saved: dict, tensors: State) -> None:
+        """Take up what `clustering_state` returned (a resumed run continues as the uninterrupted one)."""

@@ -30,7 +30,8 @@ KEEP_LAST = 2
 # What a checkpoint's state.json holds; 2: written by the one driver (local validation in the payload).
 FORMAT = 2
 TORCH_RNG_KEY = "__rng__/torch"
-SERVER_PREFIX = "__server__/"
+# The server's own tensors: "optimizer/..." (the server optimiser's), "clustering/..." (the method's clusters).
+SERVER_PREFIX = "server/"
 # Config keys that say where files go, how many to keep or when to give up, not what is computed: a resume
 # may change them (e.g. a lower min_replies_per_group to continue a run that stopped for lack of replies).
 NON_RESULT_KEYS = ("output_dir", "log_dir", "checkpoint_dir", "keep_checkpoints", "save_adapters",
@@ -42,9 +43,10 @@ def _folder_name(eta_index: int, round_idx: int) -> str:
 
 
 def save_checkpoint(folder: Path, *, eta_index: int, round_idx: int, states: dict[int, dict[str, torch.Tensor]],
-                    payload: dict, keep: int = KEEP_LAST, server_state: dict[str, torch.Tensor] | None = None) -> Path:
+                    payload: dict, keep: int = KEEP_LAST, server_tensors: dict[str, torch.Tensor] | None = None
+                    ) -> Path:
     """Write one checkpoint atomically (temp folder + rename), then prune all but the newest `keep`;
-    `server_state`: the server optimiser's tensors (`federation.server.Server.optimizer_state`)."""
+    `server_tensors` (the method's own) come back in the loaded meta's `server_tensors`."""
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / _folder_name(eta_index, round_idx)
     tmp = folder / f".{final.name}.tmp-{os.getpid()}"
@@ -53,7 +55,7 @@ def save_checkpoint(folder: Path, *, eta_index: int, round_idx: int, states: dic
     try:
         flat = {f"{cid}/{key}": t.contiguous() for cid, state in states.items() for key, t in state.items()}
         flat[TORCH_RNG_KEY] = torch.get_rng_state()
-        flat.update({SERVER_PREFIX + name: t.contiguous() for name, t in (server_state or {}).items()})
+        flat.update({SERVER_PREFIX + key: t.contiguous() for key, t in (server_tensors or {}).items()})
         save_file(flat, str(tmp / "states.safetensors"))
         meta = dict(payload, eta_index=eta_index, round=round_idx, rng=_host_rng_state())
         with open(tmp / "state.json", "w") as f:
@@ -95,8 +97,8 @@ def load_checkpoint(path: Path) -> tuple[dict, dict[int, dict[str, torch.Tensor]
     torch_rng = flat.pop(TORCH_RNG_KEY, None)
     if torch_rng is not None:
         meta["rng"]["torch"] = torch_rng
-    meta["server_optimizer"] = {name.removeprefix(SERVER_PREFIX): flat.pop(name)
-                                for name in [n for n in flat if n.startswith(SERVER_PREFIX)]}
+    meta["server_tensors"] = {name[len(SERVER_PREFIX):]: flat.pop(name) for name in list(flat)
+                              if name.startswith(SERVER_PREFIX)}
     states: dict[int, dict[str, torch.Tensor]] = {}
     for name, tensor in flat.items():
         cid, key = name.split("/", 1)

@@ -49,6 +49,14 @@ class ClientRound(_Strict):
                                                                          "(train loss included) come from")
 
 
+class RoundClusters(_Strict):
+    labels: list[int] = Field(description="client id order: the cluster each client is in at the end of the round")
+    ari: float = Field(description="adjusted Rand index of `labels` against the true tasks (phase 1's beside it: "
+                                   "phase1_clustering.ari)")
+    rule_saw: Optional[list[dict[str, Any]]] = Field(default=None, description=(
+        "cfl: each cluster its split rule looked at this round (members, mean_norm, max_norm, split)"))
+
+
 class RoundEntry(_Strict):
     round: int
     clients: list[ClientRound]
@@ -65,6 +73,8 @@ class RoundEntry(_Strict):
     missing_clients: list[int] = Field(default=[], description="Flower: clients that failed or did not reply this "
                                                                "round; the round went on without them")
     missing_reasons: dict[str, str] = Field(default={}, description="client id -> why it was missing (Flower's error)")
+    clusters: Optional[RoundClusters] = Field(default=None, description=(
+        "ifca, cfl (clusters found during training): the clusters at the end of the round"))
 
 
 class Work(_Strict):

@@ -26,6 +26,8 @@ from atlasfl.data.batching import Tally, encode
 from atlasfl.engines.flower.records import (
     ATLAS,
     BACKUP,
+    CANDIDATE,
+    CHOICE,
     RESTORE,
     STATE,
     config_from_json,
@@ -36,7 +38,7 @@ from atlasfl.engines.flower.records import (
     transport_size_mod,
 )
 from atlasfl.errors import AtlasError
-from atlasfl.federation.evaluation import evaluate_client, predict, test_scores
+from atlasfl.federation.evaluation import adopt_lowest, evaluate_client, predict, test_scores
 from atlasfl.federation.fingerprint import fingerprint
 from atlasfl.federation.records import client_references, load_client_data, num_clients
 from atlasfl.federation.training import client_seed, train_client
@@ -171,6 +173,18 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
+def offer(msg: Message, context: Context) -> Message:
+    """Score each candidate state the server offers on this client's training data, adopt the lowest loss, and
+    say which (`Transport.offer`)."""
+    cfg, cid, fm, (_, _, train_enc, _, _) = _client(context)
+    candidates = [record_to_state(msg.content[f"{CANDIDATE}{j}"], cfg.wire_dtype)
+                  for j in range(int(msg.content[ATLAS]["candidates"]))]
+    choice = adopt_lowest(fm, cid, train_enc, candidates, batch_size=cfg.eval_batch_size)
+    _keep_state(context, fm, cid)
+    return Message(RecordDict({ATLAS: ConfigRecord({"client_id": cid}),
+                               CHOICE: ArrayRecord({CHOICE: Array(np.array([choice], dtype=np.int32))})}), reply_to=msg)
+
+
 def evaluate(msg: Message, context: Context) -> Message:
     """Adopt the state the server sent (if any), then score it on the test set and, from the same
     predictions, on its personal rows (and on the local validation set after the last round)."""
@@ -203,6 +217,7 @@ def make_client_app(*mods) -> ClientApp:
     client_app = ClientApp(mods=[transport_size_mod, *mods])
     client_app.query("fingerprint")(fingerprint_phase)
     client_app.query("identify")(identify)
+    client_app.query("offer")(offer)
     client_app.train()(train)
     client_app.evaluate()(evaluate)
     return client_app

@@ -87,6 +87,7 @@ app.train()(relay)
 app.evaluate()(relay)
 app.query("fingerprint")(relay)
 app.query("identify")(relay)
+app.query("offer")(relay)
 
 
 def resident_dir() -> Path:

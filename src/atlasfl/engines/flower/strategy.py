@@ -26,6 +26,8 @@ from atlasfl.engines.flower.polling import REPLY_TIMEOUT_S, exchange_all, messag
 from atlasfl.engines.flower.records import (
     ATLAS,
     BACKUP,
+    CANDIDATE,
+    CHOICE,
     RESTORE,
     STATE,
     config_to_json,
@@ -37,7 +39,7 @@ from atlasfl.engines.flower.records import (
 from atlasfl.errors import AtlasError
 from atlasfl.federation.records import num_clients, select_eta
 from atlasfl.federation.server import Plan
-from atlasfl.federation.transport import Evaluated, Roster, Trained
+from atlasfl.federation.transport import CHOICE_BYTES, Evaluated, Offered, Roster, Trained
 from atlasfl.methods import method_for
 from atlasfl.methods.base import RESIDUAL, select
 from atlasfl.models.lora import state_digest
@@ -175,6 +177,26 @@ class AtlasStrategy:
                 record_to_state(self.pending[cid], self.cfg.wire_dtype), select(own, (RESIDUAL,)),
                 ranks=self.ranks[cid], cid=cid, round_idx=round_idx)}
         return sent
+
+    def offer(self, round_idx: int, candidates: dict[int, list[dict]]) -> Offered:
+        """A query message per client with its candidates (`candidate-<j>`); the reply names the one it adopted,
+        which the server's copy of it takes up."""
+        out, to, messages, sent = Offered(), {}, [], {}
+        for cid, states in sorted(candidates.items()):
+            records = [state_to_record(state, self.cfg.wire_dtype) for state in states]
+            sent[cid] = [record for record, _ in records]
+            out.bytes_down[cid] = sum(nbytes for _, nbytes in records)
+            content = RecordDict({ATLAS: ConfigRecord({"round": round_idx, "candidates": len(records)}),
+                                  **{f"{CANDIDATE}{j}": record for j, (record, _) in enumerate(records)}})
+            to[self.members.node_of[cid]] = cid
+            messages.append(message(content, self.members.node_of[cid], MessageType.QUERY + ".offer",
+                                    group=round_idx))
+        for reply in self._replies(messages, to, out.missing):
+            cid, choice = int(reply.content[ATLAS]["client_id"]), int(reply.content[CHOICE][CHOICE].numpy()[0])
+            out.choices[cid], out.bytes_up[cid] = choice, CHOICE_BYTES
+            self.copies[cid] = {**self.copies.get(cid, {}), **record_to_state(sent[cid][choice], self.cfg.wire_dtype)}
+            self.reports.add("rounds", cid, reply)
+        return out
 
     def evaluate(self, round_idx: int, trained: set[int], validate: bool) -> Evaluated:
         out = Evaluated(clients_s=0.0)

@@ -1,0 +1,118 @@
+"""`ifca` (Ghosh, Chung, Yin, Ramchandran, NeurIPS 2020): the server keeps k cluster models; every client scores its
+training loss under each, adopts the one with the lowest (`phases.ifca.lowest`), trains it and sends it back with
+the cluster's id; the server averages inside each cluster.
+
+A round here: every client trains the model it holds and uploads it (adapter and head; a lone member too: its
+cluster's model is its own); the server averages each cluster's uploads, shard-weighted as `fedavg_cluster` (on
+equal shards the plain mean of the official code), heads only among same-shape heads; then it offers every client
+the k models (the adapter and the head of the client's label space), and the client adopts its argmin and is
+tested with it, so round r's scores are of the cluster models and round r + 1 trains from the chosen one (the
+paper's broadcast and choice, with the test placed between them). Down: k adapters with heads; up: 1 with the
+cluster id (4 bytes, `transport.CHOICE_BYTES`).
+
+Initialisation: LoRA starts with B = 0, so k random initialisations would compute one function (ΔW = 0) and every
+client's argmin would tie. Round 1 is therefore each client's training from the common start, and the k models are
+k distinct clients' round-1 models, drawn by seeded k-means++ on their flattened factors (`farthest_seeds`, the run
+seed); a label space the drawn client lacks gets the shard-weighted mean of that label space's round-1 heads."""
+from __future__ import annotations
+
+from atlasfl.methods.base import Method, select
+from atlasfl.settings import setting
+
+
+class IFCA(Method):
+    name = "ifca"
+    summary = ("k cluster models on the server; each client adopts the one with its lowest training loss, trains "
+               "it and sends it back; the server averages inside each cluster (Ghosh et al., 2020).")
+    uses_fingerprints = False  # it finds its own clusters: phase 1 runs for the report only
+    shares_alone = True  # a cluster of one still updates its model on the server
+    downloads = ()  # the mean goes back inside the offer of the k models, not as a delivery
+    settings = {"ifca_k": (int, setting(
+        "ifca: number k of cluster models; 0: the run's number of tasks, a fair default in this simulator, which "
+        "knows them (the paper's k is a fixed hyperparameter: 2 in its CIFAR config).", 0, ge=0))}
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.choices: dict[int, int] = {}  # client id -> the cluster whose model it holds
+        self.adapters: list[dict] = []  # cluster j's LoRA factors
+        self.heads: list[dict[int, dict]] = []  # cluster j's head per label count
+
+    @classmethod
+    def clusters_k(cls, cfg) -> int:
+        from atlasfl.data.tasks import expand_tasks
+
+        return cfg.ifca_k or len(expand_tasks(cfg.tasks))
+
+    @classmethod
+    def check(cls, cfg):
+        from atlasfl.data.tasks import expand_tasks
+
+        clients = len(expand_tasks(cfg.tasks)) * cfg.clients_per_task
+        if cls.clusters_k(cfg) > clients:
+            raise ValueError(f"ifca: --ifca-k {cls.clusters_k(cfg)} exceeds the run's {clients} clients; lower it")
+
+    def groups(self, clients, clusters):
+        if not self.choices:
+            return [list(clients)]  # round 1: everyone's first model seeds the k clusters
+        by_cluster: dict[int, list[int]] = {}
+        for cid in clients:
+            by_cluster.setdefault(self.choices.get(cid, -1 - cid), []).append(cid)
+        return list(by_cluster.values())
+
+    def aggregate(self, states, group):
+        if not self.adapters:
+            self._seed(states, group)
+            return states
+        new = super().aggregate(states, group)
+        j = self.choices.get(group.clients[0])
+        if j is not None:
+            self.adapters[j] = select(new[0], ("lora_A", "lora_B"))
+            self.heads[j].update({_labels(s): select(s, ("head",)) for s in new})
+        return new
+
+    def _seed(self, states, group):
+        import numpy as np
+
+        from atlasfl.phases.aggregation import aggregate_states
+        from atlasfl.phases.ifca import farthest_seeds
+
+        factors = [select(s, ("lora_A", "lora_B")) for s in states]
+        points = np.stack([np.concatenate([t.double().flatten().numpy() for t in f.values()]) for f in factors])
+        means = aggregate_states(states, group.sizes, alpha=self.cfg.lora_alpha, mode="fedavg")
+        pooled = {_labels(s): select(s, ("head",)) for s in means}
+        for i in farthest_seeds(points, self.clusters_k(self.cfg), seed=self.cfg.seed):
+            self.adapters.append(factors[i])
+            self.heads.append({**pooled, _labels(states[i]): select(states[i], ("head",))})
+
+    def offers(self, labels: dict[int, int]):
+        return {cid: [{**adapter, **heads[n]} for adapter, heads in zip(self.adapters, self.heads)]
+                for cid, n in labels.items()}
+
+    def chose(self, choices):
+        self.choices.update(choices)
+
+    def round_clusters(self, clients):
+        return [self.choices.get(c, -1) for c in clients], {}
+
+    def clustering_state(self):
+        tensors = {f"{j}/{key}": t for j, adapter in enumerate(self.adapters) for key, t in adapter.items()}
+        tensors.update({f"{j}/{n}/{key}": t for j, heads in enumerate(self.heads) for n, head in heads.items()
+                        for key, t in head.items()})
+        return dict(choices={str(c): j for c, j in self.choices.items()}, k=len(self.adapters)), tensors
+
+    def restore_clustering(self, saved, tensors):
+        self.choices = {int(c): j for c, j in saved.get("choices", {}).items()}
+        self.adapters = [{} for _ in range(saved.get("k", 0))]
+        self.heads = [{} for _ in range(saved.get("k", 0))]
+        for name, t in tensors.items():
+            j, rest = name.split("/", 1)
+            if "/" not in rest:  # j/<factor key>; a head is j/<label count>/<head key>
+                self.adapters[int(j)][rest] = t
+            else:
+                n, key = rest.split("/", 1)
+                self.heads[int(j)].setdefault(int(n), {})[key] = t
+
+
+def _labels(state) -> int:
+    """The label count of a state's head (its weight's rows)."""
+    return int(state["head::weight"].shape[0])
