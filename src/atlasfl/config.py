@@ -139,6 +139,9 @@ class GeneralSettings(BaseModel):
         if self.client_batching and self.engine == "flower":
             raise ValueError("the Flower engine trains one client per message; --client-batching needs "
                              "--engine inprocess")
+        if self.tune is not None and self.engine == "flower":
+            raise ValueError("--tune runs its trials in-process; tune with --engine inprocess, then run the Flower "
+                             "engine with the study's best settings (--config best.toml)")
         if self.save_adapters is not None and self.engine == "flower":
             raise ValueError("the Flower engine's adapters live on its SuperNodes; --save-adapters needs "
                              "--engine inprocess")

@@ -27,9 +27,9 @@ class IFCA(Method):
     uses_fingerprints = False  # it finds its own clusters: phase 1 runs for the report only
     shares_alone = True  # a cluster of one still updates its model on the server
     downloads = ()  # the mean goes back inside the offer of the k models, not as a delivery
-    settings = {"ifca_k": (int, setting(
-        "ifca: number k of cluster models; 0: the run's number of tasks, a fair default in this simulator, which "
-        "knows them (the paper's k is a fixed hyperparameter: 2 in its CIFAR config).", 0, ge=0))}
+    settings = {"ifca_k": (int | None, setting(
+        "ifca: number k of cluster models; unset: the run's number of tasks, a fair default in this simulator, "
+        "which knows them (the paper's k is a fixed hyperparameter: 2 in its CIFAR config).", None, ge=1))}
 
     def __init__(self, cfg):
         super().__init__(cfg)
