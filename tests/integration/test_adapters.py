@@ -125,10 +125,11 @@ def test_flower_engine_refuses_save_adapters(tmp_path):
 @pytest.mark.parametrize("model", ["tiny-bert", "tiny-gpt2"])
 def test_a_client_with_a_residual_is_saved_as_one_merged_adapter_that_peft_loads(tmp_path, model):
     """flora's clients: the residual and the LoRA's update in one full-rank adapter (GPT-2's Conv1D included)."""
+    from atlasfl.models.personal import PersonalLoRAModel
     from atlasfl.results.adapters import save_client_adapters
 
     cfg = tiny_config(tmp_path, model=model, method="flora", save_adapters=str(tmp_path / "adapters"))
-    fm = FederatedLoRAModel(load_backbone(model, seed=0), alpha=16.0, dropout=0.0, seed=0)
+    fm = PersonalLoRAModel(load_backbone(model, seed=0), alpha=16.0, dropout=0.0, seed=0)  # as the engines build
     fm.add_client(0, {m: 2 for m in fm.modules}, 2, residual=True)
     gen = torch.Generator().manual_seed(1)
     fm.set_state(0, {k: torch.randn(v.shape, generator=gen) * 0.3 for k, v in fm.get_state(0).items()})
