@@ -18,6 +18,7 @@ from atlasfl.federation.records import (
     log_round,
     round_cost,
     round_summary,
+    warn_ambiguous,
     warn_diverged,
     warn_infeasible,
     warn_missing,
@@ -128,6 +129,7 @@ def plan_or_restore(cfg: RunConfig, method: Method, transport: Transport, checkp
         plan = Plan.from_json(checkpoint[0]["plan"])
         server.adopt(plan)
     warn_infeasible(cfg, plan)
+    warn_ambiguous(plan)
     log.info("%s: %d clients on %s, model %s, clusters %s (%s), groups %s", cfg.run_name, len(roster.shards),
              ", ".join(roster.tasks), cfg.model, plan.cluster_labels, plan.cluster_source, server.groups())
     transport.build(plan)

@@ -11,7 +11,8 @@ SCHEMA_VERSION = "1.2"
 # 1.1: per-round phase clocks and work (time_metrics.rounds/totals), lambda-sweep totals
 # 1.2: the personal protocol (personal_* per client, round and task), `references`, per-client eta selection;
 #      phase1_clustering's spread-to-noise rule: threshold_by_k, dof_by_k, significance (noise_ratio dropped);
-#      Flower rounds record the clients missing from them (missing_clients, missing_reasons, ClientRound.missing)
+#      Flower rounds record the clients missing from them (missing_clients, missing_reasons, ClientRound.missing);
+#      phase1_clustering's passing_k, split and ambiguous (absent in earlier 1.2 files)
 KNOWN_SCHEMA_VERSIONS = ("1.0", "1.1", "1.2")
 PERSONAL = ("personal protocol (1.2 on): the client's personal test set, rows of the task's test set whose label mix "
             "follows the client's training shard (data.partition.personal_test_rows), scored from the same predictions")
