@@ -13,8 +13,9 @@
 For every model and seed it does what a run does before round 1 (`federation.driver.plan_or_restore` in-process):
 the run's shards, backbone and encodings, `federation.fingerprint.fingerprint` on every client, `Server.plan`.
 It prints one line per seed (k, ARI against the true tasks, the margin of the choice in the rule's own units, the
-spread-to-noise ratios that decided it, the gradient fingerprint's k and ARI, seconds of fingerprinting
-per client) and a summary per model. Nothing is trained; figures are printed, never asserted.
+ambiguous flag, the spread-to-noise ratios that decided it, the split test G_k against its bar g_k, the gradient
+fingerprint's k and ARI, seconds of fingerprinting per client) and a summary per model (with the runs flagged and
+those wrong and not flagged). Nothing is trained; figures are printed, never asserted.
 `--weights-seed N` holds one random draw for every data seed, as pretrained weights are held, and
 `--reuse-representations DIR` then computes each example's representation once and stores it, so fifty seeds
 cost about five seeds' forward passes (offline tasks at preset sizes) and a stopped job resumes where it stopped.
@@ -42,6 +43,7 @@ from atlasfl.data.partition import make_shards
 from atlasfl.data.tasks import expand_tasks, load_task
 from atlasfl.federation import fingerprint as fp
 from atlasfl.federation.server import ClientInfo, Server
+from atlasfl.methods import method_for
 from atlasfl.models.lora import FederatedLoRAModel
 from atlasfl.models.registry import TINY_CONFIGS, load_backbone, resolve_device
 
@@ -86,8 +88,8 @@ def phase1(model: str, seed: int, a, cache: dict) -> dict:
     needed = max(cfg.representation_samples, cfg.fingerprint_samples)
     train_enc = {s.client_id: encode(backbone.tokenizer, s.train[:needed], cfg.max_length) for s in shards}
     fm = FederatedLoRAModel(backbone, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, seed=cfg.seed)
-    server = Server(cfg, [ClientInfo(s.client_id, s.task, len(s.train), tasks[s.task].num_labels) for s in shards],
-                    modules=fm.modules, shapes=fm.module_shapes(), facts=fm.facts())
+    clients = [ClientInfo(s.client_id, s.task, len(s.train), tasks[s.task].num_labels) for s in shards]
+    server = Server(cfg, method_for(cfg), clients, modules=fm.modules, shapes=fm.module_shapes(), facts=fm.facts())
     t0 = time.perf_counter()
     represent = cache["store"].represent if a.reuse_representations else fp.representation_pass
     uploads = {s.client_id: fp.fingerprint(fm, train_enc[s.client_id], num_labels=tasks[s.task].num_labels,
@@ -101,7 +103,8 @@ def phase1(model: str, seed: int, a, cache: dict) -> dict:
     k = p["k"]
     t, c = p.get("tightness_by_k") or {}, p.get("threshold_by_k") or {}
     return dict(seed=seed, k=k, ari=p["ari"], margin=p.get("margin"), t_k=t.get(str(k)), t_prev=t.get(str(k - 1)),
-                c_k=c.get(str(k)), c_prev=c.get(str(k - 1)),
+                c_k=c.get(str(k)), c_prev=c.get(str(k - 1)), ambiguous=p.get("ambiguous"),
+                split=(p.get("split") or {}).get("statistic"), split_bar=(p.get("split") or {}).get("threshold"),
                 dims=statistics.median(u["representation_dims"] for u in uploads.values()),
                 grad_k=p["k_by_fingerprint"]["gradient"], grad_ari=p["ari_by_fingerprint"]["gradient"],
                 s_per_client=seconds, bytes=plan.fingerprint_bytes[0],
@@ -177,6 +180,11 @@ def versus(model: str, path: str, a) -> None:
           f"{path} {theirs:.2f} s/client, this {mine:.2f} s/client, ratio {mine / theirs:.2f}")
 
 
+def flag(row: dict) -> str:
+    """'yes' when phase 1 flagged the partition ambiguous, 'no' when its split test ran and did not, '-' otherwise."""
+    return "-" if row["ambiguous"] is None else "yes" if row["ambiguous"] else "no"
+
+
 def fmt(x, spec=".3f"):
     return "-" if x is None else format(x, spec)
 
@@ -220,23 +228,27 @@ def main() -> None:
         for model in a.models:
             versus(model, a.versus, a)
         return
-    print(f"{'model':<12} {'seed':>4} {'k':>2} {'ARI':>6} {'margin':>7} {'T_k':>6} {'c_k':>5} {'T_k-1':>7} "
-          f"{'c_k-1':>5} {'dims':>5} {'grad k':>6} {'grad ARI':>8} {'s/client':>8}", flush=True)
+    print(f"{'model':<12} {'seed':>4} {'k':>2} {'ARI':>6} {'margin':>7} {'amb':>3} {'T_k':>6} {'c_k':>5} {'T_k-1':>7} "
+          f"{'c_k-1':>5} {'G_k':>5} {'g_k':>5} {'dims':>5} {'grad k':>6} {'grad ARI':>8} {'s/client':>8}", flush=True)
     summary = []
     for model in a.models:
         cache, rows = {}, []
         for seed in seed_list(a.seeds):
             r = phase1(model, seed, a, cache)
             rows.append(r)
-            print(f"{model:<12} {seed:>4} {r['k']:>2} {r['ari']:>6.3f} {fmt(r['margin']):>7} {fmt(r['t_k'], '.2f'):>6} "
-                  f"{fmt(r['c_k'], '.2f'):>5} {fmt(r['t_prev'], '.2f'):>7} {fmt(r['c_prev'], '.2f'):>5} "
+            print(f"{model:<12} {seed:>4} {r['k']:>2} {r['ari']:>6.3f} {fmt(r['margin']):>7} {flag(r):>3} "
+                  f"{fmt(r['t_k'], '.2f'):>6} {fmt(r['c_k'], '.2f'):>5} {fmt(r['t_prev'], '.2f'):>7} "
+                  f"{fmt(r['c_prev'], '.2f'):>5} {fmt(r['split'], '.2f'):>5} {fmt(r['split_bar'], '.2f'):>5} "
                   f"{r['dims']:>5.1f} {r['grad_k']:>6} {r['grad_ari']:>8.3f} {r['s_per_client']:>8.2f}", flush=True)
         margins = [r["margin"] for r in rows if r["margin"] is not None]
         summary.append((model, rows, margins))
-    print(f"\n{'model':<12} {'seeds':>5} {'ARI=1':>5} {'worst margin':>12} {'median margin':>13} {'grad ARI=1':>10} "
+    print(f"\n{'model':<12} {'seeds':>5} {'ARI=1':>5} {'flagged':>7} {'wrong+unflagged':>15} {'worst margin':>12} "
+          f"{'median margin':>13} {'grad ARI=1':>10} "
           f"{'grad ARI med':>12} {'s/client':>8} {'bytes':>6}  train examples/client, gradient samples")
     for model, rows, margins in summary:
         print(f"{model:<12} {len(rows):>5} {sum(r['ari'] == 1.0 for r in rows):>5} "
+              f"{sum(bool(r['ambiguous']) for r in rows):>7} "
+              f"{sum(r['ari'] < 1.0 and not r['ambiguous'] for r in rows):>15} "
               f"{fmt(min(margins) if margins else None):>12} "
               f"{fmt(statistics.median(margins) if margins else None):>13} "
               f"{sum(r['grad_ari'] == 1.0 for r in rows):>10} {statistics.median(r['grad_ari'] for r in rows):>12.3f} "

@@ -204,6 +204,11 @@ def test_fedavg_cluster_groups_the_true_tasks(make_config, model, seed):
     phase1 = result["phase1_clustering"]
     assert result["cluster_source"] == "fingerprint" and result["cluster_labels"] == [0, 0, 1, 1]
     assert phase1["ari"] == 1.0 and phase1["k"] == 2 and phase1["margin"] > 0, phase1["tightness_by_k"]
+    # every k under its bar, and the split test against k = 3 that did not find it fitting too
+    assert phase1["passing_k"] == [k for k in (1, 2, 3) if phase1["tightness_by_k"][str(k)] <=
+                                   phase1["threshold_by_k"][str(k)]] and phase1["passing_k"][0] == 2
+    assert phase1["ambiguous"] is False and phase1["split"]["k_next"] == 3
+    assert phase1["split"]["statistic"] <= phase1["split"]["threshold"]
 
 
 def test_oracle_clusters_flag(make_config):

@@ -2,6 +2,7 @@ import warnings
 
 import numpy as np
 import pytest
+from scipy.stats import f as f_distribution
 from sklearn.cluster import KMeans
 from sklearn.metrics import silhouette_score
 
@@ -15,6 +16,7 @@ from atlasfl.phases.clustering import (
     clusters,
     critical_ratio,
     null_dof,
+    split_test,
     spread_to_noise,
 )
 from atlasfl.phases.fingerprint import effective_dims, label_balanced_mean
@@ -256,7 +258,10 @@ def test_spread_within_sampling_noise_is_one_cluster_and_beyond_it_is_not():
     same = rng.normal(size=16) + rng.normal(scale=np.sqrt(noise_var / 16), size=(9, 16))
     one = cluster_fingerprints(same, seed=0, noise=_noise(noise_var, 9))
     assert one.k == 1 and one.method == "single:noise" and one.spread_to_noise < one.threshold_by_k[1]
-    assert one.margin == pytest.approx(np.log(one.threshold_by_k[1] / one.tightness_by_k[1]))
+    # One task of 9 clients: splitting it is noise (not ambiguous), and nearest to flipping is the split test here
+    assert one.ambiguous is False and one.split["splits"] == 2 ** 8 - 1
+    assert one.margin == pytest.approx(min(np.log(one.threshold_by_k[1] / one.tightness_by_k[1]),
+                                           np.log(one.split["threshold"] / one.split["statistic"])))
     F = _noisy_groups(rng, rng.normal(size=(3, 16)), 3, noise_var)
     three = cluster_fingerprints(F, seed=0, noise=_noise(noise_var, 9))
     assert three.k == 3 and three.method == "kmeans:noise-consistent"
@@ -275,12 +280,15 @@ def test_margin_is_the_log_distance_of_the_nearest_alternative_from_its_threshol
         expected = np.log(c[r.k] / t[r.k])
         if r.k > 1:
             expected = min(expected, np.log(t[r.k - 1] / c[r.k - 1]))
-        assert r.margin == pytest.approx(expected) and r.margin > 0
+        split = np.log(r.split["threshold"] / r.split["statistic"])
+        assert r.margin == pytest.approx(min(expected, split)) and r.margin > 0 and not r.ambiguous
         assert "ln" in r.margin_units
         if robust:
-            assert r.k == 4 and adjusted_rand(r.labels, TRUTH) == 1.0 and r.margin > 0.2
+            assert r.k == 4 and adjusted_rand(r.labels, TRUTH) == 1.0 and expected > 0.2
+            assert r.passing_k == [4, 5, 6, 7, 8]  # every finer partition passes too: passing alone says little
+            assert 0 < split < expected  # 0.093: splitting a 3-client task by noise comes nearer its bar (2.18)
         else:
-            assert r.margin < 0.15  # a fragile result says so (0.117 here; 0.306 above)
+            assert expected < 0.15  # a fragile result says so (0.117 here; 0.306 above)
 
 
 def test_each_client_is_judged_by_its_own_noise():
@@ -402,3 +410,41 @@ def test_a_label_held_fewer_than_three_times_is_left_out_of_the_fingerprint():
     assert np.allclose(up["label_means"][[1, 3]], 0)
     assert np.allclose(up["representation"], up["label_means"][[0, 2]].mean(0), atol=1e-5)
     assert up["representation_count"] == 7 - 2 + 1  # the kept examples less their labels, plus one
+
+
+def test_the_split_test_says_k_plus_1_also_fits_when_both_pass_exact_on_a_hand_built_case():
+    # Four 1-D clients 0, 1, 3, 4 with σ² = 1, n = 11, r = 1. P_1 = everyone: S_1 = 4 + 1 + 1 + 4 = 10, E_1 = 3,
+    # T_1 = 10/3 under c_1 = F(3, 40) at 0.999 (6.59); P_2 = {0, 1}, {3, 4}: S_2 = 1, E_2 = 2, T_2 = 0.5. Both pass.
+    # G_1 = (10 − 1)/(3 − 2) = 9. ν₁ = 3 and 2 (Var S = 2 tr P² q: 6 and 4), so the removed part's variance is
+    # 2·(3²/3 − 2²/2) = 2 and ν_G = 2·1²/2 = 1; ν₂ = 2·3²/((¾)²·4·2/10) = 40. k-means chose among 2³ − 1 = 7
+    # splits of the one cluster: the bar is F(1, 40) at 1 − 0.05/7 (8.04).
+    r = cluster_fingerprints(np.array([[0.0], [1.0], [3.0], [4.0]]), seed=0,
+                             noise=SamplingNoise.of(1.0, 11, 1, 4), n_init=4)
+    bar = f_distribution.isf(0.05 / 7, 1, 40)
+    assert (r.k, r.passing_k, r.ambiguous) == (1, [1, 2], True)
+    assert r.tightness_by_k == pytest.approx({1: 10 / 3, 2: 0.5})
+    assert r.split["statistic"] == pytest.approx(9.0) and r.split["dof"] == pytest.approx([1.0, 40.0])
+    assert (r.split["splits"], r.split["k_next"]) == (7, 2) and r.split["threshold"] == pytest.approx(bar)
+    assert r.margin == pytest.approx(np.log(bar / 9.0)) and r.margin < 0  # negative: the decision is not safe
+    assert np.log(r.threshold_by_k[1] / r.tightness_by_k[1]) > 0.68  # what the margin said before
+
+
+def test_a_clear_split_is_not_ambiguous_and_keeps_the_former_margin():
+    # The same clients with 3, 4 moved to 30, 31: k = 2, and no k = 3 to test (1-D fingerprints give two distinct
+    # unit rows, so kmax = 2): no split test, and the margin is the former one.
+    r = cluster_fingerprints(np.array([[0.0], [1.0], [30.0], [31.0]]), seed=0,
+                             noise=SamplingNoise.of(1.0, 11, 1, 4), n_init=4)
+    assert (r.k, r.passing_k, r.ambiguous, r.split) == (2, [2], None, None)
+    t, c = r.tightness_by_k, r.threshold_by_k
+    assert r.margin == pytest.approx(min(np.log(c[2] / t[2]), np.log(t[1] / c[1])))
+
+
+def test_split_test_of_a_noise_split_stays_under_its_bar_and_a_real_one_exceeds_it():
+    # One cluster of 2 + 2 clients (σ² = 1, n = 11, r = 1) split {0, 1} | {2, 3}, the halves `gap` apart: the
+    # spread removed is (2·2/4)·gap² and one contrast's worth of noise (E_1 − E_2 = 3 − 2) is expected, so G = gap².
+    noise = SamplingNoise.of(1.0, 11, 1, 4)
+    for gap in (0.5, 4.0):
+        F = np.array([[0.0], [0.0], [gap], [gap]])
+        split = split_test(clusters(F, [0] * 4, noise), clusters(F, [0, 0, 1, 1], noise), noise)
+        assert split["statistic"] == pytest.approx(gap ** 2)
+        assert (split["statistic"] > split["threshold"]) == (gap == 4.0)  # 0.25 and 16 against 8.04

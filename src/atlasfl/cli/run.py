@@ -11,6 +11,7 @@ from atlasfl.cli.options import CONFIG_HELP, merge_config_file, parse_seed, with
 from atlasfl.config import METHODS, POSITIONAL, build_config, overridable_settings
 from atlasfl.errors import AtlasError
 from atlasfl.experiment import is_complete, run_and_save
+from atlasfl.federation.records import ambiguity_warning
 from atlasfl.presets import PRESETS
 
 # The embedded offline default: packaged MiniLM on the offline task set, sized for ~minutes on 2 CPU cores.
@@ -74,6 +75,9 @@ def print_summary(result: dict, path) -> None:
     console.print(table)
     console.print(f"clusters: {result['cluster_labels']} ({result['cluster_source']}); "
                   f"time {result['time_metrics']['total_s']:.1f}s")
+    ambiguity = ambiguity_warning(result.get("phase1_clustering"))
+    if ambiguity:
+        console.print(ambiguity, style="bold yellow", markup=False, highlight=False)
     if result.get("diverged_clients"):
         console.print(f"DIVERGED: clients {result['diverged_clients']} (training loss blew up; see the warnings "
                       "above and lower --lr)", style="bold red", markup=False, highlight=False)

@@ -19,6 +19,7 @@ from atlasfl.federation.records import (
     log_round,
     round_cost,
     round_summary,
+    warn_ambiguous,
     warn_diverged,
     warn_infeasible,
     warn_missing,
@@ -141,6 +142,7 @@ def plan_or_restore(cfg: RunConfig, method: Method, transport: Transport, checkp
         method.restore_clustering(checkpoint[0].get("clustering", {}),
                                   _unprefixed("clustering/", checkpoint[0]["server_tensors"]))
     warn_infeasible(cfg, plan)
+    warn_ambiguous(plan)
     log.info("%s: %d clients on %s, model %s, clusters %s (%s), groups %s", cfg.run_name, len(roster.shards),
              ", ".join(roster.tasks), cfg.model, plan.cluster_labels, plan.cluster_source, server.groups())
     transport.build(plan)

@@ -176,6 +176,24 @@ def warn_infeasible(cfg: RunConfig, plan) -> None:
             print(msg, file=sys.stderr)
 
 
+def ambiguity_warning(phase1: dict | None) -> str | None:
+    """One line saying that phase 1's split test finds the next larger k also fits (docs/clustering.md), or None."""
+    if not phase1 or not phase1.get("ambiguous"):
+        return None
+    k, split = phase1["k"], phase1["split"]
+    return (f"warning: phase 1 is ambiguous: k = {k} passed its bar, but k = {split['k_next']} also fits (split "
+            f"test G = {split['statistic']:.2f} above {split['threshold']:.2f}); margin {phase1['margin']:.3f}. "
+            "Two tasks may share a cluster (docs/clustering.md)")
+
+
+def warn_ambiguous(plan) -> None:
+    """Say in the log and on stderr when phase 1's partition is ambiguous."""
+    msg = ambiguity_warning(plan.phase1)
+    if msg:
+        log.warning(msg)
+        print(msg, file=sys.stderr)
+
+
 # ---- divergence --------------------------------------------------------------------------------
 DIVERGENCE_FACTOR = 10.0
 DIVERGENCE_RULE = ("a client has diverged when its mean training loss in some round is not finite, or exceeds "

@@ -114,6 +114,7 @@ class Server:
             threshold_by_k={str(k): v for k, v in chosen.threshold_by_k.items()},
             dof_by_k={str(k): list(v) for k, v in chosen.dof_by_k.items()}, margin=chosen.margin,
             margin_units=chosen.margin_units, significance=SIGNIFICANCE if chosen.tightness_by_k else None,
+            passing_k=chosen.passing_k, ambiguous=chosen.ambiguous, split=chosen.split,
             similarity=chosen.similarity, fingerprints=F.tolist(),
             true_tasks=[self.clients[c].task for c in cids],
             ari_by_fingerprint={k: v[2] for k, v in by_kind.items()},

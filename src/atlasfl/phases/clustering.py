@@ -13,25 +13,25 @@ The rule, with the clients' sampling noise (representation fingerprints, the def
   and on their unit-length rows, keeping whichever of the two is tighter.
 - Its spread-to-noise ratio  T_k = Σ_i ‖f_i − f̄_c(i)‖² / Σ_c (1 − 1/n_c) Σ_{i∈c} σ²_i : the within-cluster
   spread over its expectation when every cluster holds clients of one task (clients of one task differ
-  only by sampling). Each cluster is compared on the labels all its members hold: f_i is then the mean of
-  client i's means of those labels and σ²_i its variance (`SamplingNoise.members`), because a client that
-  lacks a label sits at the mean of the others, away from its task's (label skew; measured in
-  docs/clustering.md). Where every client holds every label this is the uploaded f_i and σ²_i; a cluster
-  whose members share no label is compared on the uploaded ones.
+  only by sampling). Each cluster is compared on the labels all its members hold (`SamplingNoise.members`):
+  a client that lacks a label sits at the mean of the others, away from its task's (label skew).
 - When every cluster is one task, T_k is a ratio of two noisy quadratic forms whose degrees of freedom
   follow from (σ²_i, n_i, r_i) (Satterthwaite): ν₁ ≈ (K − k)·r for the spread, ν₂ ≈ Σ_i (n_i − 1)·r for the
   noise estimate, so T_k ~ F(ν₁, ν₂). Its critical value c_k is the F quantile at 1 − SIGNIFICANCE: large
-  when few clients or few examples stand behind the fingerprints, near 1 when many do. The bar is the F
-  quantile alone, with no floor (why, measured over seeds: docs/clustering.md, "No floor").
+  when few clients or few examples stand behind the fingerprints, near 1 when many do (no floor: see docs).
 - k is the smallest k with T_k ≤ c_k (k = 1 is the explicit test "all clients alike").
-- The margin is how far the decision sits from flipping, in ln units of T over its critical value:
-  min(ln c_k − ln T_k, ln T_{k−1} − ln c_{k−1}). 0.2 means one of the two nearest partitions is 20 % away
-  from being chosen instead.
+- Every k with T_k ≤ c_k passes, finer partitions whenever a right one does (splitting a task by noise leaves
+  T near 1), so passing alone does not say that k + 1 also fits. The split test does: the
+  spread P_{k+1} removes from P_k over what removing one noise contrast is expected to,
+  G_k = (S_k − S_{k+1}) / (E_k − E_{k+1}), F(ν_G, ν₂) when P_k is right (ν_G from the same Satterthwaite
+  variances). k is **ambiguous** when G_k exceeds its F quantile at 1 − AMBIGUITY / M (M the splits k-means
+  chose among): the next larger k explains more than noise would, though T_k passed.
+- The margin is how far the decision sits from flipping or from ambiguity, in ln units of a statistic over its
+  critical value: min(ln c_k − ln T_k, ln T_{k−1} − ln c_{k−1}, ln g_k − ln G_k); negative when ambiguous.
 
-Without a noise figure (gradient fingerprints), k is the best cosine silhouette, with k = 1 when the raw
-fingerprints hardly differ (dispersion) or no partition is convincing; its margin is in silhouette units.
-Fingerprints are always centred first: the component shared by all text otherwise dominates cosine
-similarity and every client looks alike.
+Without a noise figure (gradient fingerprints), k is the best cosine silhouette (k = 1 when the raw
+fingerprints hardly differ or no partition is convincing), its margin in silhouette units. Fingerprints are
+always centred first: the component shared by all text otherwise dominates and every client looks alike.
 """
 from __future__ import annotations
 
@@ -48,6 +48,7 @@ SILHOUETTE_THRESHOLD = 0.2  # below it no k ≥ 2 partition is convincing: one c
 DISPERSION_THRESHOLD = 0.05  # mean ‖f_k − f̄‖ / ‖f̄‖ below it: raw fingerprints nearly identical
 # Chance that a right partition's T exceeds its critical value, i.e. that noise alone splits a task (module docstring).
 SIGNIFICANCE = 0.001
+AMBIGUITY = 0.05  # most often a right partition is flagged ambiguous (k + 1 also fits): a warning's usual level
 MAX_DOF = 1e9  # degrees of freedom beyond this give the F quantile's limit to float precision
 
 
@@ -116,6 +117,9 @@ class ClusterResult:
     margin: float | None = None  # distance of the decision from its nearest alternative, in `margin_units`
     margin_units: str = ""
     partitions_by_k: dict[int, list[int]] = field(default_factory=dict)
+    passing_k: list[int] = field(default_factory=list)  # every k with T_k ≤ c_k
+    ambiguous: bool | None = None  # the split test says k + 1 also fits (None: no noise rule, or no k + 1)
+    split: dict | None = None  # that test: G_k (`statistic`), its bar (`threshold`), `dof`, `splits`, `k_next`
 
 
 def canonical_labels(labels: Sequence[int]) -> list[int]:
@@ -186,6 +190,26 @@ def null_dof(views, noise: SamplingNoise) -> tuple[float, float]:
     return tuple(min(2 * expected ** 2 / v, MAX_DOF) if v > 0 else MAX_DOF for v in (var_spread, var_noise))
 
 
+def split_test(views, finer, noise: SamplingNoise, significance: float = AMBIGUITY) -> dict | None:
+    """Does partition `finer` (P_{k+1}'s views) explain more spread than splitting one task of `views` (P_k) by
+    noise? G = (S_k − S_{k+1}) / (E_k − E_{k+1}): the spread it removes over the one noise contrast it should
+    remove. When P_{k+1} refines P_k the removed part is orthogonal to what stays, so its variance is
+    Var S_k − Var S_{k+1} and its Satterthwaite ν_G = 2 (E_k − E_{k+1})² / that; the denominator's ν₂ is P_k's.
+    k-means picks the split that removes most, so the bar is the F quantile at 1 − significance / M, M the
+    splits it could pick (Σ_c 2^(m_c − 1) − 1; a union bound): a right P_k is flagged at most that often.
+    None when the finer partition removes no expected spread (possible only where it is not a refinement)."""
+    (nu_k, nu_noise), (nu_finer, _) = null_dof(views, noise), null_dof(finer, noise)
+    expected, expected_finer = expected_spread(views), expected_spread(finer)
+    removed_var = 2 * (expected ** 2 / nu_k - expected_finer ** 2 / nu_finer)
+    if expected - expected_finer <= 0 or removed_var <= 0:
+        return None
+    removed = sum(scatter(f) for _, f, _ in views) - sum(scatter(f) for _, f, _ in finer)
+    dof = (min(2 * (expected - expected_finer) ** 2 / removed_var, MAX_DOF), nu_noise)
+    splits = sum(2.0 ** (len(var) - 1) - 1 for _, _, var in views)
+    return dict(statistic=removed / (expected - expected_finer), dof=list(dof), splits=splits,
+                threshold=float(f_distribution.isf(significance / splits, *dof)))
+
+
 def critical_ratio(dof: tuple[float, float], significance: float = SIGNIFICANCE) -> float:
     """The T a right partition exceeds with probability `significance`: the F(ν₁, ν₂) quantile."""
     return float(f_distribution.ppf(1 - significance, *dof))
@@ -237,22 +261,28 @@ def cluster_fingerprints(
     tightness = {k: spread_to_noise(v) for k, v in views.items()}
     dofs = {k: null_dof(v, noise) for k, v in views.items()}
     thresholds = {k: critical_ratio(dof, significance) for k, dof in dofs.items()}
+    passing = [k for k in sorted(tightness) if tightness[k] <= thresholds[k]]
 
-    def result(k: int, method: str, margin: float | None, units: str) -> ClusterResult:
+    def result(k: int, method: str, margin: float | None, units: str, split: dict | None = None) -> ClusterResult:
+        ambiguous = None if split is None else split["statistic"] > split["threshold"]
         return ClusterResult(k, partitions[k], scores.get(k), method, similarity, scores, dispersion,
-                             tightness.get(1), tightness, thresholds, dofs, margin, units, partitions)
+                             tightness.get(1), tightness, thresholds, dofs, margin, units, partitions, passing,
+                             ambiguous, split)
 
     if not scores:
         return result(1, "single:few-clients", None, "")
-    if tightness:
-        consistent = [k for k in sorted(tightness) if tightness[k] <= thresholds[k]]
-        if consistent:
-            k = consistent[0]
-            margins = [math.log(thresholds[k] / tightness[k])]
-            if k > 1:
-                margins.append(math.log(tightness[k - 1] / thresholds[k - 1]))
-            units = "ln spread-to-noise over its critical value: min(ln c_k - ln T_k, ln T_(k-1) - ln c_(k-1))"
-            return result(k, "single:noise" if k == 1 else "kmeans:noise-consistent", min(margins), units)
+    if passing:
+        k = passing[0]
+        split = split_test(views[k], views[k + 1], noise) if k + 1 in views else None
+        margins = [math.log(thresholds[k] / tightness[k])]
+        if k > 1:
+            margins.append(math.log(tightness[k - 1] / thresholds[k - 1]))
+        if split is not None:
+            split["k_next"] = k + 1
+            margins.append(math.log(split["threshold"] / split["statistic"]) if split["statistic"] > 0 else math.inf)
+        units = ("ln statistic over its critical value: min(ln c_k - ln T_k, ln T_(k-1) - ln c_(k-1), "
+                 "ln g_k - ln G_k)")
+        return result(k, "single:noise" if k == 1 else "kmeans:noise-consistent", min(margins), units, split)
     if dispersion < dispersion_threshold:
         return result(1, "single:dispersion", math.log(dispersion_threshold / max(dispersion, 1e-300)),
                       f"ln {dispersion_threshold:g} - ln dispersion")

@@ -27,7 +27,9 @@ NOTES = {
     "phase1_clustering": "Fingerprint clustering: `k`, `labels`, `silhouette`, `ari` against the true tasks, "
                          "`similarity` (K×K cosine of centred fingerprints), the spread-to-noise ratio "
                          "`tightness_by_k`, its critical value `threshold_by_k` at `significance` from the "
-                         "degrees of freedom `dof_by_k`, the `margin` of the choice (docs/clustering.md) and more; "
+                         "degrees of freedom `dof_by_k`, every k under its bar `passing_k`, the split test "
+                         "`split` (`statistic` G_k, `threshold`, `dof`, `k_next`) and the `ambiguous` flag it sets "
+                         "(the next larger k also fits), the `margin` of the choice (docs/clustering.md) and more; "
                          "null when the method runs no phase 1.",
     "phase2_rank_allocation": "Device profiles, per-module rank allocation and the memory model (an ESTIMATE). "
                               "Per client: `device`, `feasible`, `mean_rank_cap` (the device's cap on the *mean* "

@@ -12,7 +12,8 @@ SCHEMA_VERSION = "1.3"
 # 1.2: the personal protocol (personal_* per client, round and task), `references`, per-client eta selection;
 #      phase1_clustering's spread-to-noise rule: threshold_by_k, dof_by_k, significance (noise_ratio dropped);
 #      Flower rounds record the clients missing from them (missing_clients, missing_reasons, ClientRound.missing)
-# 1.3: a tuned run's `tuning` block (--tune N)
+# 1.3: a tuned run's `tuning` block (--tune N); phase1_clustering's passing_k, split and ambiguous; a round's
+#      `clusters` (ifca, cfl: the clusters found during training, with their ARI)
 KNOWN_SCHEMA_VERSIONS = ("1.0", "1.1", "1.2", "1.3")
 PERSONAL = ("personal protocol (1.2 on): the client's personal test set, rows of the task's test set whose label mix "
             "follows the client's training shard (data.partition.personal_test_rows), scored from the same predictions")
