@@ -45,7 +45,12 @@ def test_representation_fingerprints_recover_the_tasks(model):
         ups, truth, _ = _fingerprints(model, list(TASK_SETS["generated"]), 3, seed, samples=8, max_samples=133)
         result = _cluster(ups, seed)
         assert result.k == 4 and adjusted_rand(result.labels, truth) == 1.0, (model, seed, result)
-        assert result.margin > 0.1, (model, seed, result.margin, result.tightness_by_k)
+        t, c = result.tightness_by_k, result.threshold_by_k
+        decision = min(np.log(c[4] / t[4]), np.log(t[3] / c[3]))  # how far k = 4 is from flipping
+        assert decision > 0.1, (model, seed, decision, t)
+        # The split test may flag a right partition (tiny-gpt2 seed 0 here; rates in docs/clustering.md); the
+        # margin then says so by its sign.
+        assert (result.margin < 0) == result.ambiguous and result.margin <= decision, (model, seed, result.split)
 
 
 def test_minilm_recovers_the_offline_tasks_on_the_seed_that_merged_two():
