@@ -113,3 +113,27 @@ def state_floats(model: str, ranks: dict[str, int], num_labels: int) -> int:
     assert set(ranks) == set(shapes)
     head = sum(p.numel() for p in fm.new_head(num_labels).parameters())
     return sum(r * (shapes[m][0] + shapes[m][1]) for m, r in ranks.items()) + head
+
+
+def peft_oracle_adapters(alpha: float, ranks: list[int], d_in: int, d_out: int, seed: int = 0):
+    """A one-Linear peft model (float64) with one adapter per rank ("default", "c1", ...) set to seeded random
+    factors: the oracle for merges that peft's `add_weighted_adapter` also computes. Returns the peft model, its
+    layer, the adapter names and each adapter's (A, B)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    g = torch.Generator().manual_seed(seed)
+    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(d_in, d_out)).double(),
+                           LoraConfig(r=ranks[0], lora_alpha=alpha, target_modules=["0"], init_lora_weights=False))
+    for k, r in enumerate(ranks[1:], 1):
+        model.add_adapter(f"c{k}", LoraConfig(r=r, lora_alpha=alpha, target_modules=["0"]))
+    layer = model.base_model.model[0]
+    names = ["default"] + [f"c{k}" for k in range(1, len(ranks))]
+    factors = []
+    for name, r in zip(names, ranks):
+        A = torch.randn(r, d_in, generator=g, dtype=torch.float64)
+        B = torch.randn(d_out, r, generator=g, dtype=torch.float64)
+        layer.lora_A[name].weight.data.copy_(A)
+        layer.lora_B[name].weight.data.copy_(B)
+        factors.append((A, B))
+    return model, layer, names, factors

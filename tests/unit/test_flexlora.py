@@ -9,6 +9,7 @@ from atlasfl.errors import AtlasError
 from atlasfl.methods import METHODS, method_for
 from atlasfl.methods.base import Group
 from atlasfl.phases.aggregation import lora_delta
+from tests.conftest import peft_oracle_adapters
 
 F64 = torch.float64
 Q = "lora::enc.0.q::"
@@ -63,22 +64,9 @@ def test_flexlora_by_hand_two_clients_at_ranks_1_and_2():
 def test_flexlora_matches_peft_svd_merge_at_each_clients_rank():
     """Oracle: peft's `add_weighted_adapter(combination_type="svd")` merges Σ w_k·ΔW_k (its adapters' own scales)
     and truncates at `svd_rank` with scale 1 (lora_alpha = r); ours must apply the same update."""
-    from peft import LoraConfig, get_peft_model
-
-    alpha, ranks, sizes, d_in, d_out = 16.0, [1, 2, 4], [5, 2, 3], 7, 6
-    g = torch.Generator().manual_seed(0)
-    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(d_in, d_out)).double(),
-                           LoraConfig(r=ranks[0], lora_alpha=alpha, target_modules=["0"], init_lora_weights=False))
-    for k, r in enumerate(ranks[1:], 1):
-        model.add_adapter(f"c{k}", LoraConfig(r=r, lora_alpha=alpha, target_modules=["0"]))
-    layer = model.base_model.model[0]
-    names = ["default"] + [f"c{k}" for k in range(1, len(ranks))]
-    states = []
-    for name, r in zip(names, ranks):
-        A, B = torch.randn(r, d_in, generator=g, dtype=F64), torch.randn(d_out, r, generator=g, dtype=F64)
-        layer.lora_A[name].weight.data.copy_(A)
-        layer.lora_B[name].weight.data.copy_(B)
-        states.append({Q + "A": A, Q + "B": B})
+    alpha, ranks, sizes = 16.0, [1, 2, 4], [5, 2, 3]
+    model, layer, names, pairs = peft_oracle_adapters(alpha, ranks, d_in=7, d_out=6)
+    states = [{Q + "A": A, Q + "B": B} for A, B in pairs]
     cfg = _cfg(lora_alpha=alpha)
     new = method_for(cfg).aggregate(states, Group(clients=[0, 1, 2], sizes=sizes, fingerprints=None, cfg=cfg,
                                                   eta=cfg.eta))

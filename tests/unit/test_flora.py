@@ -11,6 +11,7 @@ from atlasfl.federation.training import client_seed
 from atlasfl.methods import METHODS, method_for
 from atlasfl.methods.base import Group, part_of
 from atlasfl.phases.stacking import fresh_lora, stack_factors
+from tests.conftest import peft_oracle_adapters
 
 F64 = torch.float64
 Q = "lora::enc.0.q::"
@@ -86,26 +87,13 @@ def test_flora_receive_merges_into_the_residual_and_restarts_from_a_fresh_seeded
 def test_flora_stacking_is_peft_cat_merge():
     """Oracle: peft's `add_weighted_adapter(combination_type="cat")` concatenates w_k·scale_k·A_k and B_k, at
     lora_alpha = Σ r_k (scale 1); ours must give the same factors and the same update."""
-    from peft import LoraConfig, get_peft_model
-
-    alpha, ranks, sizes, d_in, d_out = 16.0, [1, 2, 4], [5, 2, 3], 7, 6
-    g = torch.Generator().manual_seed(0)
-    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(d_in, d_out)).double(),
-                           LoraConfig(r=ranks[0], lora_alpha=alpha, target_modules=["0"], init_lora_weights=False))
-    for k, r in enumerate(ranks[1:], 1):
-        model.add_adapter(f"c{k}", LoraConfig(r=r, lora_alpha=alpha, target_modules=["0"]))
-    layer = model.base_model.model[0]
-    names = ["default"] + [f"c{k}" for k in range(1, len(ranks))]
-    factors = []
-    for name, r in zip(names, ranks):
-        A, B = torch.randn(r, d_in, generator=g, dtype=F64), torch.randn(d_out, r, generator=g, dtype=F64)
-        layer.lora_A[name].weight.data.copy_(A)
-        layer.lora_B[name].weight.data.copy_(B)
-        factors.append((A, B, alpha / r))
+    alpha, ranks, sizes = 16.0, [1, 2, 4], [5, 2, 3]
+    model, layer, names, pairs = peft_oracle_adapters(alpha, ranks, d_in=7, d_out=6)
+    factors = [(A, B, alpha / r) for (A, B), r in zip(pairs, ranks)]
     weights = [n / sum(sizes) for n in sizes]
     model.add_weighted_adapter(names, weights, "cat", combination_type="cat")
     A, B = stack_factors(factors, sizes)
-    assert layer.scaling["cat"] == 1.0 and A.shape == (sum(ranks), d_in)
+    assert layer.scaling["cat"] == 1.0 and A.shape == (sum(ranks), 7)
     torch.testing.assert_close(A, layer.lora_A["cat"].weight.data, rtol=1e-14, atol=0)
     assert torch.equal(B, layer.lora_B["cat"].weight.data)
     exact = sum(p * s * Bk @ Ak for p, (Ak, Bk, s) in zip(weights, factors))
