@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 from atlasfl.experiment import run_and_save
+from atlasfl.report.load import from_atlas
 from atlasfl.results.checkpoint import complete_checkpoints
 from atlasfl.results.schema import validate_result
 from tests.conftest import state_floats
@@ -60,6 +61,10 @@ def test_cfl_is_fedavg_in_one_cluster_then_splits_and_records_its_rule(make_conf
             members = [c for c in range(4) if labels[c] == j]
             if len(members) > 1:
                 assert len({entry["state_digests"][str(c)] for c in members}) == 1
+    (record,) = from_atlas(split, tmp_path / "split.json")  # what the report's discovery table reads
+    assert record.clusters_from == "training"
+    assert record.round_ari == [r["clusters"]["ari"] for r in rounds]
+    assert record.round_bytes == [r["bytes_up_total"] + r["bytes_down_total"] for r in rounds]
 
 
 @pytest.mark.parametrize(("method", "kw"), [("ifca", {}), ("cfl", SPLITTING)])

@@ -119,6 +119,13 @@ class Method:
         """The report's label of this config's variant (a result's `config` block), or None for the method itself."""
         return None
 
+    @classmethod
+    def clusters_from(cls, config: dict) -> str | None:
+        """Where the groups a run of this config (a result's `config` block) shares in come from: "phase 1" (the
+        fingerprints' clusters), "training" (a rule that finds them from the updates: `round_clusters`), or None
+        where no clusters are used (the report's discovery table)."""
+        return "phase 1"
+
     # ---- the client ------------------------------------------------------------------------
     def local_phases(self) -> tuple[tuple[tuple[Part, ...], int], ...]:
         """A round's local training as (parts trained, epochs) phases, run one after the other over consecutive

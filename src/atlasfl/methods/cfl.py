@@ -47,6 +47,10 @@ class CFL(Method):
         self.clusters: list[list[int]] | None = None  # None: one cluster of every client (the start)
         self.seen: list[dict] = []  # the last round's clusters as the split rule saw them
 
+    @classmethod
+    def clusters_from(cls, config):
+        return "training"
+
     def groups(self, clients, clusters):
         return [list(c) for c in self.clusters] if self.clusters is not None else [list(clients)]
 

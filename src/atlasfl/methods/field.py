@@ -24,6 +24,10 @@ class FieldMethod(Method):
     def variant(cls, config):
         return "in clusters" if config.get("sharing") == "cluster" else None
 
+    @classmethod
+    def clusters_from(cls, config):
+        return "phase 1" if config.get("sharing") == "cluster" else None
+
     @property
     def uses_fingerprints(self) -> bool:
         """Phase 1's upload is traffic where it serves: clusters to share in, or importances to spread ranks by."""

@@ -51,6 +51,10 @@ class IFCA(Method):
         if cls.clusters_k(cfg) > clients:
             raise ValueError(f"ifca: --ifca-k {cls.clusters_k(cfg)} exceeds the run's {clients} clients; lower it")
 
+    @classmethod
+    def clusters_from(cls, config):
+        return "training"
+
     def groups(self, clients, clusters):
         if not self.choices:
             return [list(clients)]  # round 1: everyone's first model seeds the k clusters

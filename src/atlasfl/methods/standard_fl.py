@@ -10,5 +10,9 @@ class StandardFL(Method):
     summary = "FedAvg of adapters and heads over all clients at the preset's median rank."
     uses_fingerprints = False
 
+    @classmethod
+    def clusters_from(cls, config):
+        return None
+
     def groups(self, clients, clusters):
         return [list(clients)]

@@ -7,6 +7,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from atlasfl.errors import AtlasError
+from atlasfl.methods import METHODS
 from atlasfl.report.predecessor import from_predecessor, looks_like_predecessor
 from atlasfl.report.records import RunRecord, TaskScore, eta_label
 from atlasfl.results.schema import KNOWN_SCHEMA_VERSIONS, validate_result
@@ -68,6 +69,8 @@ def from_atlas(data: dict, path: Path) -> list[RunRecord]:
         **_costs(r), time_s=r.time_metrics.total_s, peak_memory_bytes=r.memory.peak_measured_bytes,
         clustering=r.phase1_clustering or {}, lambda_sweep=r.lambda_sweep, diverged=list(r.diverged_clients),
         tuned=r.tuning["budget"]["trials"] if r.tuning else None,
+        clusters_from=METHODS[r.method].clusters_from(r.config) if r.method in METHODS else None,
+        fingerprint_bytes=r.communication_costs.fingerprint_bytes_up,
     )
     label = eta_label(r.method, r.config, searched=(r.tuning or {}).get("space", {}))
     selections = (r.lambda_sweep or {}).get("selections")
@@ -99,6 +102,8 @@ def _view(fm: dict, rounds: list, refs: dict, protocol: str) -> dict:
                 client_scores={int(c): float(m[f"{p}score"]) for c, m in fm["per_client"].items()},
                 rounds=[e.round for e in rounds], round_task_scores=[dict(getattr(e, round_score)) for e in rounds],
                 round_client_scores=[{c.client_id: getattr(c, client_score) for c in e.clients} for e in rounds],
+                round_bytes=[e.bytes_up_total + e.bytes_down_total for e in rounds],
+                round_ari=[e.clusters.ari if e.clusters is not None else None for e in rounds],
                 references=references or None)
 
 

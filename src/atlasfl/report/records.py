@@ -33,6 +33,8 @@ class RunRecord:
     rounds: list[int] = field(default_factory=list)
     round_task_scores: list[dict[str, float]] = field(default_factory=list)  # aligned with rounds
     round_client_scores: list[dict[int, float]] = field(default_factory=list)  # aligned with rounds
+    round_bytes: list[int] = field(default_factory=list)  # bytes up and down of all clients, aligned with rounds
+    round_ari: list[float | None] = field(default_factory=list)  # ARI of the clusters found in training (ifca, cfl)
     bytes_up: int | None = None
     bytes_down: int | None = None
     time_s: float | None = None
@@ -41,6 +43,8 @@ class RunRecord:
     sweep_totals: bool = False  # bytes are the totals of every eta of a lambda sweep
     peak_memory_bytes: int | None = None
     clustering: dict[str, Any] = field(default_factory=dict)  # phase1_clustering ('ari', 'k', 'similarity', 'labels')
+    clusters_from: str | None = None  # where its sharing groups come from (`Method.clusters_from`)
+    fingerprint_bytes: int | None = None  # phase 1's upload, counted where the method uses it
     lambda_sweep: dict[str, Any] | None = None
     note: str | None = None
     protocol: str = "global"  # which test sets the scores above come from: 'global' or 'personal'

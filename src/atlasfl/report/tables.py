@@ -94,7 +94,8 @@ def build_tables(records: list[RunRecord], baselines: Sequence[str] = ("local_on
     views = {p: groups for p, recs in views.items() if (groups := group_runs(recs))}
     groups = group_runs(records)
     sweep = [sweep_table(groups)] if any(g.eta == "sweep" for g in groups) else []
-    return [*(scores_table(g, p) for p, g in views.items()), costs_table(groups), *sweep,
+    discovery = [discovery_table(groups)] if any(r.clusters_from for g in groups for r in g.runs) else []
+    return [*(scores_table(g, p) for p, g in views.items()), costs_table(groups), *discovery, *sweep,
             *(paired_table(g, b, p, key=_paired_key(b, baselines)) for b in dict.fromkeys(baselines)
               for p, g in views.items())]
 
@@ -228,6 +229,59 @@ def costs_table(groups: list[Group]) -> Table:
         notes.append(f"{sweeps} run(s) chose η by a lambda sweep: their bytes, time and s/round cover every η of the "
                      "grid (the sweep trained and sent them all), not only the chosen η's run.")
     return Table("costs", "Communication, time, memory and clustering", columns, rows, notes)
+
+
+RIGHT = 1 - 1e-9  # an ARI of 1: the clusters are the tasks
+
+
+def rounds_until_right(r: RunRecord) -> int | None:
+    """The round from which a run's clusters are the tasks and stay so to its end: 0 for phase 1's clusters (fixed
+    before round 1), else the first round of the final streak of rounds at ARI 1; None when they are not right at
+    the end."""
+    if r.clusters_from == "phase 1":
+        return 0 if r.clustering.get("ari", 0.0) >= RIGHT else None
+    streak = 0
+    for ari in reversed(r.round_ari):
+        if ari is None or ari < RIGHT:
+            break
+        streak += 1
+    return r.rounds[len(r.rounds) - streak] if streak else None
+
+
+def bytes_until_right(r: RunRecord) -> int | None:
+    """Bytes up and down of every client until the clusters were right for good: phase 1's upload (where the method
+    uses it) and every round up to that one."""
+    right = rounds_until_right(r)
+    if right is None:
+        return None
+    return (r.fingerprint_bytes or 0) + sum(b for n, b in zip(r.rounds, r.round_bytes) if n <= right)
+
+
+def discovery_table(groups: list[Group]) -> Table:
+    """Who finds the tasks, how fast, at what cost: every method that shares inside clusters, by where they come
+    from (phase 1's fingerprints or the training rounds), with the ARI by round and the traffic until right."""
+    columns = [Column("model"), Column("method"), Column("clusters from"), Column("n"),
+               Column("ARI", "{:.2f}"), Column("ARI by round"), Column("right at the end"),
+               Column("rounds until right", "{:.1f}"), Column("MB until right", "{:.3f}")]
+    rows = []
+    for g in (g for g in groups if g.runs[0].clusters_from):
+        source = g.runs[0].clusters_from
+        right = [r for r in g.runs if rounds_until_right(r) is not None]
+        if source == "phase 1":
+            ari, by_round = _stat(r.clustering.get("ari") for r in g.runs), None
+        else:
+            ari = _stat(r.round_ari[-1] if r.round_ari else None for r in g.runs)
+            per_round = [[a for a in column if a is not None] for column in zip(*(r.round_ari for r in g.runs))]
+            by_round = " → ".join(f"{sum(c) / len(c):.2f}" if c else "—" for c in per_round) or None
+        rows.append([g.model, g.label, source, len(g.runs), ari, by_round, f"{len(right)}/{len(g.runs)}",
+                     _stat(rounds_until_right(r) for r in right), _stat(_div(bytes_until_right(r), MB) for r in right)])
+    notes = ["Clusters from phase 1 are fixed before round 1 (ARI: phase 1's against the true tasks); those found in "
+             "training change each round (ARI: at the last round; ARI by round: the mean over seeds at each round). "
+             "Right at the end: runs whose clusters are the tasks (ARI 1) at the last round; rounds until right: "
+             "the round from which they stay right (0: phase 1's); MB until right: bytes up and down of all "
+             "clients until then, phase 1's upload included where the method uses it (MB = 10^6 bytes); both over "
+             "the runs that end right, mean ± sample std over seeds."]
+    return Table("discovery", "Task discovery: who finds the tasks, how fast, at what cost", columns, rows, notes)
 
 
 def sweep_table(groups: list[Group]) -> Table:
