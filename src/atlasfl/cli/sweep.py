@@ -44,6 +44,10 @@ def sweep(
                              "of the CPU threads and its log in LOG_DIR/sweep/."),
     gpus: Optional[str] = typer.Option(None, "--gpus", help="--jobs: GPUs to give the runs, round robin by "
                                        "CUDA_VISIBLE_DEVICES, e.g. 0,1,2.", show_default=False),
+    ray_address: Optional[str] = typer.Option(
+        None, "--ray-address", help="Run the grid's runs as tasks on a Ray cluster (auto, HOST:PORT or "
+        "ray://HOST:PORT), --jobs at once, each with the cluster's CPUs // jobs and, with --gpus, one GPU; files "
+        "go to the paths the settings name, on the node that ran the run (docs/reports.md).", show_default=False),
     overrides: dict | None = None,
 ):
     """Run a grid of MODELS × METHODS × SEEDS, skipping complete results; failed runs are listed at the end."""
@@ -65,8 +69,8 @@ def sweep(
                              "seed the sweep does not report (--tune-seed N)")
     configs = grid_configs(grid["models"], grid["methods"], seeds, **settings)
     console = Console(soft_wrap=True)  # one line per run, whatever the terminal width
-    if jobs > 1 or gpus:
-        outcome = run_parallel(configs, jobs, split_values([gpus] if gpus else []), overwrite, console)
+    if jobs > 1 or gpus or ray_address:
+        outcome = run_parallel(configs, jobs, split_values([gpus] if gpus else []), overwrite, console, ray_address)
     else:
         outcome = run_sweep(configs, overwrite=overwrite,
                             say=lambda line: console.print(line, markup=False, highlight=False))
@@ -79,15 +83,18 @@ def sweep(
                           "same sweep again: complete runs are skipped")
 
 
-def run_parallel(configs, jobs: int, gpus: list[str], overwrite: bool, console: Console):
-    """`--jobs N`: the runs as processes, with a live table of their states."""
+def run_parallel(configs, jobs: int, gpus: list[str], overwrite: bool, console: Console, ray_address: str | None):
+    """`--jobs N`: the runs as processes (or Ray tasks), with a live table of their states."""
     from rich.live import Live
     from rich.table import Table
 
-    from atlasfl.jobs import run_jobs
+    from atlasfl.jobs import launch, ray_launcher, run_jobs
+
+    start = ray_launcher(ray_address, jobs, bool(gpus)) if ray_address else launch
 
     def table(queue) -> Table:
-        t = Table(title=f"sweep: {len(queue)} runs, {jobs} at once")
+        t = Table(title=f"sweep: {len(queue)} runs, {jobs} at once" + (f" on Ray at {ray_address}" if ray_address
+                                                                            else ""))
         for col in ("run", "state", "seconds", "log"):
             t.add_column(col)
         for job in queue:
@@ -96,5 +103,5 @@ def run_parallel(configs, jobs: int, gpus: list[str], overwrite: bool, console: 
         return t
 
     with Live(console=console, auto_refresh=False) as live:
-        return run_jobs(configs, jobs=jobs, gpus=gpus, overwrite=overwrite,
+        return run_jobs(configs, jobs=jobs, gpus=gpus, overwrite=overwrite, start=start,
                         show=lambda queue: live.update(table(queue), refresh=True))
