@@ -15,7 +15,7 @@ from atlasfl.errors import AtlasError, RunInterrupted
 from atlasfl.federation import driver
 from atlasfl.federation.evaluation import adopt_lowest, evaluate_client, predict, test_scores
 from atlasfl.federation.fingerprint import fingerprint
-from atlasfl.federation.records import client_references, select_eta
+from atlasfl.federation.records import client_references, partition_settings, select_eta
 from atlasfl.federation.server import Plan
 from atlasfl.federation.training import TrainJob, client_seed, train_client, train_cohort
 from atlasfl.federation.transport import CHOICE_BYTES, Evaluated, Offered, Roster, Trained
@@ -70,9 +70,7 @@ class InProcess:
         cfg = self.cfg
         self.tasks = {n: load_task(n, data_dir=cfg.data_dir, max_test=cfg.max_test_samples)
                       for n in expand_tasks(cfg.tasks)}
-        self.shards = make_shards(list(self.tasks.values()), cfg.clients_per_task, seed=cfg.seed,
-                                  max_samples=cfg.max_samples, dirichlet_alpha=cfg.dirichlet_alpha,
-                                  val_fraction=cfg.val_fraction)
+        self.shards = make_shards(list(self.tasks.values()), cfg.clients_per_task, **partition_settings(cfg))
         backbone = load_backbone(cfg.model, init=cfg.init, seed=cfg.seed, device=self.device)
         self.fm = PersonalLoRAModel(backbone, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, seed=cfg.seed)
         tok = backbone.tokenizer

@@ -36,10 +36,15 @@ def load_client_data(cfg: RunConfig, client_id: int) -> tuple[ClientShard, TaskD
                          f"({len(names)} tasks x {cfg.clients_per_task} clients per task)")
     task_index, j = divmod(client_id, cfg.clients_per_task)
     task = load_task(names[task_index], data_dir=cfg.data_dir, max_test=cfg.max_test_samples)
-    shards = task_shards(task, cfg.clients_per_task, first_id=task_index * cfg.clients_per_task, seed=cfg.seed,
-                         max_samples=cfg.max_samples, dirichlet_alpha=cfg.dirichlet_alpha,
-                         val_fraction=cfg.val_fraction)
+    shards = task_shards(task, cfg.clients_per_task, first_id=task_index * cfg.clients_per_task,
+                         **partition_settings(cfg))
     return shards[j], task
+
+
+def partition_settings(cfg: RunConfig) -> dict:
+    """The settings that cut the shards (`data.partition.make_shards`, `task_shards`): every engine cuts alike."""
+    return dict(seed=cfg.seed, max_samples=cfg.max_samples, dirichlet_alpha=cfg.dirichlet_alpha,
+                val_fraction=cfg.val_fraction, labels_per_client=cfg.labels_per_client, quantity_skew=cfg.quantity_skew)
 
 
 PERSONAL_KEYS = ("loss", "accuracy", "macro_f1", "f1", "mcc", "n")
