@@ -35,6 +35,10 @@ class GeneralSettings(BaseModel):
     batch_size: int = setting("Training batch size.", preset=True, gt=0)
     lr: float = setting("Learning rate (AdamW).", preset=True, gt=0)
     local_epochs: int = setting("Local epochs per round.", preset=True, gt=0)
+    eval_every: int = setting(
+        "Test every K rounds, and always in the first and the last round; a round between carries each client's "
+        "last test metrics, labelled (`metrics_from_round`). Local validation still runs every round a tuner "
+        "prunes on. Final scores and states are those of K = 1 (docs/design.md#evaluation-cadence).", 1, gt=0)
     max_samples: int | None = setting(
         "Max training examples per client (--val-fraction of them: local validation).", preset=True, gt=0)
     val_fraction: float = setting(

@@ -154,7 +154,7 @@ class InProcess:
             out.bytes_up[cid] = CHOICE_BYTES
         return out
 
-    def evaluate(self, round_idx: int, trained: set[int], validate: bool) -> Evaluated:
+    def evaluate(self, round_idx: int, trained: set[int], validate: bool, test: bool = True) -> Evaluated:
         """Test sets (clients holding identical weights predict identically, so each such state is scored once per
         task) and, after the last round, every client's local validation."""
         cfg, out, predicted = self.cfg, Evaluated(), {}
@@ -162,10 +162,11 @@ class InProcess:
             if s.client_id not in trained:
                 continue
             key, used = (state_digest(self.fm.get_state(s.client_id)), s.task), self.fm.model_of(s.client_id)
-            if key not in predicted:
+            if test and key not in predicted:
                 predicted[key] = predict(self.fm, used, self.test_enc[s.task], batch_size=cfg.eval_batch_size,
                                          tally=out.work)
-            out.tests[s.client_id] = test_scores(self.tasks[s.task], predicted[key], s.personal)
+            if test:
+                out.tests[s.client_id] = test_scores(self.tasks[s.task], predicted[key], s.personal)
             if validate:
                 out.val[s.client_id] = evaluate_client(self.fm, used, self.val_enc[s.client_id], self.tasks[s.task],
                                                        cfg.eval_batch_size)
