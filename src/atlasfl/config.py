@@ -38,7 +38,7 @@ class GeneralSettings(BaseModel):
     eval_every: int = setting(
         "Test every K rounds, and always in the first and the last round; a round between carries each client's "
         "last test metrics, labelled (`metrics_from_round`). Local validation still runs every round a tuner "
-        "prunes on. Final scores and states are those of K = 1 (docs/design.md#evaluation-cadence).", 1, gt=0)
+        "prunes on. Final scores and states are those of K = 1 (docs/design.md §1.2).", 1, gt=0)
     max_samples: int | None = setting(
         "Max training examples per client (--val-fraction of them: local validation).", preset=True, gt=0)
     val_fraction: float = setting(
@@ -69,7 +69,7 @@ class GeneralSettings(BaseModel):
     dirichlet_alpha: float | None = setting("Dirichlet label skew within a task (default: IID shards).", None, gt=0)
     labels_per_client: int | None = setting(
         "Pathological label skew: each client holds exactly N of its task's labels, dealt out in turn from a seeded "
-        "permutation of them (docs/design.md#data; default: every label).", None, gt=0)
+        "permutation of them (docs/design.md §1.3; default: every label).", None, gt=0)
     quantity_skew: float | None = setting(
         "Quantity skew: shard sizes by a power law of rank, the k-th largest in proportion to k**-A (seeded order, "
         "at least 2 examples each; with --max-samples the largest holds that many; default: equal shards).",

@@ -60,3 +60,18 @@ def test_which_rounds_test(tmp_path):
     cfg = tiny_config(tmp_path, rounds=10, eval_every=4)
     assert [r for r in range(1, 11) if is_test_round(cfg, r)] == [1, 4, 8, 10]
     assert all(is_test_round(tiny_config(tmp_path, rounds=3), r) for r in (1, 2, 3))
+
+
+def test_the_flower_engine_carries_the_same_rounds(runs, tmp_path):
+    """Flower delivers the new states with the evaluate message, so a round without a test still sends it (no
+    test pass on the node): the states and records are the in-process engine's."""
+    from atlasfl.experiment import run_and_save
+
+    _, _, sparse, _ = runs
+    flower, _ = run_and_save(tiny_config(tmp_path, rounds=3, eval_every=3, engine="flower"), progress=False)
+    validate_result(flower)
+    assert [r.get("evaluated") for r in flower["round_metrics"]] == [None, False, None]
+    digests = [r["state_digests"] for r in sparse["round_metrics"]]
+    assert [r["state_digests"] for r in flower["round_metrics"]] == digests
+    assert [c["metrics_from_round"] for c in flower["round_metrics"][1]["clients"]] == [1] * len(sparse["clients"])
+    assert flower["final_metrics"]["task_mean"] == pytest.approx(sparse["final_metrics"]["task_mean"], abs=1e-9)
