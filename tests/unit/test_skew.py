@@ -91,9 +91,12 @@ def test_pathological_and_quantity_skew_compose():
     data = _examples(1200, 4)
     parts = partition_task(data, 4, seed=2, max_samples=None, labels_per_client=2, quantity_skew=2.0)
     assert all(len(s) == 2 for s in _label_sets(parts))
-    assert len(set(_rows(parts))) == 1200
-    sizes = sorted(len(tr) + len(va) for tr, va in parts)
-    assert sizes[-1] > 2 * sizes[0]  # the rank weights 1, 1/4, 1/9, 1/16 split each label among its holders
+    assert len(set(_rows(parts))) == len(_rows(parts))  # no row in two shards
+    # each client holds at most its power-law size (1 : 1/4 : 1/9 : 1/16 of the 1192 beyond the minimum)
+    assert all(a <= b for a, b in zip(sorted(len(tr) + len(va) for tr, va in parts),
+                                      sorted(quantity_sizes(1200, 4, 2.0, None, np.random.default_rng(0)))))
+    one_holder = partition_task(data, 4, seed=2, max_samples=60, labels_per_client=1, quantity_skew=1.0)
+    assert sorted((len(tr) + len(va) for tr, va in one_holder), reverse=True) == [60, 30, 20, 15]
 
 
 def test_a_cap_keeps_every_label_of_a_client():

@@ -55,7 +55,8 @@ def partition_task(
         parts = _dirichlet_parts(order, labels, num_clients, dirichlet_alpha, rng)
     elif labels_per_client is not None:
         parts = _pathological_parts(order, labels, num_clients, labels_per_client, sizes, rng)
-        parts = [_cap_keeping_labels(part, labels, max_samples) for part in parts]
+        caps = [max_samples] * num_clients if sizes is None else sizes  # power-law sizes are capped already
+        parts = [_cap_keeping_labels(part, labels, cap) for part, cap in zip(parts, caps)]
     elif sizes is not None:
         parts = np.split(order[:sizes.sum()], np.cumsum(sizes)[:-1])  # power-law slices of a seeded permutation
     else:
@@ -117,7 +118,7 @@ def _pathological_parts(order, labels, num_clients: int, per_client: int, sizes,
     turn (client i gets the next `per_client` of it, wrapping around), so every label has a holder when
     num_clients * per_client >= the labels (the rows of a label nobody holds are left out) and the holders
     are spread evenly. Each label's rows go to its holders in proportion to their `sizes` (equal without
-    quantity skew), at least one each."""
+    quantity skew), at least one each; the caller then cuts each client to its size."""
     present = np.unique(labels)
     if per_client < 1:
         raise AtlasError(f"--labels-per-client must be at least 1, got {per_client}")
