@@ -42,6 +42,7 @@ from atlasfl.data.batching import encode
 from atlasfl.data.partition import make_shards
 from atlasfl.data.tasks import expand_tasks, load_task
 from atlasfl.federation import fingerprint as fp
+from atlasfl.federation.records import partition_settings
 from atlasfl.federation.server import ClientInfo, Server
 from atlasfl.methods import method_for
 from atlasfl.models.lora import FederatedLoRAModel
@@ -65,8 +66,7 @@ def run_setup(model: str, seed: int, a):
                        representation_samples=a.representation_samples, dirichlet_alpha=a.dirichlet_alpha,
                        val_fraction=a.val_fraction)
     tasks = {n: load_task(n, data_dir=cfg.data_dir) for n in expand_tasks(cfg.tasks)}
-    shards = make_shards(list(tasks.values()), cfg.clients_per_task, seed=cfg.seed, max_samples=cfg.max_samples,
-                         dirichlet_alpha=cfg.dirichlet_alpha, val_fraction=cfg.val_fraction)
+    shards = make_shards(list(tasks.values()), cfg.clients_per_task, **partition_settings(cfg))
     return cfg, tasks, shards
 
 

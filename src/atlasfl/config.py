@@ -35,6 +35,10 @@ class GeneralSettings(BaseModel):
     batch_size: int = setting("Training batch size.", preset=True, gt=0)
     lr: float = setting("Learning rate (AdamW).", preset=True, gt=0)
     local_epochs: int = setting("Local epochs per round.", preset=True, gt=0)
+    eval_every: int = setting(
+        "Test every K rounds, and always in the first and the last round; a round between carries each client's "
+        "last test metrics, labelled (`metrics_from_round`). Local validation still runs every round a tuner "
+        "prunes on. Final scores and states are those of K = 1 (docs/design.md §1.2).", 1, gt=0)
     max_samples: int | None = setting(
         "Max training examples per client (--val-fraction of them: local validation).", preset=True, gt=0)
     val_fraction: float = setting(
@@ -63,6 +67,13 @@ class GeneralSettings(BaseModel):
         "--client-batching: at most this many rows per forward pass, to cap memory (default: every client's "
         "batch of a step in one pass).", None, gt=0)
     dirichlet_alpha: float | None = setting("Dirichlet label skew within a task (default: IID shards).", None, gt=0)
+    labels_per_client: int | None = setting(
+        "Pathological label skew: each client holds exactly N of its task's labels, dealt out in turn from a seeded "
+        "permutation of them (docs/design.md §1.3; default: every label).", None, gt=0)
+    quantity_skew: float | None = setting(
+        "Quantity skew: shard sizes by a power law of rank, the k-th largest in proportion to k**-A (seeded order, "
+        "at least 2 examples each; with --max-samples the largest holds that many; default: equal shards).",
+        None, gt=0)
     data_dir: str | None = setting("Local GLUE folder: DIR/<task>/train.* and validation.*", None, min_length=1)
     init: Literal["pretrained", "random"] = setting(
         "random: full-size random weights (speed and memory benchmarks).", "pretrained")
@@ -134,6 +145,7 @@ class GeneralSettings(BaseModel):
             raise ValueError(f"--data-dir {self.data_dir} is not a folder")
         METHOD_CLASSES[self.method].check(self)
         self._check_server_optimizer()
+        self._check_skew()
         if self.eta_selection == "per_client" and not self.lambda_sweep:
             raise ValueError("--eta-selection per_client chooses among the etas of a sweep; add --lambda-sweep")
         if self.client_batching and self.engine == "flower":
@@ -146,6 +158,22 @@ class GeneralSettings(BaseModel):
             raise ValueError("the Flower engine's adapters live on its SuperNodes; --save-adapters needs "
                              "--engine inprocess")
         return self
+
+    def _check_skew(self):
+        """Dirichlet shares set both the label mix and the shard sizes, so neither other skew composes with them;
+        a client cannot hold more labels than its task has."""
+        from atlasfl.data.tasks import TASKS, expand_tasks
+
+        if self.dirichlet_alpha is not None and self.labels_per_client is not None:
+            raise ValueError("--labels-per-client and --dirichlet-alpha are two label skews; set one of them")
+        if self.dirichlet_alpha is not None and self.quantity_skew is not None:
+            raise ValueError("--dirichlet-alpha already draws unequal shard sizes; drop --quantity-skew or "
+                             "--dirichlet-alpha")
+        if self.labels_per_client is not None:
+            task = min(expand_tasks(self.tasks), key=lambda t: len(TASKS[t].labels))
+            if self.labels_per_client > len(TASKS[task].labels):
+                raise ValueError(f"--labels-per-client {self.labels_per_client} exceeds the {len(TASKS[task].labels)} "
+                                 f"labels of task {task}; lower it to at most {len(TASKS[task].labels)}")
 
     def _check_server_optimizer(self):
         """A server optimiser needs a group average to step, and its constants only mean something to it."""

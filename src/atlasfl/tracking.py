@@ -6,6 +6,7 @@ Scalars, x = round: `summary/mean_task_score`, `summary/mean_accuracy`, `task_sc
 `train_loss/c<k>`, `test_loss/c<k>`, `test_score/c<k>` (the task's GLUE metric), `test_accuracy/c<k>`,
 `communication/MB_up` and `MB_down` (that round) and their `_cumulative` totals, `time/round_s`, and
 `time/phase_s/<phase>` (seconds spent so far in each timed phase). The run's config is its `config` text.
+A round without a test (--eval-every) adds no point to the summary, task and test curves.
 A resumed run continues its curves in the same folder.
 Tracking only reads the round records both engines already keep: the result JSON is the same with or
 without it. `torch.utils.tensorboard` needs the `tensorboard` package (`pip install 'atlasfl[tensorboard]'`).
@@ -61,16 +62,19 @@ class TensorBoardTracker(Tracker):
 
     def round(self, eta: float, entry: dict, phases_s: dict[str, float] | None = None) -> None:
         w, step = self._writer(eta), entry["round"]
-        w.add_scalar("summary/mean_task_score", entry["mean_task_score"], step)
-        w.add_scalar("summary/mean_accuracy", entry["mean_accuracy"], step)
-        for task, score in entry["task_scores"].items():
-            w.add_scalar(f"task_score/{task}", score, step)
+        tested = entry.get("evaluated", True)  # a round without a test (--eval-every) adds no test point
+        if tested:
+            w.add_scalar("summary/mean_task_score", entry["mean_task_score"], step)
+            w.add_scalar("summary/mean_accuracy", entry["mean_accuracy"], step)
+            for task, score in entry["task_scores"].items():
+                w.add_scalar(f"task_score/{task}", score, step)
         for c in entry["clients"]:
             k = c["client_id"]
             w.add_scalar(f"train_loss/c{k}", c["train_loss"], step)
-            w.add_scalar(f"test_loss/c{k}", c["test_loss"], step)
-            w.add_scalar(f"test_score/c{k}", c["test_metric"], step)
-            w.add_scalar(f"test_accuracy/c{k}", c["test_accuracy"], step)
+            if tested:
+                w.add_scalar(f"test_loss/c{k}", c["test_loss"], step)
+                w.add_scalar(f"test_score/c{k}", c["test_metric"], step)
+                w.add_scalar(f"test_accuracy/c{k}", c["test_accuracy"], step)
         sent = self.sent[eta]
         for i, (direction, key) in enumerate((("up", "bytes_up_total"), ("down", "bytes_down_total"))):
             sent[i] += entry[key] / 1e6

@@ -15,7 +15,7 @@ from atlasfl.errors import AtlasError, RunInterrupted
 from atlasfl.federation import driver
 from atlasfl.federation.evaluation import adopt_lowest, evaluate_client, predict, test_scores
 from atlasfl.federation.fingerprint import fingerprint
-from atlasfl.federation.records import client_references, select_eta
+from atlasfl.federation.records import client_references, partition_settings, select_eta
 from atlasfl.federation.server import Plan
 from atlasfl.federation.training import TrainJob, client_seed, train_client, train_cohort
 from atlasfl.federation.transport import CHOICE_BYTES, Evaluated, Offered, Roster, Trained
@@ -70,9 +70,7 @@ class InProcess:
         cfg = self.cfg
         self.tasks = {n: load_task(n, data_dir=cfg.data_dir, max_test=cfg.max_test_samples)
                       for n in expand_tasks(cfg.tasks)}
-        self.shards = make_shards(list(self.tasks.values()), cfg.clients_per_task, seed=cfg.seed,
-                                  max_samples=cfg.max_samples, dirichlet_alpha=cfg.dirichlet_alpha,
-                                  val_fraction=cfg.val_fraction)
+        self.shards = make_shards(list(self.tasks.values()), cfg.clients_per_task, **partition_settings(cfg))
         backbone = load_backbone(cfg.model, init=cfg.init, seed=cfg.seed, device=self.device)
         self.fm = PersonalLoRAModel(backbone, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, seed=cfg.seed)
         tok = backbone.tokenizer
@@ -156,7 +154,7 @@ class InProcess:
             out.bytes_up[cid] = CHOICE_BYTES
         return out
 
-    def evaluate(self, round_idx: int, trained: set[int], validate: bool) -> Evaluated:
+    def evaluate(self, round_idx: int, trained: set[int], validate: bool, test: bool = True) -> Evaluated:
         """Test sets (clients holding identical weights predict identically, so each such state is scored once per
         task) and, after the last round, every client's local validation."""
         cfg, out, predicted = self.cfg, Evaluated(), {}
@@ -164,10 +162,11 @@ class InProcess:
             if s.client_id not in trained:
                 continue
             key, used = (state_digest(self.fm.get_state(s.client_id)), s.task), self.fm.model_of(s.client_id)
-            if key not in predicted:
+            if test and key not in predicted:
                 predicted[key] = predict(self.fm, used, self.test_enc[s.task], batch_size=cfg.eval_batch_size,
                                          tally=out.work)
-            out.tests[s.client_id] = test_scores(self.tasks[s.task], predicted[key], s.personal)
+            if test:
+                out.tests[s.client_id] = test_scores(self.tasks[s.task], predicted[key], s.personal)
             if validate:
                 out.val[s.client_id] = evaluate_client(self.fm, used, self.val_enc[s.client_id], self.tasks[s.task],
                                                        cfg.eval_batch_size)

@@ -15,10 +15,12 @@ from atlasfl.errors import AtlasError
 from atlasfl.federation.records import (
     client_round,
     eta_run,
+    is_test_round,
     kept_round,
     log_round,
     round_cost,
     round_summary,
+    untested_round,
     warn_ambiguous,
     warn_diverged,
     warn_infeasible,
@@ -155,8 +157,9 @@ def _server(cfg: RunConfig, method: Method, roster: Roster) -> Server:
 
 def run_round(fed: Federation, r: int, bars: RunProgress) -> dict:
     """One round: every client trains, the server aggregates each sharing group over its replying members and
-    sends the new states, every client that trained is tested. A client that fails is left out of the round: it
-    keeps its last state and its last metrics, labelled as such. The entry carries its `cost`."""
+    sends the new states, every client that trained is tested (in the rounds `records.is_test_round` says). A client
+    that fails is left out of the round: it keeps its last state and its last metrics, labelled as such. The entry
+    carries its `cost`."""
     t0 = time.perf_counter()
     bars.start_clients(len(fed.roster.shards))
     # The clients' states before training (`Method.regroup`); none before round 1: the initial states stay with
@@ -170,8 +173,9 @@ def run_round(fed: Federation, r: int, bars: RunProgress) -> dict:
     fed.server.regroup(r, trained.uploads, starts)
     offered = _offer(fed, r, set(trained.missing))
     t_aggregate = time.perf_counter()
+    tested = is_test_round(fed.cfg, r)
     evaluated = fed.transport.evaluate(r, set(trained.losses) - set(trained.missing),
-                                       validate=r == fed.cfg.rounds or fed.on_round is not None)
+                                       validate=r == fed.cfg.rounds or fed.on_round is not None, test=tested)
     t_end = time.perf_counter()
     warn_missing(r, evaluated.missing)
     missing = {**trained.missing, **offered.missing, **evaluated.missing}
@@ -183,7 +187,8 @@ def run_round(fed: Federation, r: int, bars: RunProgress) -> dict:
         up = trained.bytes_up.get(cid, 0) + offered.bytes_up.get(cid, 0)
         sent = down.get(cid, 0) + offered.bytes_down.get(cid, 0)
         clients.append(kept_round(fed.rounds, cid, up, sent) if cid in missing else
-                       client_round(cid, s.task, trained.losses[cid], evaluated.tests[cid], up, sent))
+                       client_round(cid, s.task, trained.losses[cid], evaluated.tests[cid], up, sent) if tested else
+                       untested_round(fed.rounds, cid, trained.losses[cid], up, sent))
     clients_s = (None if trained.clients_s is None else
                  dict(train=trained.clients_s, evaluate=evaluated.clients_s or 0.0))
     cost = round_cost(train_s=t_train - t0, aggregate_s=t_aggregate - t_train, evaluate_s=t_end - t_aggregate,
@@ -192,7 +197,7 @@ def run_round(fed: Federation, r: int, bars: RunProgress) -> dict:
     return round_summary(r, clients, list(fed.roster.tasks), t_end - t0, digests,
                          eta=fed.server.eta if fed.method.personalises else None, cost=cost,
                          missing={str(c): why for c, why in sorted(missing.items())},
-                         clusters=fed.server.round_clusters())
+                         clusters=fed.server.round_clusters(), tested=tested)
 
 
 def _offer(fed: Federation, r: int, missing: set[int]) -> Offered:

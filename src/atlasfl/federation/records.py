@@ -36,10 +36,15 @@ def load_client_data(cfg: RunConfig, client_id: int) -> tuple[ClientShard, TaskD
                          f"({len(names)} tasks x {cfg.clients_per_task} clients per task)")
     task_index, j = divmod(client_id, cfg.clients_per_task)
     task = load_task(names[task_index], data_dir=cfg.data_dir, max_test=cfg.max_test_samples)
-    shards = task_shards(task, cfg.clients_per_task, first_id=task_index * cfg.clients_per_task, seed=cfg.seed,
-                         max_samples=cfg.max_samples, dirichlet_alpha=cfg.dirichlet_alpha,
-                         val_fraction=cfg.val_fraction)
+    shards = task_shards(task, cfg.clients_per_task, first_id=task_index * cfg.clients_per_task,
+                         **partition_settings(cfg))
     return shards[j], task
+
+
+def partition_settings(cfg: RunConfig) -> dict:
+    """The settings that cut the shards (`data.partition.make_shards`, `task_shards`): every engine cuts alike."""
+    return dict(seed=cfg.seed, max_samples=cfg.max_samples, dirichlet_alpha=cfg.dirichlet_alpha,
+                val_fraction=cfg.val_fraction, labels_per_client=cfg.labels_per_client, quantity_skew=cfg.quantity_skew)
 
 
 PERSONAL_KEYS = ("loss", "accuracy", "macro_f1", "f1", "mcc", "n")
@@ -58,11 +63,30 @@ def client_round(client_id: int, task: str, train_loss: float, ev: dict, bytes_u
 
 
 def kept_round(rounds: list[dict], cid: int, bytes_up: int, bytes_down: int) -> dict:
-    """A missing client's round record: the metrics of its last round with a reply (it keeps that round's state,
-    or the state the server sent it this round), labelled as such; its bytes are this round's."""
-    entry, last = next((e, c) for e in reversed(rounds) for c in e["clients"]
-                       if c["client_id"] == cid and not c.get("missing"))
-    return dict(last, missing=True, metrics_from_round=entry["round"], bytes_up=bytes_up, bytes_down=bytes_down)
+    """A missing client's round record: the metrics of its last round with a reply and a test (it keeps that
+    round's state, or the state the server sent it this round), labelled as such; its bytes are this round's."""
+    round_idx, last = _last_tested(rounds, cid)
+    return dict(last, missing=True, metrics_from_round=round_idx, bytes_up=bytes_up, bytes_down=bytes_down)
+
+
+def untested_round(rounds: list[dict], cid: int, train_loss: float, bytes_up: int, bytes_down: int) -> dict:
+    """A client's record of a round without a test (`--eval-every`): this round's training loss and bytes, and the
+    test metrics of its last tested round, labelled by `metrics_from_round`."""
+    round_idx, last = _last_tested(rounds, cid)
+    return dict(last, train_loss=train_loss, metrics_from_round=round_idx, bytes_up=bytes_up, bytes_down=bytes_down)
+
+
+def _last_tested(rounds: list[dict], cid: int) -> tuple[int, dict]:
+    """The last round in which the client replied and was tested, and its record there (whose metrics are its own
+    of that round: no `metrics_from_round`)."""
+    return next((e["round"], c) for e in reversed(rounds) for c in e["clients"]
+                if c["client_id"] == cid and c.get("metrics_from_round") is None)
+
+
+def is_test_round(cfg: RunConfig, round_idx: int) -> bool:
+    """Whether the clients take their test sets in this round (`--eval-every K`): every K-th round, the first (so
+    every round after it has metrics to carry) and the last (so the final scores are always measured)."""
+    return round_idx == 1 or round_idx % cfg.eval_every == 0 or round_idx == cfg.rounds
 
 
 def warn_missing(round_idx: int, missing: dict[int, str]) -> None:
@@ -99,12 +123,14 @@ def round_cost(*, train_s: float, aggregate_s: float, evaluate_s: float, work: d
 
 def round_summary(round_idx: int, clients: list[dict], task_names: list[str], time_s: float,
                   digests: dict[str, str], eta: float | None = None, cost: dict | None = None,
-                  missing: dict[str, str] | None = None, clusters: dict | None = None) -> dict:
+                  missing: dict[str, str] | None = None, clusters: dict | None = None, tested: bool = True
+                  ) -> dict:
     """A round's entry (schema RoundEntry): task scores are the mean over each task's clients; `eta`
     (the Laplacian step of a personalising method) is recorded as `lambda_eta`. Its `cost` (`round_cost`)
     travels with the round and moves to `time_metrics` in the result. `missing` (client id -> why it
     was left out of the round) becomes `missing_clients` and `missing_reasons`; `clusters` (`Server.round_clusters`:
-    a method that finds its clusters during training) is kept as it is."""
+    a method that finds its clusters during training) is kept as it is; a round without a test (`is_test_round`) is
+    marked `evaluated: false`, and its scores are the means of the carried metrics."""
     task_scores = {t: float(np.mean([c["test_metric"] for c in clients if c["task"] == t])) for t in task_names}
     entry = dict(round=round_idx, clients=clients, mean_accuracy=float(np.mean([c["test_accuracy"] for c in clients])),
                  task_scores=task_scores, mean_task_score=float(np.mean(list(task_scores.values()))), time_s=time_s,
@@ -121,6 +147,8 @@ def round_summary(round_idx: int, clients: list[dict], task_names: list[str], ti
         entry["cost"] = cost
     if clusters is not None:
         entry["clusters"] = clusters
+    if not tested:
+        entry["evaluated"] = False
     return entry
 
 

@@ -101,8 +101,9 @@ class Transport(Protocol):
         """Send each client its candidate states; it scores each on its training data and adopts the one with the
         lowest loss (`evaluation.adopt_lowest`), and sends back which one (`Method.offers`: ifca)."""
 
-    def evaluate(self, round_idx: int, trained: set[int], validate: bool) -> Evaluated:
-        """The clients of `trained` score their test sets (and their local validation if `validate`)."""
+    def evaluate(self, round_idx: int, trained: set[int], validate: bool, test: bool = True) -> Evaluated:
+        """The clients of `trained` score their test sets if `test` (and their local validation if `validate`); the
+        call also carries the states `deliver` sent, so it is made every round, with or without a test."""
 
     def states(self) -> dict[int, dict]:
         """Every client's current state (the server's exact copy, where the clients hold theirs)."""

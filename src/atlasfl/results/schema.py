@@ -13,7 +13,8 @@ SCHEMA_VERSION = "1.3"
 #      phase1_clustering's spread-to-noise rule: threshold_by_k, dof_by_k, significance (noise_ratio dropped);
 #      Flower rounds record the clients missing from them (missing_clients, missing_reasons, ClientRound.missing)
 # 1.3: a tuned run's `tuning` block (--tune N); phase1_clustering's passing_k, split and ambiguous; a round's
-#      `clusters` (ifca, cfl: the clusters found during training, with their ARI)
+#      `clusters` (ifca, cfl: the clusters found during training, with their ARI); added, no bump: a round's
+#      `evaluated` (false: no test this round, --eval-every) and `metrics_from_round` for a client it carries
 KNOWN_SCHEMA_VERSIONS = ("1.0", "1.1", "1.2", "1.3")
 PERSONAL = ("personal protocol (1.2 on): the client's personal test set, rows of the task's test set whose label mix "
             "follows the client's training shard (data.partition.personal_test_rows), scored from the same predictions")
@@ -46,8 +47,9 @@ class ClientRound(_Strict):
     missing: bool = Field(default=False, description="Flower: the client failed or did not reply this round; it "
                                                      "kept its last state and its metrics are those of "
                                                      "`metrics_from_round`")
-    metrics_from_round: Optional[int] = Field(default=None, description="the round a missing client's metrics "
-                                                                         "(train loss included) come from")
+    metrics_from_round: Optional[int] = Field(default=None, description=(
+        "the round a client's test metrics come from when it was not tested in this one: missing (its train loss "
+        "comes from there too) or a round without evaluation (--eval-every; its train loss is this round's)"))
 
 
 class RoundClusters(_Strict):
@@ -76,6 +78,9 @@ class RoundEntry(_Strict):
     missing_reasons: dict[str, str] = Field(default={}, description="client id -> why it was missing (Flower's error)")
     clusters: Optional[RoundClusters] = Field(default=None, description=(
         "ifca, cfl (clusters found during training): the clusters at the end of the round"))
+    evaluated: Optional[bool] = Field(default=None, description=(
+        "false: no client took its test set this round (--eval-every K); each client's test metrics, and so the "
+        "round's scores, are carried from its `metrics_from_round`. Absent: the round was tested"))
 
 
 class Work(_Strict):

@@ -187,17 +187,19 @@ def offer(msg: Message, context: Context) -> Message:
 
 def evaluate(msg: Message, context: Context) -> Message:
     """Adopt the state the server sent (if any), then score it on the test set and, from the same
-    predictions, on its personal rows (and on the local validation set after the last round)."""
+    predictions, on its personal rows (unless the round has no test: --eval-every), and on the local validation
+    set when asked."""
     cfg, cid, fm, (shard, task, _, val_enc, test_enc) = _client(context)
     if STATE in msg.content.array_records:
         received = record_to_state(msg.content[STATE], cfg.wire_dtype)
         fm.set_state(cid, method_for(cfg).receive(received, fm.residuals.tensors(cid), ranks=fm.ranks[cid], cid=cid,
                                                   round_idx=int(msg.content[ATLAS]["round"])), partial=True)
         _keep_state(context, fm, cid)
-    t0, tally = time.perf_counter(), Tally()
-    test = test_scores(task, predict(fm, fm.model_of(cid), test_enc, batch_size=cfg.eval_batch_size, tally=tally),
-                       shard.personal)
-    reply = dict(client_id=cid, digest=state_digest(fm.get_state(cid)), test=test, evaluate_s=time.perf_counter() - t0,
+    t0, tally, scored = time.perf_counter(), Tally(), {}
+    if msg.content[ATLAS]["test"]:
+        scored["test"] = test_scores(task, predict(fm, fm.model_of(cid), test_enc, batch_size=cfg.eval_batch_size,
+                                                 tally=tally), shard.personal)
+    reply = dict(client_id=cid, digest=state_digest(fm.get_state(cid)), **scored, evaluate_s=time.perf_counter() - t0,
                  work=asdict(tally), **_peak_memory(fm.device))
     if msg.content[ATLAS]["validate"]:
         reply["val"] = evaluate_client(fm, fm.model_of(cid), val_enc, task, cfg.eval_batch_size)

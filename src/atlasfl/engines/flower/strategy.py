@@ -198,11 +198,11 @@ class AtlasStrategy:
             self.reports.add("rounds", cid, reply)
         return out
 
-    def evaluate(self, round_idx: int, trained: set[int], validate: bool) -> Evaluated:
+    def evaluate(self, round_idx: int, trained: set[int], validate: bool, test: bool = True) -> Evaluated:
         out = Evaluated(clients_s=0.0)
         to, messages = {}, []
         for cid in sorted(trained):
-            content = RecordDict({ATLAS: ConfigRecord({"round": round_idx, "validate": validate})})
+            content = RecordDict({ATLAS: ConfigRecord({"round": round_idx, "validate": validate, "test": test})})
             if cid in self.pending:
                 content[STATE] = self.pending.pop(cid)
             to[self.members.node_of[cid]] = cid
@@ -215,7 +215,8 @@ class AtlasStrategy:
                 raise RuntimeError(f"client {cid} holds a state other than the server's copy of it")
             out.clients_s += ev["evaluate_s"]
             out.work += Tally(**ev["work"])
-            out.tests[cid] = ev["test"]
+            if "test" in ev:
+                out.tests[cid] = ev["test"]
             if "val" in ev:
                 out.val[cid] = ev["val"]
             self.reports.note_client(ev)
