@@ -14,7 +14,7 @@ float32 factors, the largest error of the secure mean against the exact one, and
 import argparse
 import copy
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
@@ -40,14 +40,13 @@ class LoopGrid(Grid):
     """Hands each message to its client's handler at once and returns the replies (what a deployed grid does
     over the network); counts the exchanges and the masked vectors' bytes."""
 
-    def __init__(self, clients: dict[int, callable]):
+    def __init__(self, clients: dict[int, Callable[[Message], Message]]):
         self.clients, self.exchanges, self.masked_bytes = clients, 0, {nid: 0 for nid in clients}
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
         self.exchanges += 1
         replies = []
         for msg in map(copy.deepcopy, messages):  # a copy each, as the network delivers them
-            msg.metadata.__dict__["_message_id"] = f"m{self.exchanges}-{msg.metadata.dst_node_id}"
             reply = self.clients[msg.metadata.dst_node_id](msg)
             masked = reply.content.config_records[RECORD_KEY_CONFIGS].get(Key.MASKED_PARAMETERS, [])
             self.masked_bytes[msg.metadata.dst_node_id] += sum(len(b) for b in masked)
