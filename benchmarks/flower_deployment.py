@@ -2,12 +2,14 @@
 """Seconds per round of one federation deployed on Flower over loopback (a SuperLink and one SuperNode per
 client, as `tests/integration/test_flower_deployment.py` starts them), with the ClientApp's resident workers
 (`keep-alive-s`, the default) and without them (`keep-alive-s=0`: every message in a fresh `flwr-clientapp`
-process), beside the same run on Flower's Simulation Runtime and in-process.
+process), with TLS and SuperNode authentication (`secure`, as the deployment guide starts it), beside the same
+run on Flower's Simulation Runtime and in-process.
 
     python benchmarks/flower_deployment.py                 # the deployment test's configuration, 3 rounds
     python benchmarks/flower_deployment.py --rounds 5 --method fedavg_cluster --only resident fresh
+    python benchmarks/flower_deployment.py --only resident secure resident secure   # what TLS and auth cost
 
-The four runs take turns in this one process's session on the same machine, so compare their ratios; every
+The runs take turns in this one process's session on the same machine, so compare their ratios; every
 process started for a deployment is torn down before the next run. Prints one line per run: the result's
 `per_round_s`, their mean, the wall seconds from submission to the result file, and for resident workers the
 seconds they spent answering messages (the rest of a deployed round is Flower's: its polls and processes).
@@ -27,8 +29,9 @@ from atlasfl.experiment import run_and_save  # noqa: E402
 from tests.integration.test_flower_deployment import CLIENTS, OVERRIDES, RUN, Loopback  # noqa: E402
 
 
-def deployed(folder: Path, method: str, rounds: int, node_config: str) -> tuple[list[float], float, str]:
-    with Loopback(folder, deadline_s=3600) as loop:
+def deployed(folder: Path, method: str, rounds: int, node_config: str,
+             secure: bool = False) -> tuple[list[float], float, str]:
+    with Loopback(folder, deadline_s=3600, secure=secure) as loop:
         for i, port in enumerate(loop.node_ports):
             loop.node(i, port, node_config)
         start = time.monotonic()
@@ -53,9 +56,11 @@ def local(folder: Path, method: str, rounds: int, engine: str) -> tuple[list[flo
 
 RUNS = {"resident": lambda d, method, rounds: deployed(d, method, rounds, ""),
         "fresh": lambda d, method, rounds: deployed(d, method, rounds, "keep-alive-s=0"),
+        "secure": lambda d, method, rounds: deployed(d, method, rounds, "", secure=True),
         "simulation": lambda d, method, rounds: local(d, method, rounds, "flower"),
         "inprocess": lambda d, method, rounds: local(d, method, rounds, "inprocess")}
 LABELS = {"resident": "deployed, resident workers", "fresh": "deployed, keep-alive-s=0",
+          "secure": "deployed, TLS + node auth",
           "simulation": "simulation (Ray)", "inprocess": "in-process"}
 
 
@@ -63,14 +68,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--method", default="atlas")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--only", nargs="+", choices=list(RUNS), help="these runs alone (default: all four)")
+    p.add_argument("--only", nargs="+", choices=list(RUNS),
+                   help="these runs alone, in this order (a name may repeat; default: each once)")
     a = p.parse_args()
-    runs = {name: RUNS[name] for name in a.only or RUNS}
     print(f"{RUN['model']}, {a.method}, {CLIENTS} clients, {a.rounds} rounds (tests/integration/"
           "test_flower_deployment.py's configuration)")
-    for name, run in runs.items():
+    for name in a.only or RUNS:
         with tempfile.TemporaryDirectory() as folder:
-            per_round, wall, note = run(Path(folder), a.method, a.rounds)
+            per_round, wall, note = RUNS[name](Path(folder), a.method, a.rounds)
         seconds = " ".join(f"{s:6.1f}" for s in per_round)
         mean = statistics.mean(per_round)
         print(f"{LABELS[name]:28s} s/round {seconds} | mean {mean:6.1f} | wall {wall:6.1f} s{note}", flush=True)

@@ -1,5 +1,7 @@
 """A real Flower federation on loopback: one `flower-superlink`, four `flower-supernode`s (one client
-each, its shard chosen by its node config), then `flwr run` of `fedavg_cluster` and of `atlas`.
+each, its shard chosen by its node config), then `flwr run` of `fedavg_cluster` and of `atlas`; and the same
+deployment with TLS (a CA and server certificate made here) and SuperNode authentication (registered keys),
+which refuses a SuperNode whose key is not registered and one that speaks plaintext.
 
 Every process is started by this test in its own session, on 127.0.0.1 and free ports, under one
 hard deadline, and killed in `finally` together with everything it spawned (Flower's SuperExec
@@ -17,9 +19,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from datetime import UTC, datetime, timedelta
+from ipaddress import ip_address
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from atlasfl.engines.flower.resident import DIR_VAR
 from atlasfl.results.schema import validate_result
@@ -112,20 +120,68 @@ def _logs(folder: Path) -> str:
     return "\n".join(f"--- {f.name}\n{f.read_text()[-3000:]}" for f in sorted(folder.glob("*.log")))
 
 
+def _pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def make_certificates(folder: Path) -> None:
+    """`ca.crt`, and `server.pem`/`server.key` signed by it for 127.0.0.1 and localhost: what a SuperLink
+    serves TLS with and what SuperNodes and `flwr` verify it by (valid for a day)."""
+    now = datetime.now(UTC)
+
+    def cert(subject: str, key, issuer: x509.Name, signer, ca: bool, names: list[x509.GeneralName]):
+        builder = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+                   .issuer_name(issuer).public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if names:
+            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+        return builder.sign(signer, hashes.SHA256())
+
+    ca_key, server_key = ec.generate_private_key(ec.SECP384R1()), ec.generate_private_key(ec.SECP384R1())
+    ca = cert("atlas test CA", ca_key, x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "atlas test CA")]),
+              ca_key, True, [])
+    server = cert("localhost", server_key, ca.subject, ca_key, False,
+                  [x509.DNSName("localhost"), x509.IPAddress(ip_address("127.0.0.1"))])
+    (folder / "ca.crt").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    (folder / "server.pem").write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    (folder / "server.key").write_bytes(_pem(server_key))
+
+
+def make_supernode_key(folder: Path, name: str) -> tuple[Path, Path]:
+    """A SuperNode's EC key pair in OpenSSH form, as `flower-supernode --auth-supernode-private-key` and
+    `flwr supernode register` read them (`ssh-keygen -t ecdsa -b 384` makes the same)."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    private, public = folder / name, folder / f"{name}.pub"
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                          serialization.NoEncryption()))
+    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                     serialization.PublicFormat.OpenSSH))
+    return private, public
+
+
 class Loopback:
     """One SuperLink and its SuperNodes on 127.0.0.1 and free ports, a `flwr run` per submitted run, all under
-    one deadline; leaving the `with` block tears every started process down and checks none survived."""
+    one deadline; leaving the `with` block tears every started process down and checks none survived.
+    `secure`: the SuperLink serves TLS and admits only SuperNodes whose key was registered (`node` registers
+    one per client), as docs/flower.md's deployment guide starts it."""
 
-    def __init__(self, tmp_path: Path, deadline_s: float, spare_ports: int = 0):
-        self.tmp, self.deadline_s = tmp_path, deadline_s
+    def __init__(self, tmp_path: Path, deadline_s: float, spare_ports: int = 0, secure: bool = False):
+        self.tmp, self.deadline_s, self.secure = tmp_path, deadline_s, secure
         self.until = time.monotonic() + deadline_s
         self.link_port, *self.node_ports = _free_ports(1 + CLIENTS + spare_ports)
         home, self.out, self.logs = tmp_path / "flwr-home", tmp_path / "results", tmp_path / "logs"
         for d in (home, self.out, self.logs):
             d.mkdir()
         self.resident = Path(tempfile.mkdtemp(prefix="atlasfl-"))  # short: it holds Unix sockets
+        self.certs = tmp_path / "certs"
+        self.certs.mkdir()
+        if secure:
+            make_certificates(self.certs)
+        trust = f'root-certificates = "{self.certs / "ca.crt"}"' if secure else "insecure = true"
         (home / "config.toml").write_text(f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n'
-                                          f'address = "127.0.0.1:{self.link_port}"\ninsecure = true\n')
+                                          f'address = "127.0.0.1:{self.link_port}"\n{trust}\n')
         self.env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", FLWR_HOME=str(home),
                         FLWR_TELEMETRY_ENABLED="0", FLWR_DISABLE_UPDATE_CHECK="1", OMP_NUM_THREADS="1",
                         **{DIR_VAR: str(self.resident)})
@@ -134,7 +190,10 @@ class Loopback:
 
     def __enter__(self) -> Loopback:
         try:
-            self.launch("superlink", "flower-superlink", "--insecure", "--host", "127.0.0.1", "--port",
+            tls = (["--ssl-ca-certfile", str(self.certs / "ca.crt"), "--ssl-certfile", str(self.certs / "server.pem"),
+                    "--ssl-keyfile", str(self.certs / "server.key"), "--enable-supernode-auth"]
+                   if self.secure else ["--insecure"])
+            self.launch("superlink", "flower-superlink", *tls, "--host", "127.0.0.1", "--port",
                         str(self.link_port), "--disable-runtime-dependency-installation")
             _wait_for_port(self.link_port, self.until)
         except BaseException:
@@ -174,8 +233,22 @@ class Loopback:
         self.procs.append(proc)
         return proc
 
-    def node(self, i: int, port: int, node_config: str = "") -> subprocess.Popen:
-        return self.launch(f"supernode{i}", "flower-supernode", "--insecure", "--superlink",
+    def register(self, name: str) -> Path:
+        """A new key pair for a SuperNode, its public key registered with the SuperLink; its private key."""
+        private, public = make_supernode_key(self.certs, name)
+        done = subprocess.run([str(BIN / "flwr"), "supernode", "register", str(public), "loopback"],
+                              env=self.env, cwd=self.tmp, capture_output=True, text=True,
+                              timeout=max(self.until - time.monotonic(), 1))
+        assert done.returncode == 0 and "registered successfully" in done.stdout, done.stdout + done.stderr
+        return private
+
+    def node(self, i: int, port: int, node_config: str = "", *trust: str) -> subprocess.Popen:
+        """SuperNode `i` (client i); `trust` replaces how it reaches the SuperLink (default: `--insecure`, or
+        the CA certificate and a newly registered key when secure)."""
+        if not trust:
+            trust = (("--root-certificates", str(self.certs / "ca.crt"), "--auth-supernode-private-key",
+                      str(self.register(f"supernode{i}-{port}"))) if self.secure else ("--insecure",))
+        return self.launch(f"supernode{i}-{port}", "flower-supernode", *trust, "--superlink",
                            f"127.0.0.1:{self.link_port}", "--host", "127.0.0.1", "--port", str(port),
                            "--node-config", f"partition-id={i} num-partitions={CLIENTS} {node_config}".strip())
 
@@ -223,6 +296,37 @@ def test_loopback_federation_runs_fedavg_cluster_and_atlas(tmp_path):
             assert (digests[str(i)] == digests[str(j)]) == (labels[i] == labels[j])
     assert len(set(results["atlas"]["round_metrics"][0]["state_digests"].values())) == CLIENTS  # personalised
     assert time.monotonic() - start < DEADLINE_S + 30
+
+
+def test_secure_loopback_runs_a_federation_and_refuses_strangers_and_plaintext(tmp_path):
+    """TLS and SuperNode authentication: the four registered SuperNodes run `fedavg_cluster` to the end, while
+    a SuperNode with a key the SuperLink never registered, and one that connects without TLS, are refused
+    and exit."""
+    with Loopback(tmp_path, DEADLINE_S, spare_ports=2, secure=True) as loop:
+        for i, port in enumerate(loop.node_ports[:CLIENTS]):
+            loop.node(i, port)
+        stranger_key, _ = make_supernode_key(loop.certs, "stranger")
+        refused = {"stranger": loop.node(0, loop.node_ports[CLIENTS], "", "--root-certificates",
+                                         str(loop.certs / "ca.crt"), "--auth-supernode-private-key",
+                                         str(stranger_key), "--max-retries", "1"),
+                   "plaintext": loop.node(1, loop.node_ports[CLIENTS + 1], "", "--insecure", "--max-retries", "1")}
+        result = loop.finish(loop.submit("fedavg_cluster", method="fedavg_cluster"),
+                             "atlas_tiny-bert_fedavg_cluster_seed0_r1")
+        for name, node in refused.items():
+            try:
+                node.wait(timeout=max(loop.until - time.monotonic(), 1))
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"the {name} SuperNode was not refused\n{_logs(loop.logs)}")
+        logs = {name: (loop.logs / f"supernode{i}-{loop.node_ports[CLIENTS + i]}.log").read_text()
+                for i, name in enumerate(refused)}
+    for name, reason in (("stranger", "Failed to activate SuperNode"),  # the SuperLink: no such key registered
+                         ("plaintext", "Starting insecure channel")):
+        assert refused[name].returncode != 0, logs[name]
+        assert reason in logs[name] and "Failed to initialize the connection to the SuperLink" in logs[name], logs[name]
+    validate_result(result)
+    assert result["config"]["engine"] == "flower" and result["method"] == "fedavg_cluster"
+    assert [c["client_id"] for c in result["clients"]] == list(range(CLIENTS))
+    assert result["round_metrics"][0]["missing_clients"] == []
 
 
 SURVIVAL_DEADLINE_S = 900  # measured 440-570 s on 2 shared cores
