@@ -45,9 +45,11 @@ def load_client_data(cfg: RunConfig, client_id: int) -> tuple[ClientShard, TaskD
 PERSONAL_KEYS = ("loss", "accuracy", "macro_f1", "f1", "mcc", "n")
 
 
-def client_round(client_id: int, task: str, train_loss: float, ev: dict, bytes_up: int, bytes_down: int) -> dict:
-    """One client's entry of a round (schema ClientRound) from its training loss and test evaluation
-    (`federation.evaluation.test_scores`: the global protocol, and the personal one under `personal`)."""
+def client_round(client_id: int, task: str, train_loss: float | None, ev: dict, bytes_up: int, bytes_down: int
+                 ) -> dict:
+    """One client's entry of a round (schema ClientRound) from its training loss (None: it did not train this
+    round) and test evaluation (`federation.evaluation.test_scores`: the global protocol, and the personal one
+    under `personal`)."""
     entry = dict(client_id=client_id, task=task, train_loss=train_loss, test_loss=ev["loss"],
                  test_accuracy=ev["accuracy"], test_macro_f1=ev["macro_f1"], test_f1=ev["f1"], test_mcc=ev["mcc"],
                  test_metric=ev["score"], metric_name=ev["metric_name"], bytes_up=bytes_up, bytes_down=bytes_down)
@@ -58,11 +60,12 @@ def client_round(client_id: int, task: str, train_loss: float, ev: dict, bytes_u
 
 
 def kept_round(rounds: list[dict], cid: int, bytes_up: int, bytes_down: int) -> dict:
-    """A missing client's round record: the metrics of its last round with a reply (it keeps that round's state,
-    or the state the server sent it this round), labelled as such; its bytes are this round's."""
+    """The round record of a client not tested this round (missing, or not taking part): the metrics of its last
+    round with a test (it keeps that round's state, or the state the server sent it this round), labelled as
+    such; its bytes are this round's."""
     entry, last = next((e, c) for e in reversed(rounds) for c in e["clients"]
-                       if c["client_id"] == cid and not c.get("missing"))
-    return dict(last, missing=True, metrics_from_round=entry["round"], bytes_up=bytes_up, bytes_down=bytes_down)
+                       if c["client_id"] == cid and c.get("metrics_from_round") is None)
+    return dict(last, metrics_from_round=entry["round"], bytes_up=bytes_up, bytes_down=bytes_down)
 
 
 def warn_missing(round_idx: int, missing: dict[int, str]) -> None:
@@ -99,12 +102,14 @@ def round_cost(*, train_s: float, aggregate_s: float, evaluate_s: float, work: d
 
 def round_summary(round_idx: int, clients: list[dict], task_names: list[str], time_s: float,
                   digests: dict[str, str], eta: float | None = None, cost: dict | None = None,
-                  missing: dict[str, str] | None = None, clusters: dict | None = None) -> dict:
+                  missing: dict[str, str] | None = None, clusters: dict | None = None,
+                  participants: list[int] | None = None, simulated: dict | None = None) -> dict:
     """A round's entry (schema RoundEntry): task scores are the mean over each task's clients; `eta`
     (the Laplacian step of a personalising method) is recorded as `lambda_eta`. Its `cost` (`round_cost`)
     travels with the round and moves to `time_metrics` in the result. `missing` (client id -> why it
     was left out of the round) becomes `missing_clients` and `missing_reasons`; `clusters` (`Server.round_clusters`:
-    a method that finds its clusters during training) is kept as it is."""
+    a method that finds its clusters during training), `participants` (the clients whose training the round
+    aggregated) and `simulated` (`cohort.Participation.record`) are kept as they are."""
     task_scores = {t: float(np.mean([c["test_metric"] for c in clients if c["task"] == t])) for t in task_names}
     entry = dict(round=round_idx, clients=clients, mean_accuracy=float(np.mean([c["test_accuracy"] for c in clients])),
                  task_scores=task_scores, mean_task_score=float(np.mean(list(task_scores.values()))), time_s=time_s,
@@ -121,6 +126,8 @@ def round_summary(round_idx: int, clients: list[dict], task_names: list[str], ti
         entry["cost"] = cost
     if clusters is not None:
         entry["clusters"] = clusters
+    if participants is not None:
+        entry.update(participants=participants, simulated=simulated)
     return entry
 
 
@@ -207,13 +214,14 @@ def divergence(rounds: list[dict], num_labels: dict[str, int]) -> dict[int, dict
     round (e.g. --lr 1000: round-1 losses in the thousands), which a limit relative to round 1 alone would miss."""
     if not rounds:
         return {}
-    first = {c["client_id"]: c["train_loss"] for c in rounds[0]["clients"]}
+    first: dict[int, float] = {}  # each client's first training loss (a client that is not sampled has none)
     found: dict[int, dict] = {}
     for entry in rounds:
         for c in entry["clients"]:
             cid, loss = c["client_id"], c["train_loss"]
-            if cid in found:
+            if cid in found or loss is None:
                 continue
+            first.setdefault(cid, loss)
             chance = math.log(max(num_labels[c["task"]], 2))
             reference = min(first[cid], chance) if math.isfinite(first[cid]) else chance
             limit = DIVERGENCE_FACTOR * reference
