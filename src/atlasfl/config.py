@@ -98,14 +98,15 @@ class GeneralSettings(BaseModel):
     clients_per_round: int | None = setting(
         "Clients sampled per round, uniformly and seeded by the run seed and round (docs/scale.md); the others "
         "neither train nor send and keep their state. Default: every client, every round.", None, gt=0)
-    over_select: float = setting(
+    over_select: float | None = setting(
         "Sample ceil(m x (1 + f)) clients per round and keep the first m to finish on the simulated clock "
-        "(needs --clients-per-round).", 0.0, ge=0)
+        "(needs --clients-per-round). Default: no extra clients.", None, gt=0)
     round_deadline: float | None = setting(
         "Simulated seconds a round waits (docs/scale.md): a sampled client whose simulated time from its device "
         "profile is longer is a straggler and its work is discarded. Default: no deadline.", None, gt=0)
-    dropout_rate: float = setting(
-        "Probability that a sampled client drops out of a round (seeded); it keeps its state.", 0.0, ge=0, lt=1)
+    dropout_rate: float | None = setting(
+        "Probability that a sampled client drops out of a round (seeded); it keeps its state. Default: none do.",
+        None, gt=0, lt=1)
     output_dir: str = setting("Folder for result JSONs.", "results")
     log_dir: str = setting("Folder for run logs.", "logs")
     checkpoint_dir: str = setting("Folder for per-round checkpoints.", "checkpoints")
@@ -150,7 +151,7 @@ class GeneralSettings(BaseModel):
         if self.client_batching and self.engine == "flower":
             raise ValueError("the Flower engine trains one client per message; --client-batching needs "
                              "--engine inprocess")
-        if self.over_select and self.clients_per_round is None:
+        if self.over_select is not None and self.clients_per_round is None:
             raise ValueError("--over-select samples extra clients on top of --clients-per-round; set it too")
         if self.clients_per_round is not None:
             from atlasfl.data.tasks import expand_tasks
@@ -197,8 +198,8 @@ class GeneralSettings(BaseModel):
 
     def _scale_suffix(self) -> str:
         """What sampling and the simulated clock add to the run name (nothing for the default federation)."""
-        parts = [(self.clients_per_round, "m"), (self.over_select or None, "os"),
-                 (self.round_deadline, "dl"), (self.dropout_rate or None, "do")]
+        parts = [(self.clients_per_round, "m"), (self.over_select, "os"), (self.round_deadline, "dl"),
+                 (self.dropout_rate, "do")]
         return "".join(f"_{tag}{value:g}" for value, tag in parts if value is not None)
 
     @property

@@ -72,7 +72,7 @@ def test_the_clock_is_flops_at_the_compute_rate_plus_bytes_at_the_bandwidth():
 
 
 def test_participation_keeps_who_beats_the_deadline_and_labels_the_rest():
-    cfg = SimpleNamespace(seed=0, clients_per_round=3, over_select=1.0, dropout_rate=0.0, round_deadline=2.5)
+    cfg = SimpleNamespace(seed=0, clients_per_round=3, over_select=1.0, dropout_rate=None, round_deadline=2.5)
     times = {c: float(c) for c in range(10)}
     part = participation(cfg, 1, list(range(10)), times.__getitem__)
     sampled = cohort(1, 0, list(range(10)), 3, over_select=1.0)

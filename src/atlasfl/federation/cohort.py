@@ -17,19 +17,20 @@ FAILED = "failed"  # sampled and kept, but its engine reported it missing (`Trai
 _COHORT, _DROPOUT = 0, 1  # the two random streams of a round
 
 
-def cohort(round_idx: int, seed: int, clients: Sequence[int], m: int | None, over_select: float = 0.0) -> list[int]:
+def cohort(round_idx: int, seed: int, clients: Sequence[int], m: int | None, over_select: float | None = None
+           ) -> list[int]:
     """The clients sampled in round `round_idx`: ceil(m x (1 + over_select)) of `clients` (at most all of them),
     uniformly without replacement; every client when `m` is None."""
     if m is None:
         return sorted(clients)
-    n = min(len(clients), math.ceil(m * (1 + over_select)))
+    n = min(len(clients), math.ceil(m * (1 + (over_select or 0.0))))
     picks = np.random.default_rng([seed, round_idx, _COHORT]).choice(sorted(clients), size=n, replace=False)
     return sorted(int(c) for c in picks)
 
 
-def dropouts(round_idx: int, seed: int, sampled: Sequence[int], rate: float) -> set[int]:
-    """The sampled clients that drop out of the round: each independently with probability `rate`."""
-    if rate == 0:
+def dropouts(round_idx: int, seed: int, sampled: Sequence[int], rate: float | None) -> set[int]:
+    """The sampled clients that drop out of the round: each independently with probability `rate` (None: none)."""
+    if not rate:
         return set()
     draws = np.random.default_rng([seed, round_idx, _DROPOUT]).random(len(sampled))
     return {c for c, u in zip(sorted(sampled), draws) if u < rate}
