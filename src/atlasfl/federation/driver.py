@@ -169,9 +169,11 @@ def run_round(fed: Federation, r: int, bars: RunProgress) -> dict:
     part = participation(fed.cfg, r, clients_all, _seconds_of(fed, sharing))
     took_part = set(part.participants)
     bars.start_clients(len(took_part))
-    # The clients' states before training (`Method.regroup`); none before round 1: the initial states stay with
-    # the clients (a Flower server never holds them), so both engines give a method the same view.
-    starts = dict(fed.transport.states()) if r > 1 else {}
+    # The clients' states before training (`Method.regroup`), of the clients that have trained in this eta: the
+    # initial states stay with the clients (a Flower server never holds them), so both engines give a method the
+    # same view.
+    held = {c for e in fed.rounds for c in e["participants"]}
+    starts = {c: st for c, st in fed.transport.states().items() if c in held}
     trained = fed.transport.train(r, took_part, sharing & took_part, bars.advance_clients)
     t_train = time.perf_counter()
     warn_missing(r, trained.missing)
@@ -204,7 +206,7 @@ def run_round(fed: Federation, r: int, bars: RunProgress) -> dict:
     cost = round_cost(train_s=t_train - t0, aggregate_s=t_aggregate - t_train, evaluate_s=t_end - t_aggregate,
                       work=dict(train=trained.work, evaluate=evaluated.work), clients_s=clients_s)
     participants = sorted(took_part - set(missing))
-    held = {c for e in fed.rounds for c in e["participants"]} | set(participants)  # the states the server knows
+    held |= set(participants)  # the states the server knows
     digests = {str(c): state_digest(st) for c, st in sorted(fed.transport.states().items()) if c in held}
     return round_summary(r, clients, list(fed.roster.tasks), t_end - t0, digests,
                          eta=fed.server.eta if fed.method.personalises else None, cost=cost,
