@@ -109,3 +109,16 @@ def test_the_aggregate_weights_only_the_clients_that_took_part():
         assert torch.allclose(out[0][key], mean) and torch.allclose(out[2][key], mean)
     with pytest.raises(ValueError, match="no upload"):
         server.aggregate(uploads, absent=frozenset({3, 4, 5}))  # client 1 takes part: its upload is needed
+
+
+def test_bad_sampling_settings_are_one_line_errors():
+    from atlasfl.config import build_config
+    from atlasfl.errors import AtlasError
+
+    with pytest.raises(AtlasError, match="--over-select .* --clients-per-round"):
+        build_config("tiny-bert", 0, "atlas", tasks=("gen_sentiment",), clients_per_task=4, over_select=0.5)
+    with pytest.raises(AtlasError, match="--clients-per-round 5 exceeds the run's 4 clients"):
+        build_config("tiny-bert", 0, "atlas", tasks=("gen_sentiment",), clients_per_task=4, clients_per_round=5)
+    cfg = build_config("tiny-bert", 0, "atlas", tasks=("gen_sentiment",), clients_per_task=4, clients_per_round=2,
+                       over_select=0.5, round_deadline=3.0, dropout_rate=0.1)
+    assert cfg.run_name.endswith("_m2_os0.5_dl3_do0.1")

@@ -172,7 +172,7 @@ def run_round(fed: Federation, r: int, bars: RunProgress) -> dict:
     # The clients' states before training (`Method.regroup`), of the clients that have trained in this eta: the
     # initial states stay with the clients (a Flower server never holds them), so both engines give a method the
     # same view.
-    held = {c for e in fed.rounds for c in e["participants"]}
+    held = {c for e in fed.rounds for c in _participants(e)}
     starts = {c: st for c, st in fed.transport.states().items() if c in held}
     trained = fed.transport.train(r, took_part, sharing & took_part, bars.advance_clients)
     t_train = time.perf_counter()
@@ -213,6 +213,11 @@ def run_round(fed: Federation, r: int, bars: RunProgress) -> dict:
                          missing={str(c): why for c, why in sorted(missing.items())},
                          clusters=fed.server.round_clusters(), participants=participants,
                          simulated=part.record())
+
+
+def _participants(entry: dict) -> list[int]:
+    """A round entry's participants (an entry checkpointed before client sampling: every client that replied)."""
+    return entry.get("participants", [c["client_id"] for c in entry["clients"] if not c.get("missing")])
 
 
 def _seconds_of(fed: Federation, sharing: set[int]) -> Callable[[int], float]:
