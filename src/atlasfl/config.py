@@ -106,6 +106,18 @@ class GeneralSettings(BaseModel):
     min_replies_per_group: int = setting(
         "Fewest replying clients an aggregation group may have in a round; below it the run stops with "
         "its last checkpoint kept (--resume continues it). A missing client keeps its last state.", 1, gt=0)
+    clients_per_round: int | None = setting(
+        "Clients sampled per round, uniformly and seeded by the run seed and round (docs/scale.md); the others "
+        "neither train nor send and keep their state. Default: every client, every round.", None, gt=0)
+    over_select: float | None = setting(
+        "Sample ceil(m x (1 + f)) clients per round and keep the first m to finish on the simulated clock "
+        "(needs --clients-per-round). Default: no extra clients.", None, gt=0)
+    round_deadline: float | None = setting(
+        "Simulated seconds a round waits (docs/scale.md): a sampled client whose simulated time from its device "
+        "profile is longer is a straggler and its work is discarded. Default: no deadline.", None, gt=0)
+    dropout_rate: float | None = setting(
+        "Probability that a sampled client drops out of a round (seeded); it keeps its state. Default: none do.",
+        None, gt=0, lt=1)
     output_dir: str = setting("Folder for result JSONs.", "results")
     log_dir: str = setting("Folder for run logs.", "logs")
     checkpoint_dir: str = setting("Folder for per-round checkpoints.", "checkpoints")
@@ -151,6 +163,15 @@ class GeneralSettings(BaseModel):
         if self.client_batching and self.engine == "flower":
             raise ValueError("the Flower engine trains one client per message; --client-batching needs "
                              "--engine inprocess")
+        if self.over_select is not None and self.clients_per_round is None:
+            raise ValueError("--over-select samples extra clients on top of --clients-per-round; set it too")
+        if self.clients_per_round is not None:
+            from atlasfl.data.tasks import expand_tasks
+
+            population = len(expand_tasks(self.tasks)) * self.clients_per_task
+            if self.clients_per_round > population:
+                raise ValueError(f"--clients-per-round {self.clients_per_round} exceeds the run's {population} "
+                                 "clients; lower it, or drop it to train every client")
         if self.tune is not None and self.engine == "flower":
             raise ValueError("--tune runs its trials in-process; tune with --engine inprocess, then run the Flower "
                              "engine with the study's best settings (--config best.toml)")
@@ -201,7 +222,13 @@ class GeneralSettings(BaseModel):
         server = server_optimizer_label(self.model_dump())
         return (f"atlas_{self.model_label}_{self.method}_seed{self.seed}_r{self.rounds}"
                 + METHOD_CLASSES[self.method].name_suffix(self) + (f"_{server}" if server else "")
-                + (f"_tune{self.tune}" if self.tune else ""))
+                + (f"_tune{self.tune}" if self.tune else "") + self._scale_suffix())
+
+    def _scale_suffix(self) -> str:
+        """What sampling and the simulated clock add to the run name (nothing for the default federation)."""
+        parts = [(self.clients_per_round, "m"), (self.over_select, "os"), (self.round_deadline, "dl"),
+                 (self.dropout_rate, "do")]
+        return "".join(f"_{tag}{value:g}" for value, tag in parts if value is not None)
 
     @property
     def result_path(self) -> Path:

@@ -70,7 +70,8 @@ class TensorBoardTracker(Tracker):
                 w.add_scalar(f"task_score/{task}", score, step)
         for c in entry["clients"]:
             k = c["client_id"]
-            w.add_scalar(f"train_loss/c{k}", c["train_loss"], step)
+            if c["train_loss"] is not None:  # None: not trained yet (client sampling)
+                w.add_scalar(f"train_loss/c{k}", c["train_loss"], step)
             if tested:
                 w.add_scalar(f"test_loss/c{k}", c["test_loss"], step)
                 w.add_scalar(f"test_score/c{k}", c["test_metric"], step)
@@ -81,6 +82,9 @@ class TensorBoardTracker(Tracker):
             w.add_scalar(f"communication/MB_{direction}", entry[key] / 1e6, step)
             w.add_scalar(f"communication/MB_{direction}_cumulative", sent[i], step)
         w.add_scalar("time/round_s", entry["time_s"], step)
+        if entry.get("participants") is not None:
+            w.add_scalar("participation/participants", len(entry["participants"]), step)
+            w.add_scalar("time/simulated_round_s", entry["simulated"]["round_s"], step)
         for phase, seconds in (phases_s or {}).items():
             w.add_scalar(f"time/phase_s/{phase}", seconds, step)
         w.flush()  # live: TensorBoard sees each round as it ends

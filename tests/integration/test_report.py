@@ -244,7 +244,8 @@ def skewed(tmp_path_factory) -> Path:
 def test_report_shows_both_protocols_references_and_the_per_client_eta_row(skewed):
     runs = _load(skewed)
     tables = _tables(load_results([skewed]))
-    assert {"scores", "scores_personal", "costs", "lambda_sweep", "paired", "paired_personal"} == set(tables)
+    assert {"scores", "scores_personal", "costs", "discovery", "lambda_sweep", "paired",
+            "paired_personal"} == set(tables)
     per_client_label = "atlas (η=per client)"
     for key, prefix in (("scores", ""), ("scores_personal", "personal_")):
         table = tables[key]
@@ -269,8 +270,8 @@ def test_report_shows_both_protocols_references_and_the_per_client_eta_row(skewe
     diffs = [runs[("atlas", s)]["lambda_sweep"]["selections"]["per_client"]["final_metrics"]["personal_task_mean"]
              - runs[("local_only", s)]["final_metrics"]["personal_task_mean"] for s in SWEEP_SEEDS]
     assert row[4] == 2 and row[5] == pytest.approx(statistics.mean(diffs))
-    assert set(_tables(load_results([skewed]), ("personal",))) == {"scores_personal", "costs", "lambda_sweep",
-                                                                   "paired_personal"}
+    assert set(_tables(load_results([skewed]), ("personal",))) == {"scores_personal", "costs", "discovery",
+                                                                   "lambda_sweep", "paired_personal"}
     # The sweep table: every η's scores over seeds, the shared choices and the per-client shares, by hand.
     sweep = tables["lambda_sweep"]
     assert [r[1] for r in sweep.rows] == ["0", "0.5"]
@@ -312,7 +313,7 @@ def test_results_of_schema_1_1_still_load_with_the_global_protocol_alone(results
     old = tmp_path / "old.json"
     old.write_text(json.dumps(data))
     tables = _tables(load_results([old]))
-    assert set(tables) == {"scores", "costs", "paired"}
+    assert set(tables) == {"scores", "costs", "discovery", "paired"}
     assert [r[1] for r in tables["scores"].rows] == ["fedavg_cluster"]  # no references recorded: no reference rows
 
 

@@ -79,7 +79,8 @@ class InProcess:
         self.test_enc = {n: encode(tok, t.test, cfg.max_length) for n, t in self.tasks.items()}
         self.roster = Roster(self.shards, self.tasks, {s.client_id: client_references(s, self.tasks[s.task])
                                                        for s in self.shards},
-                             self.fm.modules, self.fm.module_shapes(), self.fm.facts())
+                             self.fm.modules, self.fm.module_shapes(), self.fm.facts(),
+                             {cid: sum(len(e["input_ids"]) for e in enc) for cid, enc in self.train_enc.items()})
         return self.roster
 
     # ---- the driver's transport ------------------------------------------------------------------
@@ -105,20 +106,21 @@ class InProcess:
         for cid, state in (self.initial if states is None else states).items():
             self.fm.set_state(cid, state)
 
-    def train(self, round_idx: int, sharing: set[int], advance) -> Trained:
-        """Every client trains (together with --client-batching). A client whose training raises is left out of
-        the round with its state as it was, as a failing Flower ClientApp is; a CUDA out-of-memory stops the
-        run instead: every client shares this process's device."""
+    def train(self, round_idx: int, cohort: set[int], sharing: set[int], advance) -> Trained:
+        """The cohort's clients train (together with --client-batching). A client whose training raises is left
+        out of the round with its state as it was, as a failing Flower ClientApp is; a CUDA out-of-memory stops
+        the run instead: every client shares this process's device."""
         cfg, fm, out = self.cfg, self.fm, Trained()
+        shards = [s for s in self.shards if s.client_id in cohort]
         kw = dict(method=self.method, lr=cfg.lr, batch_size=cfg.batch_size, group_by_length=cfg.group_by_length,
                   tally=out.work)
-        if cfg.client_batching:
+        if cfg.client_batching and shards:
             out.losses = self._guard_oom(None, "training", lambda: train_cohort(
                 fm, [TrainJob(s.client_id, self.train_enc[s.client_id], client_seed(cfg.seed, round_idx, s.client_id))
-                     for s in self.shards], max_rows=cfg.client_batch_rows, **kw))
-            advance(len(self.shards))
+                     for s in shards], max_rows=cfg.client_batch_rows, **kw))
+            advance(len(shards))
         else:
-            for s in self.shards:
+            for s in shards:
                 before = fm.get_state(s.client_id)
                 try:
                     out.losses[s.client_id] = self._guard_oom(s, "training", lambda s=s: train_client(
@@ -154,12 +156,12 @@ class InProcess:
             out.bytes_up[cid] = CHOICE_BYTES
         return out
 
-    def evaluate(self, round_idx: int, trained: set[int], validate: bool, test: bool = True) -> Evaluated:
+    def evaluate(self, round_idx: int, clients: set[int], validate: bool, test: bool = True) -> Evaluated:
         """Test sets (clients holding identical weights predict identically, so each such state is scored once per
-        task) and, after the last round, every client's local validation."""
+        task) and, after the last round, local validation."""
         cfg, out, predicted = self.cfg, Evaluated(), {}
         for s in self.shards:
-            if s.client_id not in trained:
+            if s.client_id not in clients:
                 continue
             key, used = (state_digest(self.fm.get_state(s.client_id)), s.task), self.fm.model_of(s.client_id)
             if test and key not in predicted:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from atlasfl.config import RunConfig
 from atlasfl.errors import AtlasError
+from atlasfl.federation.cohort import FAILED, TRAINED, client_seconds, participation, payload_sizes
 from atlasfl.federation.records import (
     client_round,
     eta_run,
@@ -28,6 +29,7 @@ from atlasfl.federation.records import (
 )
 from atlasfl.federation.server import Plan, Server, TooFewReplies
 from atlasfl.federation.transport import Offered, Roster, Transport
+from atlasfl.federation.wire import WIRE_DTYPES
 from atlasfl.methods import Method, method_for
 from atlasfl.models.lora import state_digest
 from atlasfl.results.build import build_result
@@ -156,26 +158,38 @@ def _server(cfg: RunConfig, method: Method, roster: Roster) -> Server:
 
 
 def run_round(fed: Federation, r: int, bars: RunProgress) -> dict:
-    """One round: every client trains, the server aggregates each sharing group over its replying members and
-    sends the new states, every client that trained is tested (in the rounds `records.is_test_round` says). A client
-    that fails is left out of the round: it keeps its last state and its last metrics, labelled as such. The entry
-    carries its `cost`."""
+    """One round: the round's participants (`cohort.participation`: every client unless sampling or the simulated
+    clock leaves some out) train, the server aggregates each sharing group over its replying participants and
+    sends them their new states, and the participants are tested (in the rounds `records.is_test_round` says). A
+    client that fails is left out of the round: it keeps its last state and its last metrics, labelled as such; so
+    does a client that does not take part (labelled with why), except that in an eta's first round and when the
+    clients validate, every client that did not fail is asked, so each one's metrics are always those of the state
+    it holds (docs/scale.md). The entry carries its `cost` and its `simulated` clock."""
     t0 = time.perf_counter()
-    bars.start_clients(len(fed.roster.shards))
-    # The clients' states before training (`Method.regroup`); none before round 1: the initial states stay with
-    # the clients (a Flower server never holds them), so both engines give a method the same view.
-    starts = dict(fed.transport.states()) if r > 1 else {}
-    trained = fed.transport.train(r, set(fed.server.sharing_clients()), bars.advance_clients)
+    clients_all = [s.client_id for s in fed.roster.shards]
+    sharing = set(fed.server.sharing_clients())
+    part = participation(fed.cfg, r, clients_all, _seconds_of(fed, sharing))
+    took_part = set(part.participants)
+    bars.start_clients(len(took_part))
+    # The clients' states before training (`Method.regroup`), of the clients that have trained in this eta: the
+    # initial states stay with the clients (a Flower server never holds them), so both engines give a method the
+    # same view.
+    held = {c for e in fed.rounds for c in _participants(e)}
+    starts = {c: st for c, st in fed.transport.states().items() if c in held}
+    trained = fed.transport.train(r, took_part, sharing & took_part, bars.advance_clients)
     t_train = time.perf_counter()
     warn_missing(r, trained.missing)
     _check_missing(fed, trained.missing)
-    down = fed.transport.deliver(fed.server.aggregate(trained.uploads, frozenset(trained.missing)), r)
+    absent = frozenset(part.left_out)
+    down = fed.transport.deliver(fed.server.aggregate(trained.uploads, frozenset(trained.missing), absent), r)
     fed.server.regroup(r, trained.uploads, starts)
-    offered = _offer(fed, r, set(trained.missing))
+    offered = _offer(fed, r, set(trained.missing) | absent)
     t_aggregate = time.perf_counter()
-    tested = is_test_round(fed.cfg, r)
-    evaluated = fed.transport.evaluate(r, set(trained.losses) - set(trained.missing),
-                                       validate=r == fed.cfg.rounds or fed.on_round is not None, test=tested)
+    validate = r == fed.cfg.rounds or fed.on_round is not None
+    test = is_test_round(fed.cfg, r)
+    asked = set(clients_all if validate or not fed.rounds else trained.losses)
+    evaluated = fed.transport.evaluate(r, asked - set(trained.missing) - set(offered.missing), validate=validate,
+                                       test=test)
     t_end = time.perf_counter()
     warn_missing(r, evaluated.missing)
     missing = {**trained.missing, **offered.missing, **evaluated.missing}
@@ -186,18 +200,51 @@ def run_round(fed: Federation, r: int, bars: RunProgress) -> dict:
         cid = s.client_id
         up = trained.bytes_up.get(cid, 0) + offered.bytes_up.get(cid, 0)
         sent = down.get(cid, 0) + offered.bytes_down.get(cid, 0)
-        clients.append(kept_round(fed.rounds, cid, up, sent) if cid in missing else
-                       client_round(cid, s.task, trained.losses[cid], evaluated.tests[cid], up, sent) if tested else
-                       untested_round(fed.rounds, cid, trained.losses[cid], up, sent))
+        how = FAILED if cid in missing else part.left_out.get(cid, TRAINED)
+        if cid not in missing and cid in evaluated.tests:
+            entry = client_round(cid, s.task, trained.losses.get(cid), evaluated.tests[cid], up, sent)
+        elif cid not in missing and cid in trained.losses:  # trained in a round without a test (--eval-every)
+            entry = untested_round(fed.rounds, cid, trained.losses[cid], up, sent)
+        else:
+            entry = kept_round(fed.rounds, cid, up, sent)
+        clients.append(dict(entry, participation=how, simulated_s=part.seconds.get(cid),
+                            **({"missing": True} if cid in missing else {})))
     clients_s = (None if trained.clients_s is None else
                  dict(train=trained.clients_s, evaluate=evaluated.clients_s or 0.0))
     cost = round_cost(train_s=t_train - t0, aggregate_s=t_aggregate - t_train, evaluate_s=t_end - t_aggregate,
                       work=dict(train=trained.work, evaluate=evaluated.work), clients_s=clients_s)
-    digests = {str(c): state_digest(st) for c, st in sorted(fed.transport.states().items())}
+    participants = sorted(took_part - set(missing))
+    held |= set(participants)  # the states the server knows
+    digests = {str(c): state_digest(st) for c, st in sorted(fed.transport.states().items()) if c in held}
     return round_summary(r, clients, list(fed.roster.tasks), t_end - t0, digests,
                          eta=fed.server.eta if fed.method.personalises else None, cost=cost,
                          missing={str(c): why for c, why in sorted(missing.items())},
-                         clusters=fed.server.round_clusters(), tested=tested)
+                         clusters=fed.server.round_clusters(), tested=test, participants=participants,
+                         simulated=part.record())
+
+
+def _participants(entry: dict) -> list[int]:
+    """A round entry's participants (an entry checkpointed before client sampling: every client that replied)."""
+    return entry.get("participants", [c["client_id"] for c in entry["clients"] if not c.get("missing")])
+
+
+def _seconds_of(fed: Federation, sharing: set[int]) -> Callable[[int], float]:
+    """Each client's simulated seconds this round (`cohort.client_seconds`): its training tokens (its shard's, once
+    per local epoch, twice with a personal copy) and what it sends and receives if it shares this round."""
+    cfg, method, facts = fed.cfg, fed.method, fed.roster.facts
+    passes = sum(epochs for _, epochs in method.local_phases()) * (2 if method.keeps_personal else 1)
+    itemsize = WIRE_DTYPES[cfg.wire_dtype].itemsize
+
+    def seconds(cid: int) -> float:
+        labels = fed.server.clients[cid].num_labels
+        shares = cid in sharing
+        return client_seconds(device=fed.plan.devices[cid], params=facts.total_params,
+                              tokens=passes * fed.roster.train_tokens[cid],
+                              sizes=payload_sizes(fed.plan.ranks[cid], fed.roster.shapes,
+                                                  facts.hidden_size * labels + labels),
+                              uploads=method.uploads if shares else (), downloads=method.downloads if shares else (),
+                              itemsize=itemsize)
+    return seconds
 
 
 def _offer(fed: Federation, r: int, missing: set[int]) -> Offered:

@@ -50,9 +50,11 @@ def partition_settings(cfg: RunConfig) -> dict:
 PERSONAL_KEYS = ("loss", "accuracy", "macro_f1", "f1", "mcc", "n")
 
 
-def client_round(client_id: int, task: str, train_loss: float, ev: dict, bytes_up: int, bytes_down: int) -> dict:
-    """One client's entry of a round (schema ClientRound) from its training loss and test evaluation
-    (`federation.evaluation.test_scores`: the global protocol, and the personal one under `personal`)."""
+def client_round(client_id: int, task: str, train_loss: float | None, ev: dict, bytes_up: int, bytes_down: int
+                 ) -> dict:
+    """One client's entry of a round (schema ClientRound) from its training loss (None: it did not train this
+    round) and test evaluation (`federation.evaluation.test_scores`: the global protocol, and the personal one
+    under `personal`)."""
     entry = dict(client_id=client_id, task=task, train_loss=train_loss, test_loss=ev["loss"],
                  test_accuracy=ev["accuracy"], test_macro_f1=ev["macro_f1"], test_f1=ev["f1"], test_mcc=ev["mcc"],
                  test_metric=ev["score"], metric_name=ev["metric_name"], bytes_up=bytes_up, bytes_down=bytes_down)
@@ -63,22 +65,23 @@ def client_round(client_id: int, task: str, train_loss: float, ev: dict, bytes_u
 
 
 def kept_round(rounds: list[dict], cid: int, bytes_up: int, bytes_down: int) -> dict:
-    """A missing client's round record: the metrics of its last round with a reply and a test (it keeps that
-    round's state, or the state the server sent it this round), labelled as such; its bytes are this round's."""
+    """The round record of a client not tested this round (missing, or not taking part): the metrics of its last
+    round with a test (it keeps that round's state, or the state the server sent it this round), labelled as
+    such; its bytes are this round's."""
     round_idx, last = _last_tested(rounds, cid)
-    return dict(last, missing=True, metrics_from_round=round_idx, bytes_up=bytes_up, bytes_down=bytes_down)
+    return dict(last, metrics_from_round=round_idx, bytes_up=bytes_up, bytes_down=bytes_down)
 
 
 def untested_round(rounds: list[dict], cid: int, train_loss: float, bytes_up: int, bytes_down: int) -> dict:
-    """A client's record of a round without a test (`--eval-every`): this round's training loss and bytes, and the
-    test metrics of its last tested round, labelled by `metrics_from_round`."""
+    """A client's record of a round it trained in without a test (`--eval-every`): this round's training loss and
+    bytes, and the test metrics of its last tested round, labelled by `metrics_from_round`."""
     round_idx, last = _last_tested(rounds, cid)
     return dict(last, train_loss=train_loss, metrics_from_round=round_idx, bytes_up=bytes_up, bytes_down=bytes_down)
 
 
 def _last_tested(rounds: list[dict], cid: int) -> tuple[int, dict]:
-    """The last round in which the client replied and was tested, and its record there (whose metrics are its own
-    of that round: no `metrics_from_round`)."""
+    """The last round in which the client was tested, and its record there (whose metrics are its own of that
+    round: no `metrics_from_round`)."""
     return next((e["round"], c) for e in reversed(rounds) for c in e["clients"]
                 if c["client_id"] == cid and c.get("metrics_from_round") is None)
 
@@ -123,14 +126,15 @@ def round_cost(*, train_s: float, aggregate_s: float, evaluate_s: float, work: d
 
 def round_summary(round_idx: int, clients: list[dict], task_names: list[str], time_s: float,
                   digests: dict[str, str], eta: float | None = None, cost: dict | None = None,
-                  missing: dict[str, str] | None = None, clusters: dict | None = None, tested: bool = True
-                  ) -> dict:
+                  missing: dict[str, str] | None = None, clusters: dict | None = None, tested: bool = True,
+                  participants: list[int] | None = None, simulated: dict | None = None) -> dict:
     """A round's entry (schema RoundEntry): task scores are the mean over each task's clients; `eta`
     (the Laplacian step of a personalising method) is recorded as `lambda_eta`. Its `cost` (`round_cost`)
     travels with the round and moves to `time_metrics` in the result. `missing` (client id -> why it
     was left out of the round) becomes `missing_clients` and `missing_reasons`; `clusters` (`Server.round_clusters`:
-    a method that finds its clusters during training) is kept as it is; a round without a test (`is_test_round`) is
-    marked `evaluated: false`, and its scores are the means of the carried metrics."""
+    a method that finds its clusters during training), `participants` (the clients whose training the round
+    aggregated) and `simulated` (`cohort.Participation.record`) are kept as they are; a round without a test
+    (`is_test_round`) is marked `evaluated: false`, and its scores are the means of the carried metrics."""
     task_scores = {t: float(np.mean([c["test_metric"] for c in clients if c["task"] == t])) for t in task_names}
     entry = dict(round=round_idx, clients=clients, mean_accuracy=float(np.mean([c["test_accuracy"] for c in clients])),
                  task_scores=task_scores, mean_task_score=float(np.mean(list(task_scores.values()))), time_s=time_s,
@@ -149,6 +153,8 @@ def round_summary(round_idx: int, clients: list[dict], task_names: list[str], ti
         entry["clusters"] = clusters
     if not tested:
         entry["evaluated"] = False
+    if participants is not None:
+        entry.update(participants=participants, simulated=simulated)
     return entry
 
 
@@ -235,13 +241,14 @@ def divergence(rounds: list[dict], num_labels: dict[str, int]) -> dict[int, dict
     round (e.g. --lr 1000: round-1 losses in the thousands), which a limit relative to round 1 alone would miss."""
     if not rounds:
         return {}
-    first = {c["client_id"]: c["train_loss"] for c in rounds[0]["clients"]}
+    first: dict[int, float] = {}  # each client's first training loss (a client that is not sampled has none)
     found: dict[int, dict] = {}
     for entry in rounds:
         for c in entry["clients"]:
             cid, loss = c["client_id"], c["train_loss"]
-            if cid in found:
+            if cid in found or loss is None:
                 continue
+            first.setdefault(cid, loss)
             chance = math.log(max(num_labels[c["task"]], 2))
             reference = min(first[cid], chance) if math.isfinite(first[cid]) else chance
             limit = DIVERGENCE_FACTOR * reference

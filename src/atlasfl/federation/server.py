@@ -226,22 +226,28 @@ class Server:
         return dict(labels=labels, ari=adjusted_rand(labels, [tasks.index(self.clients[c].task)
                                                               for c in sorted(self.clients)]), **seen)
 
-    def aggregate(self, uploads: dict[int, State], missing: frozenset[int] = frozenset()) -> dict[int, State]:
+    def aggregate(self, uploads: dict[int, State], missing: frozenset[int] = frozenset(),
+                  absent: frozenset[int] = frozenset()) -> dict[int, State]:
         """New trainable state for every replying client of every sharing group, at each client's own shapes.
 
         `uploads` must hold the state of every client in `sharing_clients()` but those in `missing` (clients
-        that failed this round: they keep their last state and get nothing). A group aggregates over its
-        replying members only, so a lost client never enters its group's aggregate; a group left with fewer
-        than `min_replies_per_group` replies (or none) raises TooFewReplies."""
-        absent = [c for c in self.sharing_clients() if c not in uploads and c not in missing]
-        if absent:
-            raise ValueError(f"no upload from sharing client(s) {absent}")
+        that failed this round: they keep their last state and get nothing) and those `absent` (not taking part
+        this round: `federation.cohort`; they keep their state too). A group aggregates over its replying members
+        only, so a lost or absent client never enters its group's aggregate; a group none of whose members takes
+        part is left as it is; one left with fewer than `min_replies_per_group` replies of the members taking
+        part (or none) raises TooFewReplies."""
+        unsent = [c for c in self.sharing_clients() if c not in uploads and c not in missing and c not in absent]
+        if unsent:
+            raise ValueError(f"no upload from sharing client(s) {unsent}")
         out: dict[int, State] = {}
         for full in self.sharing_groups():
-            group = [c for c in full if c not in missing]
-            if len(group) < max(1, min(self.cfg.min_replies_per_group, len(full))):
-                raise TooFewReplies(group=full, missing=[c for c in full if c in missing],
-                                    needed=min(self.cfg.min_replies_per_group, len(full)))
+            taking_part = [c for c in full if c not in absent]
+            if not taking_part:
+                continue
+            group = [c for c in taking_part if c not in missing]
+            needed = min(self.cfg.min_replies_per_group, len(taking_part))
+            if len(group) < max(1, needed):
+                raise TooFewReplies(group=taking_part, missing=[c for c in taking_part if c in missing], needed=needed)
             stepped: list[str] = []
             new = self.method.aggregate([uploads[c] for c in group], Group(
                 clients=group, sizes=[self.clients[c].num_train for c in group],

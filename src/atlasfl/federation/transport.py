@@ -17,7 +17,8 @@ from atlasfl.phases.devices import ModelFacts
 class Roster:
     """What the server side knows of the clients and the model: each client's shard (`client_id`, `task`, sized
     `train` and `val`), the tasks (labels, metric), each client's reference scores
-    (`records.client_references`), and the adapted modules, their shapes and the model's facts."""
+    (`records.client_references`), the adapted modules, their shapes and the model's facts, and each client's
+    tokens in one epoch of its training set (the simulated clock's work, `federation.cohort`)."""
 
     shards: list
     tasks: dict[str, TaskData]
@@ -25,6 +26,7 @@ class Roster:
     modules: list[str]
     shapes: dict[str, tuple[int, int]]
     facts: ModelFacts
+    train_tokens: dict[int, int]
 
     def clients(self) -> list[ClientInfo]:
         return [ClientInfo(s.client_id, s.task, len(s.train), self.tasks[s.task].num_labels) for s in self.shards]
@@ -89,9 +91,10 @@ class Transport(Protocol):
     def start_eta(self, eta: float, states: dict[int, dict] | None) -> None:
         """Clients start the eta from their initial states (None) or from `states` (an eta resumed after a round)."""
 
-    def train(self, round_idx: int, sharing: set[int], advance: Callable[[int], None]) -> Trained:
-        """Every client trains; the clients in `sharing` upload their trained state (the method's `uploads`).
-        `advance(n)`: n more clients are done (a progress bar)."""
+    def train(self, round_idx: int, cohort: set[int], sharing: set[int], advance: Callable[[int], None]) -> Trained:
+        """The clients of `cohort` train (the others are sent nothing and keep their state); those in `sharing`
+        (a subset) upload their trained state (the method's `uploads`). `advance(n)`: n more clients are done
+        (a progress bar)."""
 
     def deliver(self, states: dict[int, dict], round_idx: int) -> dict[int, int]:
         """Send each client its new state (the method's `downloads`, which it adopts by `Method.receive`); the bytes
@@ -101,9 +104,10 @@ class Transport(Protocol):
         """Send each client its candidate states; it scores each on its training data and adopts the one with the
         lowest loss (`evaluation.adopt_lowest`), and sends back which one (`Method.offers`: ifca)."""
 
-    def evaluate(self, round_idx: int, trained: set[int], validate: bool, test: bool = True) -> Evaluated:
-        """The clients of `trained` score their test sets if `test` (and their local validation if `validate`); the
-        call also carries the states `deliver` sent, so it is made every round, with or without a test."""
+    def evaluate(self, round_idx: int, clients: set[int], validate: bool, test: bool = True) -> Evaluated:
+        """The `clients` score their test sets if `test` (and their local validation if `validate`); one that has
+        not trained in this eta yet scores its initial state. The call also carries the states `deliver` sent, so it
+        is made every round, with or without a test."""
 
     def states(self) -> dict[int, dict]:
         """Every client's current state (the server's exact copy, where the clients hold theirs)."""

@@ -13,7 +13,10 @@ cluster id (4 bytes, `transport.CHOICE_BYTES`).
 Initialisation: LoRA starts with B = 0, so k random initialisations would compute one function (ΔW = 0) and every
 client's argmin would tie. Round 1 is therefore each client's training from the common start, and the k models are
 k distinct clients' round-1 models, drawn by seeded k-means++ on their flattened factors (`farthest_seeds`, the run
-seed); a label space the drawn client lacks gets the shard-weighted mean of that label space's round-1 heads."""
+seed); a label space the drawn client lacks gets the shard-weighted mean of that label space's round-1 heads.
+With client sampling (docs/scale.md) the seeds are drawn from the first round's participants, or from a later
+round's if the first had fewer than k; a client is offered the k models only in rounds it takes part in, and one
+never offered them yet trains and keeps its own model (a cluster of one) until it is."""
 from __future__ import annotations
 
 from atlasfl.methods.base import Method, select
@@ -64,8 +67,9 @@ class IFCA(Method):
         return list(by_cluster.values())
 
     def aggregate(self, states, group):
-        if not self.adapters:
-            self._seed(states, group)
+        if not self.adapters:  # a round with fewer than k participants (client sampling) leaves the seeding to a later
+            if len(states) >= self.clusters_k(self.cfg):
+                self._seed(states, group)
             return states
         new = super().aggregate(states, group)
         j = self.choices.get(group.clients[0])
@@ -89,6 +93,8 @@ class IFCA(Method):
             self.heads.append({**pooled, _labels(states[i]): select(states[i], ("head",))})
 
     def offers(self, labels: dict[int, int]):
+        if not self.adapters:
+            return None
         return {cid: [{**adapter, **heads[n]} for adapter, heads in zip(self.adapters, self.heads)]
                 for cid, n in labels.items()}
 

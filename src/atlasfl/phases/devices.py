@@ -50,6 +50,21 @@ PROFILES: dict[str, DeviceProfile] = {
 }
 
 
+# The simulated clock (docs/scale.md) is an ESTIMATE from these assumptions, not a measurement: a profile's compute
+# rate is compute_ratio x REFERENCE_FLOPS, its bandwidth bandwidth_mbps each way.
+REFERENCE_FLOPS = 10e12  # ASSUMED sustained training FLOP/s of gpu_16gb (compute_ratio 1.0), a 16 GB desktop GPU
+# Training FLOPs per token and model parameter: forward 2, backward to the activations 2 (the frozen base takes no
+# weight gradient; the adapters' own are negligible beside it). Kaplan et al.'s 6 counts full fine-tuning.
+TRAIN_FLOPS_PER_PARAM_TOKEN = 4
+
+
+def simulated_seconds(profile: DeviceProfile, *, params: int, tokens: int, bytes_down: int, bytes_up: int) -> float:
+    """SIMULATED seconds of one client's round on `profile`: its training FLOPs (`tokens` through a model of
+    `params` parameters) at the profile's compute rate, plus the bytes it receives and sends at its bandwidth."""
+    compute = TRAIN_FLOPS_PER_PARAM_TOKEN * params * tokens / (profile.compute_ratio * REFERENCE_FLOPS)
+    return compute + 8 * (bytes_down + bytes_up) / (profile.bandwidth_mbps * 1e6)
+
+
 def check_profiles(names: Sequence[str]) -> None:
     unknown = [n for n in names if n not in PROFILES]
     if unknown:

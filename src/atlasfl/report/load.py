@@ -109,7 +109,8 @@ def _view(fm: dict, rounds: list, refs: dict, protocol: str) -> dict:
 
 def _costs(r) -> dict:
     """Bytes (a lambda sweep's totals over every eta where it ran one), mean phase seconds per trained round
-    and the padding share of the computed token positions (schema 1.1 on)."""
+    and the padding share of the computed token positions (schema 1.1 on), and the mean participants and simulated
+    seconds per round of the chosen run (where its rounds record them)."""
     comm, t = r.communication_costs, r.time_metrics
     sweep = comm.sweep_total_bytes_up is not None
     out = dict(bytes_up=comm.sweep_total_bytes_up if sweep else comm.total_bytes_up,
@@ -120,4 +121,8 @@ def _costs(r) -> dict:
         positions = sum(t.totals[p]["padded_tokens"] for p in ("train", "evaluate"))
         real = sum(t.totals[p]["real_tokens"] for p in ("train", "evaluate"))
         out["padding_share"] = 1 - real / positions if positions else None
+    sampled = [e for e in r.round_metrics if e.participants is not None]  # (client sampling: docs/scale.md)
+    if sampled:
+        out["participants"] = sum(len(e.participants) for e in sampled) / len(sampled)
+        out["simulated_round_s"] = sum(e.simulated.round_s for e in sampled) / len(sampled)
     return out

@@ -42,6 +42,8 @@ class RunRecord:
     padding_share: float | None = None  # of the token positions computed in training and evaluation
     sweep_totals: bool = False  # bytes are the totals of every eta of a lambda sweep
     peak_memory_bytes: int | None = None
+    participants: float | None = None  # mean clients per round whose training was aggregated (docs/scale.md)
+    simulated_round_s: float | None = None  # mean SIMULATED seconds per round, from the device profiles
     clustering: dict[str, Any] = field(default_factory=dict)  # phase1_clustering ('ari', 'k', 'similarity', 'labels')
     clusters_from: str | None = None  # where its sharing groups come from (`Method.clusters_from`)
     fingerprint_bytes: int | None = None  # phase 1's upload, counted where the method uses it

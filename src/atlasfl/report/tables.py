@@ -204,8 +204,8 @@ def costs_table(groups: list[Group]) -> Table:
     columns = [Column("model"), Column("method"), Column("n"), Column("up (MB)", "{:.3f}"),
                Column("down (MB)", "{:.3f}"), Column("time (s)", "{:.1f}"),
                *(Column(f"{p} s/round", "{:.2f}") for p in PHASE_COLUMNS),
-               Column("padding %", "{:.0f}"), Column("peak mem (MB)", "{:.0f}"), Column("ARI", "{:.2f}"), Column("k"),
-               Column("ambiguous")]
+               Column("padding %", "{:.0f}"), Column("peak mem (MB)", "{:.0f}"), Column("participants/round", "{:.1f}"),
+               Column("simulated s/round", "{:.3g}"), Column("ARI", "{:.2f}"), Column("k"), Column("ambiguous")]
     rows = []
     for g in groups:
         ks = sorted({r.clustering["k"] for r in g.runs if "k" in r.clustering})
@@ -214,13 +214,16 @@ def costs_table(groups: list[Group]) -> Table:
                      _stat(r.time_s for r in g.runs),
                      *(_stat((r.round_phase_s or {}).get(p) for r in g.runs) for p in PHASE_COLUMNS),
                      _stat(None if r.padding_share is None else 100 * r.padding_share for r in g.runs),
-                     _stat(_div(r.peak_memory_bytes, MB) for r in g.runs),
-                     _stat(r.clustering.get("ari") for r in g.runs), ", ".join(map(str, ks)) or None,
+                     _stat(_div(r.peak_memory_bytes, MB) for r in g.runs), _stat(r.participants for r in g.runs),
+                     _stat(r.simulated_round_s for r in g.runs), _stat(r.clustering.get("ari") for r in g.runs),
+                     ", ".join(map(str, ks)) or None,
                      _flagged(g.runs)])
     notes = ["Communication: total bytes sent over all clients and rounds (fingerprints included), MB = 10^6 bytes; "
              "time: wall time of the run; s/round: mean seconds per trained round of each phase (aggregate: "
              "aggregation or the Laplacian step); padding %: share of the token positions computed in training "
-             "and evaluation that are padding; peak mem: measured peak; ARI and k of the fingerprint clustering "
+             "and evaluation that are padding; peak mem: measured peak; participants/round: mean clients per round "
+             "whose training was aggregated, and simulated s/round: the mean round on the device profiles' "
+             "SIMULATED clock, an estimate (docs/scale.md); ARI and k of the fingerprint clustering "
              "(every method runs phase 1, though local_only and standard_fl do not use its clusters; — where a file "
              "does not record it); ambiguous: runs whose phase 1 found that the next larger k also fits, of those "
              "that record the test (docs/clustering.md); mean ± sample std over seeds."]

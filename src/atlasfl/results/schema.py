@@ -13,8 +13,10 @@ SCHEMA_VERSION = "1.3"
 #      phase1_clustering's spread-to-noise rule: threshold_by_k, dof_by_k, significance (noise_ratio dropped);
 #      Flower rounds record the clients missing from them (missing_clients, missing_reasons, ClientRound.missing)
 # 1.3: a tuned run's `tuning` block (--tune N); phase1_clustering's passing_k, split and ambiguous; a round's
-#      `clusters` (ifca, cfl: the clusters found during training, with their ARI); added, no bump: a round's
-#      `evaluated` (false: no test this round, --eval-every) and `metrics_from_round` for a client it carries
+#      `clusters` (ifca, cfl: the clusters found during training, with their ARI); added fields, no bump: a round's
+#      `evaluated` (false: no test this round, --eval-every) and `metrics_from_round` for a client it carries;
+#      a round's `participants` and `simulated` clock, a client's `participation` and `simulated_s` (client
+#      sampling, docs/scale.md), a `train_loss` of None for a client tested before it first trained
 KNOWN_SCHEMA_VERSIONS = ("1.0", "1.1", "1.2", "1.3")
 PERSONAL = ("personal protocol (1.2 on): the client's personal test set, rows of the task's test set whose label mix "
             "follows the client's training shard (data.partition.personal_test_rows), scored from the same predictions")
@@ -27,7 +29,8 @@ class _Strict(BaseModel):
 class ClientRound(_Strict):
     client_id: int
     task: str
-    train_loss: float
+    train_loss: Optional[float] = Field(description="mean training loss (None: the client has not trained yet in "
+                                                    "this eta, or did not train in this round but was tested)")
     test_loss: float
     test_accuracy: float
     test_macro_f1: float
@@ -48,8 +51,17 @@ class ClientRound(_Strict):
                                                      "kept its last state and its metrics are those of "
                                                      "`metrics_from_round`")
     metrics_from_round: Optional[int] = Field(default=None, description=(
-        "the round a client's test metrics come from when it was not tested in this one: missing (its train loss "
-        "comes from there too) or a round without evaluation (--eval-every; its train loss is this round's)"))
+        "the round a client's test metrics come from when it was not tested in this one: missing or not sampled "
+        "(its train loss comes from there too) or a round without evaluation (--eval-every; its train loss is "
+        "this round's)"))
+    participation: Optional[str] = Field(default=None, description=(
+        "trained (its training was aggregated), not_sampled, dropped_out, straggler (past --round-deadline on the "
+        "simulated clock), surplus (after the first --clients-per-round replies) or failed (missing); a client "
+        "that did not train keeps its state, and its metrics are those of `metrics_from_round` unless it was "
+        "tested this round (docs/scale.md)"))
+    simulated_s: Optional[float] = Field(default=None, description=(
+        "SIMULATED seconds of this client's round on its device profile (training FLOPs at its compute rate plus "
+        "its bytes at its bandwidth, an estimate: docs/scale.md); None: not sampled"))
 
 
 class RoundClusters(_Strict):
@@ -58,6 +70,15 @@ class RoundClusters(_Strict):
                                    "phase1_clustering.ari)")
     rule_saw: Optional[list[dict[str, Any]]] = Field(default=None, description=(
         "cfl: each cluster its split rule looked at this round (members, mean_norm, max_norm, split)"))
+
+
+class RoundSimulated(_Strict):
+    round_s: float = Field(description="SIMULATED seconds of the round: the last kept reply's, or the deadline when "
+                                       "the server waited for it in vain")
+    deadline_s: Optional[float] = Field(description="--round-deadline (simulated seconds), None: none")
+    clients_s: dict[str, float] = Field(description="client id -> SIMULATED seconds, for every sampled client")
+    left_out: dict[str, str] = Field(description="sampled client id -> why its reply was not kept (dropped_out, "
+                                                 "straggler, surplus)")
 
 
 class RoundEntry(_Strict):
@@ -69,7 +90,8 @@ class RoundEntry(_Strict):
     time_s: float
     bytes_up_total: int
     bytes_down_total: int
-    state_digests: dict[str, str] = Field(description="client id -> digest of its trainable state after aggregation")
+    state_digests: dict[str, str] = Field(description="client id -> digest of its trainable state after aggregation, "
+                                                      "for every client that has trained in this eta so far")
     lambda_eta: Optional[float] = None
     personal_task_scores: Optional[dict[str, float]] = Field(default=None, description=PERSONAL)
     mean_personal_task_score: Optional[float] = None
@@ -81,6 +103,10 @@ class RoundEntry(_Strict):
     evaluated: Optional[bool] = Field(default=None, description=(
         "false: no client took its test set this round (--eval-every K); each client's test metrics, and so the "
         "round's scores, are carried from its `metrics_from_round`. Absent: the round was tested"))
+    participants: Optional[list[int]] = Field(default=None, description=(
+        "the clients whose training the round aggregated (every client that replied, without client sampling)"))
+    simulated: Optional[RoundSimulated] = Field(default=None, description=(
+        "the round on the simulated clock of the device profiles (docs/scale.md): estimates, not measurements"))
 
 
 class Work(_Strict):

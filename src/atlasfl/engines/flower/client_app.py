@@ -124,7 +124,8 @@ def fingerprint_phase(msg: Message, context: Context) -> Message:
     info = dict(client_id=cid, task=shard.task, num_train=len(shard.train), num_val=len(shard.val),
                 num_labels=task.num_labels, modules=fm.modules,
                 shapes={m: list(s) for m, s in fm.module_shapes().items()},
-                facts=asdict(fm.facts()), references=client_references(shard, task))
+                facts=asdict(fm.facts()), references=client_references(shard, task),
+                train_tokens=sum(len(e["input_ids"]) for e in train_enc))
     return Message(RecordDict({"fingerprint": arrays, ATLAS: ConfigRecord({"client": json.dumps(info)})}), reply_to=msg)
 
 
@@ -135,13 +136,11 @@ def identify(msg: Message, context: Context) -> Message:
                    reply_to=msg)
 
 
-def train(msg: Message, context: Context) -> Message:
-    """Local training of what the method trains, from the client's current state; what the method uploads is
-    sent if the server asks (the client shares with somebody this round: `Server.sharing_clients`), and what
-    the server cannot know from it (all of the state if the client shares nothing, else what the server sends
-    no new value of) goes as a BACKUP for the server's copy. The first round's message brings the client's
-    ranks (phase 2's outcome); a node that lost the run (restarted, failed, or a resumed run) also gets the run
-    config and, after round 1, its last state (RESTORE)."""
+def _bring_up(msg: Message, context: Context) -> None:
+    """Take up what the server's message brings (`AtlasStrategy._bring_up`): a client's first message in an eta
+    brings its ranks (phase 2's outcome) and restarts it from its initial state (`reset`); a node that lost the run
+    (restarted, failed, or a resumed run) also gets the run config and, once it has trained, its last state
+    (RESTORE)."""
     conf = msg.content[ATLAS]
     if "config" in conf:
         context.state[ATLAS] = ConfigRecord({"config": conf["config"]})
@@ -150,10 +149,19 @@ def train(msg: Message, context: Context) -> Message:
     if INITIAL not in context.state:  # build the adapter at the planned ranks, keep its start
         _, cid, fm, _ = _client(context)
         context.state[INITIAL] = plain_record(fm.get_state(cid))
-    if conf["reset"]:  # first round of an eta: start from the initial state
+    if conf.get("reset"):
         context.state[STATE] = context.state[INITIAL]
     elif RESTORE in msg.content.array_records:
         context.state[STATE] = msg.content[RESTORE]
+
+
+def train(msg: Message, context: Context) -> Message:
+    """Local training of what the method trains, from the client's current state (`_bring_up`); what the method
+    uploads is sent if the server asks (the client shares with somebody this round: `Server.sharing_clients`),
+    and what the server cannot know from it (all of the state if the client shares nothing, else what the server
+    sends no new value of) goes as a BACKUP for the server's copy."""
+    conf = msg.content[ATLAS]
+    _bring_up(msg, context)
     cfg, cid, fm, (_, _, train_enc, _, _) = _client(context)
     method = method_for(cfg)
     t0, tally = time.perf_counter(), Tally()
@@ -188,7 +196,10 @@ def offer(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Adopt the state the server sent (if any), then score it on the test set and, from the same
     predictions, on its personal rows (unless the round has no test: --eval-every), and on the local validation
-    set when asked."""
+    set when asked. A client that did not train this round (client sampling) is brought up to date first
+    (`_bring_up`)."""
+    if "reset" in msg.content[ATLAS]:
+        _bring_up(msg, context)
     cfg, cid, fm, (shard, task, _, val_enc, test_enc) = _client(context)
     if STATE in msg.content.array_records:
         received = record_to_state(msg.content[STATE], cfg.wire_dtype)

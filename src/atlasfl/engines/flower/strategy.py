@@ -2,12 +2,13 @@
 steps into Flower messages and their replies into what the driver needs.
 
 Before round 1 every node is queried for its fingerprint (phase 1), which also tells the server its client's task
-and sizes; round 1's train messages bring each client its ranks. A round is a train message to every client (the
-clients that share this round upload their trained states; the others send a BACKUP for the server's copy), then
-an evaluate message that brings each sharing client its new state, at its own ranks, and returns every client's
-test metrics. The clients' states live on the nodes between rounds; the server keeps an exact copy of each
-(`copies`) for its checkpoints and for a node that lost its own. A client whose node fails or does not reply is
-reported missing and the driver leaves it out of the round.
+and sizes; a client's first train message brings it its ranks. A round is a train message to every client taking
+part (the clients that share this round upload their trained states; the others send a BACKUP for the server's
+copy), then an evaluate message that brings each sharing client its new state, at its own ranks, and returns the
+test metrics of the clients the driver asks for. The clients' states live on the nodes between rounds; the server
+keeps an exact copy of each (`copies`; none yet of a client that has not trained in this eta) for its checkpoints
+and for a node that lost its own. A client whose node fails or does not reply is reported missing and the driver
+leaves it out of the round.
 """
 from __future__ import annotations
 
@@ -78,7 +79,7 @@ class AtlasStrategy:
         self.reports = Reports()
         self.copies: dict[int, dict] = {}  # client id -> its state after the last round (absent: its initial one)
         self.pending: dict[int, ArrayRecord] = {}  # new states to send with the evaluate messages
-        self.reset = True  # the next train messages restart every client from its initial state
+        self.trained: set[int] = set()  # the clients sent a train message this round
 
     # ---- phases 1 and 2 --------------------------------------------------------------------------
     def fingerprint(self) -> tuple[Roster, dict[int, dict]]:
@@ -121,38 +122,43 @@ class AtlasStrategy:
         tasks = {name: TaskData(name, next(i["num_labels"] for i in infos.values() if i["task"] == name),
                                 task_metric(name), [], []) for name in expand_tasks(self.cfg.tasks)}
         return Roster(shards, tasks, {cid: info["references"] for cid, info in infos.items()}, first["modules"],
-                      {m: tuple(s) for m, s in first["shapes"].items()}, ModelFacts(**first["facts"]))
+                      {m: tuple(s) for m, s in first["shapes"].items()}, ModelFacts(**first["facts"]),
+                      {cid: info["train_tokens"] for cid, info in infos.items()})
 
     def build(self, plan: Plan) -> None:
         self.ranks = plan.ranks  # they travel with round 1 (and to every node that lost the run)
 
     def start_eta(self, eta: float, states: dict[int, dict] | None) -> None:
         self.reports.next_eta(eta)
-        self.reset = states is None
         self.copies = {} if states is None else dict(states)
 
     # ---- a round -------------------------------------------------------------------------------
-    def train(self, round_idx: int, sharing: set[int], advance) -> Trained:
+    def _bring_up(self, cid: int, conf: dict, content: RecordDict) -> None:
+        """What a client's message must bring its node: a client with no copy here has not trained in this eta and
+        restarts from its initial state (`reset`, with its ranks); a node that lost the run (not synced) also gets
+        the run config and the server's copy of its state (RESTORE)."""
+        fresh, synced = cid not in self.copies, cid in self.members.synced
+        conf["reset"] = fresh
+        if fresh or not synced:
+            conf["ranks"] = json.dumps(self.ranks[cid])
+        if not synced:
+            conf["config"] = config_to_json(self.cfg)
+            if not fresh:
+                content[RESTORE] = plain_record(self.copies[cid])
+
+    def train(self, round_idx: int, cohort: set[int], sharing: set[int], advance) -> Trained:
         out = Trained(clients_s=0.0)
         self.members.refresh(set(self.infos))
-        to, messages = {}, []
-        for cid in sorted(self.infos):
+        to, messages, self.trained = {}, [], set(cohort)
+        for cid in sorted(cohort):
             if not self.members.reachable(cid):
                 self._miss(out.missing, cid, "its SuperNode is offline")
                 continue
-            synced = cid in self.members.synced
-            conf = {"round": round_idx, "reset": self.reset, "upload": cid in sharing}
-            content = RecordDict()
-            if self.reset or not synced:
-                conf["ranks"] = json.dumps(self.ranks[cid])
-            if not synced:
-                conf["config"] = config_to_json(self.cfg)
-                if not self.reset:
-                    content[RESTORE] = plain_record(self.copies[cid])
+            conf, content = {"round": round_idx, "upload": cid in sharing}, RecordDict()
+            self._bring_up(cid, conf, content)
             content[ATLAS] = ConfigRecord(conf)
             to[self.members.node_of[cid]] = cid
             messages.append(message(content, self.members.node_of[cid], MessageType.TRAIN, group=round_idx))
-        self.reset = False
         for reply in self._replies(messages, to, out.missing):
             cid = int(reply.content[ATLAS]["client_id"])
             metrics = reply.content["metrics"]
@@ -198,11 +204,16 @@ class AtlasStrategy:
             self.reports.add("rounds", cid, reply)
         return out
 
-    def evaluate(self, round_idx: int, trained: set[int], validate: bool, test: bool = True) -> Evaluated:
+    def evaluate(self, round_idx: int, clients: set[int], validate: bool, test: bool = True) -> Evaluated:
+        """An evaluate message to each of `clients`; one that did not train this round (client sampling) is brought
+        up to date first, as a train message would (`_bring_up`)."""
         out = Evaluated(clients_s=0.0)
         to, messages = {}, []
-        for cid in sorted(trained):
-            content = RecordDict({ATLAS: ConfigRecord({"round": round_idx, "validate": validate, "test": test})})
+        for cid in sorted(clients):
+            conf, content = {"round": round_idx, "validate": validate, "test": test}, RecordDict()
+            if cid not in self.trained:
+                self._bring_up(cid, conf, content)
+            content[ATLAS] = ConfigRecord(conf)
             if cid in self.pending:
                 content[STATE] = self.pending.pop(cid)
             to[self.members.node_of[cid]] = cid
@@ -211,7 +222,7 @@ class AtlasStrategy:
         for reply in self._replies(messages, to, out.missing):
             ev = json.loads(reply.content[ATLAS]["eval"])
             cid = ev["client_id"]
-            if ev["digest"] != state_digest(self.copies[cid]):
+            if cid in self.copies and ev["digest"] != state_digest(self.copies[cid]):  # else: its initial state
                 raise RuntimeError(f"client {cid} holds a state other than the server's copy of it")
             out.clients_s += ev["evaluate_s"]
             out.work += Tally(**ev["work"])
