@@ -1,4 +1,4 @@
-"""`atlas run`, `atlas demo` and `atlas presets`: one experiment, the embedded offline default, the presets."""
+"""`atlas run`, `atlas demo` and `atlas presets`: one experiment, atlas beside its baselines offline, the presets."""
 from __future__ import annotations
 
 import sys
