@@ -123,12 +123,13 @@ def test_an_interrupted_demo_continues_where_it_stopped_and_a_finished_one_print
         max_samples=160, max_test_samples=32, batch_size=8, fingerprint_samples=16,
         checkpoint_dir=str(tmp_path / "ck")))
     monkeypatch.setattr(atlasfl.demo, "DEMO_METHODS", {"fedavg_cluster": {}, "atlas": {}})
-    real, writes = ckpt.save_file, []
+    real, writes, stop = ckpt.save_file, [], [ROUNDS + 1 + 4]  # fedavg_cluster's plan and rounds, atlas's 0-3
 
     def counting_writer(tensors, filename):
         writes.append(filename)
-        if len(writes) == ROUNDS + 1 + 4:  # fedavg_cluster's plan and rounds, then atlas's plan and rounds 1-3
-            raise KeyboardInterrupt  # stopped while writing atlas's round 3
+        if stop and len(writes) == stop[0]:
+            stop.clear()
+            raise KeyboardInterrupt  # stopped while writing atlas's round 3, once
         real(tensors, filename)
 
     monkeypatch.setattr(ckpt, "save_file", counting_writer)
