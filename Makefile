@@ -1,4 +1,4 @@
-# Quick start: `make demo` runs the embedded offline experiment, `make test` runs the linter, the docs build
+# Quick start: `make demo` runs atlas beside its baselines offline and prints one comparison table, `make test` runs the linter, the docs build
 # and the tests.
 # Both create .venv and install everything on first use; re-running is fast.
 PY ?= python3.11

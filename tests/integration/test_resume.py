@@ -113,28 +113,40 @@ def test_a_checkpoint_write_cut_short_leaves_the_previous_one_and_resume_is_exac
     assert _resume(tmp_path) == reference
 
 
-def test_an_interrupted_demo_continues_where_it_stopped(tmp_path, reference, monkeypatch):
+def test_an_interrupted_demo_continues_where_it_stopped_and_a_finished_one_prints_without_training(
+        tmp_path, reference, monkeypatch, capsys):
+    import atlasfl.demo
     from atlasfl.cli import run as cli_run
 
-    monkeypatch.setattr(cli_run, "DEMO", dict(
-        model="tiny-bert", seed=3, method="atlas", tasks=("gen_sentiment", "gen_pair"), clients_per_task=2,
-        rounds=ROUNDS, max_samples=160, max_test_samples=32, batch_size=8, fingerprint_samples=16,
+    monkeypatch.setattr(atlasfl.demo, "DEMO", dict(
+        model="tiny-bert", seed=3, tasks=("gen_sentiment", "gen_pair"), clients_per_task=2, rounds=ROUNDS,
+        max_samples=160, max_test_samples=32, batch_size=8, fingerprint_samples=16,
         checkpoint_dir=str(tmp_path / "ck")))
-    real, writes = ckpt.save_file, []
+    monkeypatch.setattr(atlasfl.demo, "DEMO_METHODS", {"fedavg_cluster": {}, "atlas": {}})
+    real, writes, stop = ckpt.save_file, [], [ROUNDS + 1 + 4]  # fedavg_cluster's plan and rounds, atlas's 0-3
 
     def counting_writer(tensors, filename):
         writes.append(filename)
-        if len(writes) == 4:  # round 3's checkpoint (round 0 is the plan): the demo is stopped
-            raise KeyboardInterrupt
+        if stop and len(writes) == stop[0]:
+            stop.clear()
+            raise KeyboardInterrupt  # stopped while writing atlas's round 3, once
         real(tensors, filename)
 
     monkeypatch.setattr(ckpt, "save_file", counting_writer)
     with pytest.raises(KeyboardInterrupt):
-        cli_run.demo(output_dir=str(tmp_path / "results"), overwrite=True)
+        cli_run.demo(output_dir=str(tmp_path / "results"), overwrite=False)
     writes.clear()
-    cli_run.demo(output_dir=str(tmp_path / "results"), overwrite=True)
-    assert len(writes) == 3  # rounds 3, 4 and 5 only: it continued from round 2's checkpoint
+    cli_run.demo(output_dir=str(tmp_path / "results"), overwrite=False)
+    assert len(writes) == 3  # atlas's rounds 3, 4 and 5 only: fedavg_cluster was read back, atlas continued
     assert _comparable(json.loads((tmp_path / "results" / f"{run_name()}.json").read_text())) == reference
+    capsys.readouterr()
+    writes.clear()
+    cli_run.demo(output_dir=str(tmp_path / "results"), overwrite=False)
+    out, err = capsys.readouterr()
+    assert not writes and err.count("finished earlier, read back") == 2  # nothing trained
+    assert "fedavg_cluster" in out and "atlas (η=0.1)" in out and "task mean" in out and "atlas report" in out
+    cli_run.demo(output_dir=str(tmp_path / "results"), overwrite=True)
+    assert len(writes) == 2 * (ROUNDS + 1)  # --overwrite: both trained afresh, plan and every round
 
 
 def test_resume_refuses_a_different_config_an_older_format_and_a_corrupt_checkpoint(tmp_path, capsys):
