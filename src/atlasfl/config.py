@@ -95,6 +95,19 @@ class GeneralSettings(BaseModel):
     min_replies_per_group: int = setting(
         "Fewest replying clients an aggregation group may have in a round; below it the run stops with "
         "its last checkpoint kept (--resume continues it). A missing client keeps its last state.", 1, gt=0)
+    dp_clip: float | None = setting(
+        "Client-level DP (docs/privacy.md): clip each client's update (the change of its upload over the round, all "
+        "tensors together) to this L2 norm; group means become uniform. Default: no DP.", None, gt=0)
+    dp_noise: float = setting(
+        "--dp-clip: Gaussian noise multiplier z (central: N(0, (zC/m)^2) on a group's mean of m; local: "
+        "N(0, (zC)^2) on each client's clipped update). 0: clipping only, epsilon = inf.", 0.0, ge=0)
+    dp_mode: Literal["central", "local"] = setting(
+        "--dp-clip: central (the server noises each group's mean) or local (each client noises its own update).",
+        "central")
+    dp_delta: float = setting("--dp-clip: the delta at which epsilon is reported.", 1e-5, gt=0, lt=1)
+    dp_epsilon_budget: float | None = setting(
+        "--dp-clip: stop cleanly (a result is written, marked so) before a round that would spend more epsilon.",
+        None, gt=0)
     output_dir: str = setting("Folder for result JSONs.", "results")
     log_dir: str = setting("Folder for run logs.", "logs")
     checkpoint_dir: str = setting("Folder for per-round checkpoints.", "checkpoints")
@@ -134,6 +147,7 @@ class GeneralSettings(BaseModel):
             raise ValueError(f"--data-dir {self.data_dir} is not a folder")
         METHOD_CLASSES[self.method].check(self)
         self._check_server_optimizer()
+        self._check_privacy()
         if self.eta_selection == "per_client" and not self.lambda_sweep:
             raise ValueError("--eta-selection per_client chooses among the etas of a sweep; add --lambda-sweep")
         if self.client_batching and self.engine == "flower":
@@ -146,6 +160,20 @@ class GeneralSettings(BaseModel):
             raise ValueError("the Flower engine's adapters live on its SuperNodes; --save-adapters needs "
                              "--engine inprocess")
         return self
+
+    def _check_privacy(self):
+        """DP's settings mean something only with --dp-clip, and only for a method whose releases it covers."""
+        fields = type(self).model_fields
+        if self.dp_clip is None:
+            given = [n for n in ("dp_noise", "dp_mode", "dp_delta", "dp_epsilon_budget")
+                     if getattr(self, n) != fields[n].default]
+            if given:
+                raise ValueError(f"--{given[0].replace('_', '-')} needs --dp-clip C (the clipping norm)")
+            return
+        why = METHOD_CLASSES[self.method].dp_refusal(self)
+        if why is not None:
+            raise ValueError(f"--dp-clip: {self.method} {why}; client-level DP covers methods whose server forms "
+                             "a uniform mean (docs/privacy.md)")
 
     def _check_server_optimizer(self):
         """A server optimiser needs a group average to step, and its constants only mean something to it."""
@@ -173,7 +201,14 @@ class GeneralSettings(BaseModel):
         server = server_optimizer_label(self.model_dump())
         return (f"atlas_{self.model_label}_{self.method}_seed{self.seed}_r{self.rounds}"
                 + METHOD_CLASSES[self.method].name_suffix(self) + (f"_{server}" if server else "")
-                + (f"_tune{self.tune}" if self.tune else ""))
+                + (f"_tune{self.tune}" if self.tune else "") + self._dp_label())
+
+    def _dp_label(self) -> str:
+        """What --dp-clip adds to the run name: clip, noise, mode and budget (a DP grid's runs never collide)."""
+        if self.dp_clip is None:
+            return ""
+        budget = "" if self.dp_epsilon_budget is None else f"_eps{self.dp_epsilon_budget:g}"
+        return f"_dp{self.dp_mode[0]}C{self.dp_clip:g}z{self.dp_noise:g}{budget}"
 
     @property
     def result_path(self) -> Path:

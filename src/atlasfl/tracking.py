@@ -77,6 +77,9 @@ class TensorBoardTracker(Tracker):
             w.add_scalar(f"communication/MB_{direction}", entry[key] / 1e6, step)
             w.add_scalar(f"communication/MB_{direction}_cumulative", sent[i], step)
         w.add_scalar("time/round_s", entry["time_s"], step)
+        if "privacy" in entry:  # --dp-clip: the ε spent so far (∞ drawn as inf)
+            eps = entry["privacy"]["epsilon"]
+            w.add_scalar("privacy/epsilon", float("inf") if eps is None else eps, step)
         for phase, seconds in (phases_s or {}).items():
             w.add_scalar(f"time/phase_s/{phase}", seconds, step)
         w.flush()  # live: TensorBoard sees each round as it ends

@@ -13,7 +13,8 @@ SCHEMA_VERSION = "1.3"
 #      phase1_clustering's spread-to-noise rule: threshold_by_k, dof_by_k, significance (noise_ratio dropped);
 #      Flower rounds record the clients missing from them (missing_clients, missing_reasons, ClientRound.missing)
 # 1.3: a tuned run's `tuning` block (--tune N); phase1_clustering's passing_k, split and ambiguous; a round's
-#      `clusters` (ifca, cfl: the clusters found during training, with their ARI)
+#      `clusters` (ifca, cfl: the clusters found during training, with their ARI); `privacy` (--dp-clip), per
+#      round and per result
 KNOWN_SCHEMA_VERSIONS = ("1.0", "1.1", "1.2", "1.3")
 PERSONAL = ("personal protocol (1.2 on): the client's personal test set, rows of the task's test set whose label mix "
             "follows the client's training shard (data.partition.personal_test_rows), scored from the same predictions")
@@ -58,6 +59,32 @@ class RoundClusters(_Strict):
         "cfl: each cluster its split rule looked at this round (members, mean_norm, max_norm, split)"))
 
 
+class RoundPrivacy(_Strict):
+    epsilon: Optional[float] = Field(description="ε at `delta` spent by the training rounds so far (null: ∞)")
+    epsilon_infinite: bool = Field(description="no noise was added (--dp-noise 0): ε is ∞")
+    delta: float
+    participation_rate: float = Field(description="the share of the clients asked to train this round (accounted)")
+    rounds_accounted: int
+
+
+class Privacy(_Strict):
+    mechanism: str
+    clip: float = Field(description="--dp-clip: the L2 bound on each client's update (all tensors together)")
+    noise_multiplier: float = Field(description="--dp-noise z")
+    effective_noise_multiplier: float = Field(description="what one client meets: z (central), z/2 (local)")
+    mode: str
+    delta: float
+    epsilon: Optional[float] = Field(description="ε at `delta` after the last round run (null: ∞)")
+    epsilon_infinite: bool
+    epsilon_budget: Optional[float] = None
+    stopped_by_budget: bool = Field(description="the run stopped before a round that would exceed the budget")
+    covers: str = Field(description="what the guarantee covers")
+    neighbouring: str = Field(description="the neighbouring relation ε is stated for")
+    weights: str
+    accountant: str
+    phase1_fingerprints: str = Field(description="phase 1's fingerprints are released without noise, outside ε")
+
+
 class RoundEntry(_Strict):
     round: int
     clients: list[ClientRound]
@@ -76,6 +103,7 @@ class RoundEntry(_Strict):
     missing_reasons: dict[str, str] = Field(default={}, description="client id -> why it was missing (Flower's error)")
     clusters: Optional[RoundClusters] = Field(default=None, description=(
         "ifca, cfl (clusters found during training): the clusters at the end of the round"))
+    privacy: Optional[RoundPrivacy] = Field(default=None, description="--dp-clip: the privacy spent so far")
 
 
 class Work(_Strict):
@@ -210,6 +238,8 @@ class Result(_Strict):
         default=None, description="--tune N (1.3 on): the Optuna study the run's settings were chosen by: study, "
                                   "storage, seed, budget (trials, rounds per trial, finished, pruned), space, untuned "
                                   "values, the best trial (params, val_score, val_scores per round) and every trial")
+    privacy: Optional[Privacy] = Field(default=None, description=(
+        "--dp-clip (client-level DP, docs/privacy.md): the mechanism, what its guarantee covers, the ε spent"))
     communication_costs: CommunicationCosts
     time_metrics: TimeMetrics
     memory: MemoryMetrics
