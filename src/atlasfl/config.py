@@ -100,7 +100,7 @@ class GeneralSettings(BaseModel):
         "tensors together) to this L2 norm; group means become uniform. Default: no DP.", None, gt=0)
     dp_noise: float = setting(
         "--dp-clip: Gaussian noise multiplier z (central: N(0, (zC/m)^2) on a group's mean of m; local: "
-        "N(0, (zC)^2) on each client's clipped update). 0: clipping only, epsilon = inf.", 0.0, ge=0)
+        "N(0, (zC)^2) on each client's clipped update). 0: clipping only, epsilon = inf.", 1.0, ge=0)
     dp_mode: Literal["central", "local"] = setting(
         "--dp-clip: central (the server noises each group's mean) or local (each client noises its own update).",
         "central")

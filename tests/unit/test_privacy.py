@@ -21,7 +21,8 @@ def _states():
 def test_clip_scales_the_whole_update_to_norm_c():
     upload, start = _states()
     norm = update_norm(upload, start)
-    expected = math.sqrt(sum(float(torch.arange(v.numel(), dtype=torch.float64).square().sum()) for v in start.values()))
+    expected = math.sqrt(sum(float(torch.arange(v.numel(), dtype=torch.float64).square().sum())
+                             for v in start.values()))
     assert norm == pytest.approx(expected, rel=1e-12)
     clipped = clip_update(upload, start, 2.0)
     assert update_norm(clipped, start) == pytest.approx(2.0, rel=1e-6)
@@ -88,4 +89,4 @@ def test_averaging_methods_take_dp(tmp_path, method):
 
 def test_dp_settings_need_a_clip(tmp_path):
     with pytest.raises(Exception, match="--dp-noise needs --dp-clip"):
-        tiny_config(tmp_path, method="standard_fl", dp_noise=1.0)
+        tiny_config(tmp_path, method="standard_fl", dp_noise=2.0)

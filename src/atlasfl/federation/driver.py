@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from atlasfl.config import RunConfig
 from atlasfl.errors import AtlasError
+from atlasfl.federation.privacy import privacy_block, round_privacy
 from atlasfl.federation.records import (
     client_round,
     eta_run,
@@ -24,7 +25,6 @@ from atlasfl.federation.records import (
     warn_infeasible,
     warn_missing,
 )
-from atlasfl.federation.privacy import privacy_block, round_privacy
 from atlasfl.federation.server import Plan, Server, TooFewReplies
 from atlasfl.federation.transport import Offered, Roster, Transport
 from atlasfl.methods import Method, method_for
