@@ -201,14 +201,8 @@ class GeneralSettings(BaseModel):
         server = server_optimizer_label(self.model_dump())
         return (f"atlas_{self.model_label}_{self.method}_seed{self.seed}_r{self.rounds}"
                 + METHOD_CLASSES[self.method].name_suffix(self) + (f"_{server}" if server else "")
-                + (f"_tune{self.tune}" if self.tune else "") + self._dp_label())
-
-    def _dp_label(self) -> str:
-        """What --dp-clip adds to the run name: clip, noise, mode and budget (a DP grid's runs never collide)."""
-        if self.dp_clip is None:
-            return ""
-        budget = "" if self.dp_epsilon_budget is None else f"_eps{self.dp_epsilon_budget:g}"
-        return f"_dp{self.dp_mode[0]}C{self.dp_clip:g}z{self.dp_noise:g}{budget}"
+                + (f"_tune{self.tune}" if self.tune else "")
+                + (f"_{dp}" if (dp := dp_label(self.model_dump())) else ""))
 
     @property
     def result_path(self) -> Path:
@@ -249,6 +243,15 @@ def server_optimizer_label(config: dict) -> str | None:
     if name == "sgd" and config.get("server_lr") in (None, 1.0):
         return None
     return "_".join([name, *changed])
+
+
+def dp_label(config: dict) -> str | None:
+    """What --dp-clip adds to a run's file name and report label (`dpcC0.5z1`, `_eps8` with a budget), from a run's
+    config block; None without DP (results before it too)."""
+    if config.get("dp_clip") is None:
+        return None
+    budget = "" if config.get("dp_epsilon_budget") is None else f"_eps{config['dp_epsilon_budget']:g}"
+    return f"dp{config['dp_mode'][0]}C{config['dp_clip']:g}z{config['dp_noise']:g}{budget}"
 
 
 class _Null:

@@ -7,6 +7,8 @@ import pytest
 
 from atlasfl.experiment import run_and_save
 from atlasfl.phases.privacy import epsilon
+from atlasfl.report.load import load_results
+from atlasfl.report.tables import build_tables
 from atlasfl.results.schema import validate_result
 
 
@@ -46,9 +48,24 @@ def test_budget_stops_before_the_round_that_would_exceed_it(make_config, tmp_pat
     assert [r["round"] for r in result["round_metrics"]] == [1]
     assert result["privacy"]["stopped_by_budget"] and result["privacy"]["epsilon"] <= budget
     validate_result(json.loads(path.read_text()))
+    assert "_dpcC0.5z1_eps" in path.name  # a DP grid's runs never share a file
+    scores = build_tables(load_results([path]), protocols=("global",))[0]
+    assert any(row[1].endswith(f"dpcC0.5z1_eps{budget:g})") for row in scores.rows)
+    note = next(n for n in scores.notes if n.startswith("DP "))
+    assert f"ε = {result['privacy']['epsilon']:.3g}" in note and "without noise" in note and "stopped" in note
 
 
 def test_a_budget_below_one_round_is_refused(make_config):
     cfg = make_config(method="standard_fl", dp_clip=0.5, dp_noise=1.0, dp_epsilon_budget=0.01)
     with pytest.raises(Exception, match="does not cover one round"):
         run_and_save(cfg, progress=False)
+
+
+def test_local_mode_noises_each_client_and_accounts_half_the_multiplier(make_config, tmp_path):
+    """Local: each client's clipped update gets N(0, (zC)²); one client's release meets z/2 (a replaced shard)."""
+    kw = dict(method="fedsa_lora", dp_clip=0.5, dp_noise=2.0)
+    local, _ = run_and_save(make_config(output_dir=str(tmp_path / "a"), dp_mode="local", **kw), progress=False)
+    central, _ = run_and_save(make_config(output_dir=str(tmp_path / "b"), **kw), progress=False)
+    assert _digests(local) != _digests(central)
+    assert local["privacy"]["epsilon"] == pytest.approx(epsilon(1.0, [1.0] * 2, 1e-5))
+    assert local["privacy"]["effective_noise_multiplier"] == 1.0
