@@ -92,3 +92,12 @@ def test_a_resumed_noised_run_draws_the_uninterrupted_noise(make_config, tmp_pat
     resumed, _ = run_and_save(cfg, progress=False, resume=True)
     assert _digests(resumed) == _digests(reference)
     assert resumed["privacy"] == reference["privacy"]
+
+
+@pytest.mark.parametrize("mode", ["central", "local"])
+def test_flower_clients_clip_and_noise_as_the_inprocess_engine(make_config, tmp_path, mode):
+    kw = dict(method="standard_fl", dp_clip=0.5, dp_noise=1.0, dp_mode=mode)
+    inproc, _ = run_and_save(make_config(output_dir=str(tmp_path / "a"), **kw), progress=False)
+    flower, _ = run_and_save(make_config(output_dir=str(tmp_path / "b"), engine="flower", **kw), progress=False)
+    assert _digests(flower) == _digests(inproc)
+    assert flower["privacy"] == inproc["privacy"]
