@@ -118,6 +118,19 @@ class GeneralSettings(BaseModel):
     dropout_rate: float | None = setting(
         "Probability that a sampled client drops out of a round (seeded); it keeps its state. Default: none do.",
         None, gt=0, lt=1)
+    dp_clip: float | None = setting(
+        "Client-level DP (docs/privacy.md): clip each client's update (the change of its upload over the round, all "
+        "tensors together) to this L2 norm; group means become uniform. Default: no DP.", None, gt=0)
+    dp_noise: float = setting(
+        "--dp-clip: Gaussian noise multiplier z (central: N(0, (zC/m)^2) on a group's mean of m; local: "
+        "N(0, (zC)^2) on each client's clipped update). 0: clipping only, epsilon = inf.", 1.0, ge=0)
+    dp_mode: Literal["central", "local"] = setting(
+        "--dp-clip: central (the server noises each group's mean) or local (each client noises its own update).",
+        "central")
+    dp_delta: float = setting("--dp-clip: the delta at which epsilon is reported.", 1e-5, gt=0, lt=1)
+    dp_epsilon_budget: float | None = setting(
+        "--dp-clip: stop cleanly (a result is written, marked so) before a round that would spend more epsilon.",
+        None, gt=0)
     output_dir: str = setting("Folder for result JSONs.", "results")
     log_dir: str = setting("Folder for run logs.", "logs")
     checkpoint_dir: str = setting("Folder for per-round checkpoints.", "checkpoints")
@@ -158,6 +171,7 @@ class GeneralSettings(BaseModel):
         METHOD_CLASSES[self.method].check(self)
         self._check_server_optimizer()
         self._check_skew()
+        self._check_privacy()
         if self.eta_selection == "per_client" and not self.lambda_sweep:
             raise ValueError("--eta-selection per_client chooses among the etas of a sweep; add --lambda-sweep")
         if self.client_batching and self.engine == "flower":
@@ -195,6 +209,19 @@ class GeneralSettings(BaseModel):
             if self.labels_per_client > len(TASKS[task].labels):
                 raise ValueError(f"--labels-per-client {self.labels_per_client} exceeds the {len(TASKS[task].labels)} "
                                  f"labels of task {task}; lower it to at most {len(TASKS[task].labels)}")
+    def _check_privacy(self):
+        """DP's settings mean something only with --dp-clip, and only for a method whose releases it covers."""
+        fields = type(self).model_fields
+        if self.dp_clip is None:
+            given = [n for n in ("dp_noise", "dp_mode", "dp_delta", "dp_epsilon_budget")
+                     if getattr(self, n) != fields[n].default]
+            if given:
+                raise ValueError(f"--{given[0].replace('_', '-')} needs --dp-clip C (the clipping norm)")
+            return
+        why = METHOD_CLASSES[self.method].dp_refusal(self)
+        if why is not None:
+            raise ValueError(f"--dp-clip: {self.method} {why}; client-level DP covers methods whose server forms "
+                             "a uniform mean (docs/privacy.md)")
 
     def _check_server_optimizer(self):
         """A server optimiser needs a group average to step, and its constants only mean something to it."""
@@ -222,7 +249,8 @@ class GeneralSettings(BaseModel):
         server = server_optimizer_label(self.model_dump())
         return (f"atlas_{self.model_label}_{self.method}_seed{self.seed}_r{self.rounds}"
                 + METHOD_CLASSES[self.method].name_suffix(self) + (f"_{server}" if server else "")
-                + (f"_tune{self.tune}" if self.tune else "") + self._scale_suffix())
+                + (f"_tune{self.tune}" if self.tune else "") + self._scale_suffix()
+                + (f"_{dp}" if (dp := dp_label(self.model_dump())) else ""))
 
     def _scale_suffix(self) -> str:
         """What sampling and the simulated clock add to the run name (nothing for the default federation)."""
@@ -269,6 +297,15 @@ def server_optimizer_label(config: dict) -> str | None:
     if name == "sgd" and config.get("server_lr") in (None, 1.0):
         return None
     return "_".join([name, *changed])
+
+
+def dp_label(config: dict) -> str | None:
+    """What --dp-clip adds to a run's file name and report label (`dpcC0.5z1`, `_eps8` with a budget), from a run's
+    config block; None without DP (results before it too)."""
+    if config.get("dp_clip") is None:
+        return None
+    budget = "" if config.get("dp_epsilon_budget") is None else f"_eps{config['dp_epsilon_budget']:g}"
+    return f"dp{config['dp_mode'][0]}C{config['dp_clip']:g}z{config['dp_noise']:g}{budget}"
 
 
 class _Null:

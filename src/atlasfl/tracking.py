@@ -85,6 +85,9 @@ class TensorBoardTracker(Tracker):
         if entry.get("participants") is not None:
             w.add_scalar("participation/participants", len(entry["participants"]), step)
             w.add_scalar("time/simulated_round_s", entry["simulated"]["round_s"], step)
+        if "privacy" in entry:  # --dp-clip: the ε spent so far (∞ drawn as inf)
+            eps = entry["privacy"]["epsilon"]
+            w.add_scalar("privacy/epsilon", float("inf") if eps is None else eps, step)
         for phase, seconds in (phases_s or {}).items():
             w.add_scalar(f"time/phase_s/{phase}", seconds, step)
         w.flush()  # live: TensorBoard sees each round as it ends

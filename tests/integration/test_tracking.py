@@ -88,3 +88,11 @@ def test_a_resumed_run_continues_its_curves(tmp_path, monkeypatch):
         total += r["bytes_up_total"] / 1e6
         sent.append(total)
     assert [e.value for e in acc.Scalars("communication/MB_up_cumulative")] == pytest.approx(sent, rel=1e-6)
+
+
+def test_a_dp_run_draws_its_epsilon_curve(tmp_path):
+    cfg = tiny_config(tmp_path, method="standard_fl", dp_clip=0.5, dp_noise=1.0, tensorboard=str(tmp_path / "tb"))
+    result, _ = run_and_save(cfg, progress=False)
+    curve = _scalars(tmp_path / "tb" / cfg.run_name).Scalars("privacy/epsilon")
+    assert [e.value for e in curve] == pytest.approx([r["privacy"]["epsilon"] for r in result["round_metrics"]],
+                                                     rel=1e-6)

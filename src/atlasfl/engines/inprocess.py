@@ -15,6 +15,7 @@ from atlasfl.errors import AtlasError, RunInterrupted
 from atlasfl.federation import driver
 from atlasfl.federation.evaluation import adopt_lowest, evaluate_client, predict, test_scores
 from atlasfl.federation.fingerprint import fingerprint
+from atlasfl.federation.privacy import client_upload
 from atlasfl.federation.records import client_references, partition_settings, select_eta
 from atlasfl.federation.server import Plan
 from atlasfl.federation.training import TrainJob, client_seed, train_client, train_cohort
@@ -112,6 +113,7 @@ class InProcess:
         the run instead: every client shares this process's device."""
         cfg, fm, out = self.cfg, self.fm, Trained()
         shards = [s for s in self.shards if s.client_id in cohort]
+        starts = {cid: select(fm.get_state(cid), self.method.uploads) for cid in sharing} if cfg.dp_clip else {}
         kw = dict(method=self.method, lr=cfg.lr, batch_size=cfg.batch_size, group_by_length=cfg.group_by_length,
                   tally=out.work)
         if cfg.client_batching and shards:
@@ -134,7 +136,10 @@ class InProcess:
                     out.missing[s.client_id] = f"{type(exc).__name__}: {exc}"[-300:]
                 advance(1)
         for cid in sorted(sharing - set(out.missing)):
-            out.uploads[cid], out.bytes_up[cid] = wire(select(fm.get_state(cid), self.method.uploads), cfg.wire_dtype)
+            upload = select(fm.get_state(cid), self.method.uploads)
+            if cfg.dp_clip is not None:
+                upload = client_upload(cfg, upload, starts[cid], round_idx, cid)
+            out.uploads[cid], out.bytes_up[cid] = wire(upload, cfg.wire_dtype)
         return out
 
     def deliver(self, states: dict[int, dict], round_idx: int) -> dict[int, int]:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from atlasfl.config import RunConfig
 from atlasfl.errors import AtlasError
 from atlasfl.federation.cohort import FAILED, TRAINED, client_seconds, participation, payload_sizes
+from atlasfl.federation.privacy import privacy_block, round_privacy
 from atlasfl.federation.records import (
     client_round,
     eta_run,
@@ -81,7 +82,7 @@ def run(cfg: RunConfig, transport: Transport, *, resume: bool = False, progress:
     fed = plan_or_restore(cfg, method, transport, checkpoint)
     fed.on_round = on_round
     setup_s = time.perf_counter() - t_start
-    start_eta, start_round = 0, 0
+    start_eta, start_round, stopped = 0, 0, False
     if checkpoint is None:
         clear_checkpoints(cfg.checkpoint_path)  # a fresh start must not mix with an older attempt's rounds
         save(fed, 0, 0)
@@ -106,6 +107,9 @@ def run(cfg: RunConfig, transport: Transport, *, resume: bool = False, progress:
                     transport.start_eta(eta, None)
                 bars.start_rounds(f"rounds (eta={eta:g})" if len(etas) > 1 else "rounds", cfg.rounds, start_round)
                 for r in range(start_round + 1, cfg.rounds + 1):
+                    if stop_for_budget(fed, r):
+                        stopped = True
+                        break
                     fed.rounds.append(run_round(fed, r, bars))
                     log_round(eta, fed.rounds[-1])
                     warn_diverged(eta, fed.rounds, {n: t.num_labels for n, t in fed.roster.tasks.items()})
@@ -116,6 +120,8 @@ def run(cfg: RunConfig, transport: Transport, *, resume: bool = False, progress:
                         on_round(r, dict(fed.val))
                 transport.eta_done(eta_index)
                 fed.runs.append(eta_run(eta, fed.rounds, dict(fed.val)))
+                if stopped:
+                    break
     except AtlasError as exc:
         raise AtlasError(f"{exc}: the run stops; its last checkpoint is kept in {cfg.checkpoint_path} "
                          f"({transport.stop_hint})") from None
@@ -123,7 +129,8 @@ def run(cfg: RunConfig, transport: Transport, *, resume: bool = False, progress:
         tracker.close()
     result = build_result(cfg, fed.roster.shards, fed.roster.tasks, fed.plan, fed.runs, setup_s, fed.phases_s,
                           time.perf_counter() - t_start, transport.device, clock_note=transport.clock_note,
-                          client_refs=fed.roster.references)
+                          client_refs=fed.roster.references,
+                          privacy=privacy_block(cfg, fed.runs[-1]["rounds"], stopped))
     transport.finish(result, fed.runs)
     return result
 
@@ -181,12 +188,13 @@ def run_round(fed: Federation, r: int, bars: RunProgress) -> dict:
     warn_missing(r, trained.missing)
     _check_missing(fed, trained.missing)
     absent = frozenset(part.left_out)
-    down = fed.transport.deliver(fed.server.aggregate(trained.uploads, frozenset(trained.missing), absent), r)
+    down = fed.transport.deliver(fed.server.aggregate(trained.uploads, frozenset(trained.missing), absent, r), r)
     fed.server.regroup(r, trained.uploads, starts)
     offered = _offer(fed, r, set(trained.missing) | absent)
     t_aggregate = time.perf_counter()
-    validate = r == fed.cfg.rounds or fed.on_round is not None
-    test = is_test_round(fed.cfg, r)
+    last = r == fed.cfg.rounds or over_budget(fed, r + 1)  # the run's last round: its final scores
+    validate = last or fed.on_round is not None
+    test = last or is_test_round(fed.cfg, r)
     asked = set(clients_all if validate or not fed.rounds else trained.losses)
     evaluated = fed.transport.evaluate(r, asked - set(trained.missing) - set(offered.missing), validate=validate,
                                        test=test)
@@ -220,7 +228,7 @@ def run_round(fed: Federation, r: int, bars: RunProgress) -> dict:
                          eta=fed.server.eta if fed.method.personalises else None, cost=cost,
                          missing={str(c): why for c, why in sorted(missing.items())},
                          clusters=fed.server.round_clusters(), tested=test, participants=participants,
-                         simulated=part.record())
+                         simulated=part.record(), privacy=round_privacy(fed.cfg, _rates(fed, r)))
 
 
 def _participants(entry: dict) -> list[int]:
@@ -245,6 +253,34 @@ def _seconds_of(fed: Federation, sharing: set[int]) -> Callable[[int], float]:
                               uploads=method.uploads if shares else (), downloads=method.downloads if shares else (),
                               itemsize=itemsize)
     return seconds
+
+
+def _rates(fed: Federation, r: int) -> list[float]:
+    """Each round's client participation rate up to round `r` for the accountant: 1 (every client is asked to
+    train each round; a client sampler will record its own rate, and `Server.participation_rate` says so)."""
+    return [fed.server.participation_rate()] * r
+
+
+def over_budget(fed: Federation, r: int) -> bool:
+    """Whether round `r` would bring the ε spent past `--dp-epsilon-budget` (False without one)."""
+    budget = fed.cfg.dp_epsilon_budget
+    if budget is None:
+        return False
+    spent = round_privacy(fed.cfg, _rates(fed, r))
+    return spent["epsilon_infinite"] or spent["epsilon"] > budget
+
+
+def stop_for_budget(fed: Federation, r: int) -> bool:
+    """Whether the run stops before round `r` for its budget (logged); a budget that not even round 1 fits stops
+    it with an error."""
+    if not over_budget(fed, r):
+        return False
+    if r == 1:
+        raise AtlasError(f"--dp-epsilon-budget {fed.cfg.dp_epsilon_budget:g} does not cover one round; raise it, or "
+                         "--dp-noise")
+    log.warning("round %d would spend more epsilon than --dp-epsilon-budget %g: the run stops after round %d", r,
+                fed.cfg.dp_epsilon_budget, r - 1)
+    return True
 
 
 def _offer(fed: Federation, r: int, missing: set[int]) -> Offered:

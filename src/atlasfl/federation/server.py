@@ -206,6 +206,13 @@ class Server:
             return []
         return [group for group in self.groups() if len(group) >= (1 if self.method.shares_alone else 2)]
 
+    def participation_rate(self) -> float:
+        """The sampling rate the privacy accountant may claim amplification for: 1, none. A client that fails is no
+        random sample; a cohort of `--clients-per-round` is drawn without replacement at a fixed size, not by the
+        Poisson sampling the accountant's subsampled Gaussian assumes, so ε is stated as if every client took part
+        in every round, an upper bound for the sampled run (docs/privacy.md)."""
+        return 1.0
+
     def sharing_clients(self) -> list[int]:
         """Client ids that upload their trained state this round (the members of `sharing_groups`)."""
         return sorted(c for group in self.sharing_groups() for c in group)
@@ -227,7 +234,7 @@ class Server:
                                                               for c in sorted(self.clients)]), **seen)
 
     def aggregate(self, uploads: dict[int, State], missing: frozenset[int] = frozenset(),
-                  absent: frozenset[int] = frozenset()) -> dict[int, State]:
+                  absent: frozenset[int] = frozenset(), round_idx: int = 0) -> dict[int, State]:
         """New trainable state for every replying client of every sharing group, at each client's own shapes.
 
         `uploads` must hold the state of every client in `sharing_clients()` but those in `missing` (clients
@@ -235,7 +242,9 @@ class Server:
         this round: `federation.cohort`; they keep their state too). A group aggregates over its replying members
         only, so a lost or absent client never enters its group's aggregate; a group none of whose members takes
         part is left as it is; one left with fewer than `min_replies_per_group` replies of the members taking
-        part (or none) raises TooFewReplies."""
+        part (or none) raises TooFewReplies. Under client-level DP (`--dp-clip`, the uploads already clipped by
+        their clients) a group's mean is uniform and, centrally, noised (`_private_step`) with noise drawn from
+        the run seed and `round_idx`."""
         unsent = [c for c in self.sharing_clients() if c not in uploads and c not in missing and c not in absent]
         if unsent:
             raise ValueError(f"no upload from sharing client(s) {unsent}")
@@ -249,10 +258,14 @@ class Server:
             if len(group) < max(1, needed):
                 raise TooFewReplies(group=taking_part, missing=[c for c in taking_part if c in missing], needed=needed)
             stepped: list[str] = []
+            name = ",".join(map(str, full))
+            dp = self.cfg.dp_clip is not None
+            step = self._step(name, stepped)
+            if dp and self.cfg.dp_mode == "central" and self.cfg.dp_noise > 0:
+                step = self._private_step(step, [uploads[c] for c in group], round_idx, name)
             new = self.method.aggregate([uploads[c] for c in group], Group(
-                clients=group, sizes=[self.clients[c].num_train for c in group],
-                fingerprints=self.affinity_space[group], cfg=self.cfg, eta=self.eta,
-                step=self._step(",".join(map(str, full)), stepped)))
+                clients=group, sizes=[1 if dp else self.clients[c].num_train for c in group],
+                fingerprints=self.affinity_space[group], cfg=self.cfg, eta=self.eta, step=step))
             if self.optimizer is not None and not stepped:
                 raise AtlasError(f"{self.method.name}'s rule never handed its group average to the server optimiser; "
                                  "it must pass Group.step on, or declare group_average = False")
@@ -269,6 +282,28 @@ class Server:
     def optimizer_state(self) -> dict[str, torch.Tensor]:
         """The server optimiser's state for a checkpoint (empty where there is none)."""
         return {} if self.optimizer is None else self.optimizer.tensors()
+
+    def _private_step(self, step, states: list[State], round_idx: int, group: str):
+        """Central DP-FedAvg's Gaussian mechanism on one group's uniform mean: N(0, (z·C/m)²) on every coordinate of
+        each key's mean, m the members averaged into it (all of the group for adapters; those whose head has that
+        shape for a head: `head::<param>@<shape>`): noise of std z·C on each sum of clipped updates, so one client's
+        whole update (norm <= C over all keys) meets noise multiplier z. The server optimiser, if any, steps the
+        noised mean (post-processing)."""
+        from atlasfl.phases.privacy import gaussian, noise_seed
+
+        generator = torch.Generator().manual_seed(noise_seed(self.cfg.seed, round_idx, group))
+        std = self.cfg.dp_noise * self.cfg.dp_clip
+
+        def members(key: str) -> int:
+            name, _, shape = key.partition("@")
+            if not shape:
+                return len(states)
+            return sum("x".join(map(str, st[name].shape)) == shape for st in states if name in st)
+
+        def noised(key: str, mean: torch.Tensor) -> torch.Tensor:
+            mean = (mean.to(torch.float64) + gaussian(mean.shape, std / members(key), generator)).to(mean.dtype)
+            return mean if step is None else step(key, mean)
+        return noised
 
     def _step(self, group: str, stepped: list[str]):
         """The server optimiser's step for one sharing group (its state is the group's, under every round's

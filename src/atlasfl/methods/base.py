@@ -109,6 +109,19 @@ class Method:
         """Raise ValueError for settings this method cannot honour (a RunConfig validator calls it)."""
 
     @classmethod
+    def dp_refusal(cls, cfg) -> str | None:
+        """Why client-level DP (`--dp-clip`, docs/privacy.md) cannot cover this method's releases, or None where it
+        can: the server must form a uniform mean of the clipped updates, which a Gaussian of std z·C/m makes
+        private. Here: refused without a group average, and under 'svd' (the mean of ΔW = B@A, whose change when
+        one client joins is not bounded by clipping the uploaded factors)."""
+        if not cls.group_average:
+            return "forms no group average for the server to noise"
+        if (cfg.aggregation or cls.default_aggregation) == "svd":
+            return ("averages ΔW = B@A and refactors it; clipping the uploaded factors does not bound one client's "
+                    "effect on that mean; use --aggregation fedavg")
+        return None
+
+    @classmethod
     def name_suffix(cls, cfg) -> str:
         """What the result's file name adds to `atlas_<model>_<method>_seed<s>_r<rounds>` for this config, so two
         variants of the method in one grid never share (and skip) one file."""

@@ -28,6 +28,10 @@ class CFL(Method):
     summary = ("FedAvg inside clusters that start as one; a cluster whose mean update is small (< eps1) while some "
                "client's is large (> eps2) is split in two by the cosine similarity of the updates (Sattler et al.).")
     uses_fingerprints = False  # it finds its own clusters: phase 1 runs for the report only
+
+    @classmethod
+    def dp_refusal(cls, cfg):
+        return "splits its clusters by the clients' individual updates, which are released un-noised"
     settings = {
         "cfl_eps1": (float, setting(
             "cfl: a cluster may split when the norm of its clients' mean LoRA update (A and B, flattened) is below "

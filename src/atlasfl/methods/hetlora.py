@@ -46,6 +46,10 @@ class HetLoRA(FieldMethod):
                "truncated to each client's ranks; a tail-rank regulariser on the client (Cho et al., 2024).")
     heterogeneous_ranks = True
     default_aggregation = "fedavg"  # zero-padded factors, as `--aggregation fedavg`, with its own weights
+
+    @classmethod
+    def dp_refusal(cls, cfg):
+        return "weights each client by its own update's norm ||B_k A_k||, which no clipping bound makes private"
     settings = {
         **FieldMethod.settings,
         "hetlora_lambda": (float, setting(

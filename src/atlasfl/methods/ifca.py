@@ -30,6 +30,11 @@ class IFCA(Method):
     uses_fingerprints = False  # it finds its own clusters: phase 1 runs for the report only
     shares_alone = True  # a cluster of one still updates its model on the server
     downloads = ()  # the mean goes back inside the offer of the k models, not as a delivery
+
+    @classmethod
+    def dp_refusal(cls, cfg):
+        return ("seeds its k models from single clients' states and moves clients by their training losses; "
+                "neither is a noised mean")
     settings = {"ifca_k": (int | None, setting(
         "ifca: number k of cluster models; unset: the run's number of tasks, a fair default in this simulator, "
         "which knows them (the paper's k is a fixed hyperparameter: 2 in its CIFAR config).", None, ge=1))}

@@ -13,6 +13,10 @@ class LocalOnly(Method):
     group_average = False  # nothing is shared
 
     @classmethod
+    def dp_refusal(cls, cfg):
+        return "shares nothing: no update leaves a client, so there is nothing to make private"
+
+    @classmethod
     def clusters_from(cls, config):
         return None
 

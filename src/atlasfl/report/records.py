@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from atlasfl.config import server_optimizer_label
+from atlasfl.config import dp_label, server_optimizer_label
 from atlasfl.methods import METHODS
 
 
@@ -54,6 +54,7 @@ class RunRecord:
     personal: dict[str, Any] | None = None  # the personal protocol's values of the fields above (schema 1.2 on)
     diverged: list[int] = field(default_factory=list)  # clients flagged by the divergence rule (diverged_clients)
     tuned: int | None = None  # --tune N: the trials of the study its settings were chosen by
+    privacy: dict[str, Any] | None = None  # --dp-clip: the result's `privacy` block (ε spent, what it covers)
 
     @property
     def method_label(self) -> str:
@@ -87,4 +88,5 @@ def eta_label(method: str, config: dict, searched=()) -> str | None:
     if method not in METHODS:
         return None
     kept = {k: v for k, v in config.items() if k not in searched}
-    return ", ".join(p for p in (METHODS[method].variant(kept), server_optimizer_label(kept)) if p) or None
+    return ", ".join(p for p in (METHODS[method].variant(kept), server_optimizer_label(kept), dp_label(kept))
+                     if p) or None

@@ -171,7 +171,24 @@ def scores_table(groups: list[Group], protocol: str = "global") -> Table:
               f"({r.source.name})." for g in groups for r in g.runs if r.diverged]
     for note, count in Counter(r.note for g in groups for r in g.runs if r.note).items():
         notes.append(f"{count} file(s) in the {note}.")
+    notes += privacy_notes(groups)
     return Table(_key("scores", protocol), f"Test scores per task, {protocol} protocol", columns, rows, notes)
+
+
+def privacy_notes(groups: list[Group]) -> list[str]:
+    """One note per DP group (`--dp-clip`, its label `dp<mode>C<clip>z<noise>`): the ε its runs spent, and that it
+    covers the training rounds only."""
+    notes = []
+    for g in groups:
+        spent = [r.privacy for r in g.runs if r.privacy is not None]
+        if spent:
+            eps = sorted({"∞" if p["epsilon_infinite"] else f"{p['epsilon']:.3g}" for p in spent})
+            stopped = sum(p["stopped_by_budget"] for p in spent)
+            notes.append(f"DP {g.model} {g.label}: ε = {' / '.join(eps)} at δ = {spent[0]['delta']:g} "
+                         f"({spent[0]['neighbouring']}), the training rounds only: phase 1's fingerprints are "
+                         "released without noise" + (f"; {stopped} run(s) stopped by the ε budget" if stopped else "")
+                         + ".")
+    return notes
 
 
 def _reference_rows(model: str, runs: list[RunRecord], task_cols: list[tuple[str, str]]) -> list[list[Any]]:

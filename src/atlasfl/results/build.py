@@ -30,12 +30,13 @@ if TYPE_CHECKING:  # the ClientApp imports this module for `peak_memory`: it nee
 
 def build_result(cfg: RunConfig, shards: list, tasks: dict[str, TaskData], plan: Plan, runs: list[dict],
                  setup_s: float, phases_s: dict, total_s: float, device: str, clock_note: str,
-                 client_refs: dict[int, dict]) -> dict:
+                 client_refs: dict[int, dict], privacy: dict | None = None) -> dict:
     """The result dictionary of one run from every eta's run (one unless sweeping). `select_eta` picks the
     shared eta whose run gives round_metrics, communication and clocks; after a sweep the per-client choice
     is recorded too, and `cfg.eta_selection` says which one is `final_metrics`. `shards` need `client_id`,
     `task`, `train` and `val` (sized); `client_refs` are `records.client_references` per client id;
-    `clock_note` says where the engine's phase clocks run."""
+    `clock_note` says where the engine's phase clocks run; `privacy` (`federation.privacy.privacy_block`) is kept
+    as it is under --dp-clip."""
     run, sweep = select_eta(runs)
     rounds = [{k: v for k, v in r.items() if k != "cost"} for r in run["rounds"]]
     num_labels = {name: task.num_labels for name, task in tasks.items()}
@@ -77,6 +78,7 @@ def build_result(cfg: RunConfig, shards: list, tasks: dict[str, TaskData], plan:
                                   phases_s=phases_s, clock_note=clock_note),
         memory=memory(device, plan),
         environment=environment(device),
+        **({} if privacy is None else dict(privacy=privacy)),
     )
 
 

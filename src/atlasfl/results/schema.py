@@ -16,7 +16,8 @@ SCHEMA_VERSION = "1.3"
 #      `clusters` (ifca, cfl: the clusters found during training, with their ARI); added fields, no bump: a round's
 #      `evaluated` (false: no test this round, --eval-every) and `metrics_from_round` for a client it carries;
 #      a round's `participants` and `simulated` clock, a client's `participation` and `simulated_s` (client
-#      sampling, docs/scale.md), a `train_loss` of None for a client tested before it first trained
+#      sampling, docs/scale.md), a `train_loss` of None for a client tested before it first trained; `privacy`
+#      (--dp-clip), per round and per result
 KNOWN_SCHEMA_VERSIONS = ("1.0", "1.1", "1.2", "1.3")
 PERSONAL = ("personal protocol (1.2 on): the client's personal test set, rows of the task's test set whose label mix "
             "follows the client's training shard (data.partition.personal_test_rows), scored from the same predictions")
@@ -81,6 +82,32 @@ class RoundSimulated(_Strict):
                                                  "straggler, surplus)")
 
 
+class RoundPrivacy(_Strict):
+    epsilon: Optional[float] = Field(description="ε at `delta` spent by the training rounds so far (null: ∞)")
+    epsilon_infinite: bool = Field(description="no noise was added (--dp-noise 0): ε is ∞")
+    delta: float
+    participation_rate: float = Field(description="the share of the clients asked to train this round (accounted)")
+    rounds_accounted: int
+
+
+class Privacy(_Strict):
+    mechanism: str
+    clip: float = Field(description="--dp-clip: the L2 bound on each client's update (all tensors together)")
+    noise_multiplier: float = Field(description="--dp-noise z")
+    effective_noise_multiplier: float = Field(description="what one client meets: z (central), z/2 (local)")
+    mode: str
+    delta: float
+    epsilon: Optional[float] = Field(description="ε at `delta` after the last round run (null: ∞)")
+    epsilon_infinite: bool
+    epsilon_budget: Optional[float] = None
+    stopped_by_budget: bool = Field(description="the run stopped before a round that would exceed the budget")
+    covers: str = Field(description="what the guarantee covers")
+    neighbouring: str = Field(description="the neighbouring relation ε is stated for")
+    weights: str
+    accountant: str
+    phase1_fingerprints: str = Field(description="phase 1's fingerprints are released without noise, outside ε")
+
+
 class RoundEntry(_Strict):
     round: int
     clients: list[ClientRound]
@@ -107,6 +134,7 @@ class RoundEntry(_Strict):
         "the clients whose training the round aggregated (every client that replied, without client sampling)"))
     simulated: Optional[RoundSimulated] = Field(default=None, description=(
         "the round on the simulated clock of the device profiles (docs/scale.md): estimates, not measurements"))
+    privacy: Optional[RoundPrivacy] = Field(default=None, description="--dp-clip: the privacy spent so far")
 
 
 class Work(_Strict):
@@ -241,6 +269,8 @@ class Result(_Strict):
         default=None, description="--tune N (1.3 on): the Optuna study the run's settings were chosen by: study, "
                                   "storage, seed, budget (trials, rounds per trial, finished, pruned), space, untuned "
                                   "values, the best trial (params, val_score, val_scores per round) and every trial")
+    privacy: Optional[Privacy] = Field(default=None, description=(
+        "--dp-clip (client-level DP, docs/privacy.md): the mechanism, what its guarantee covers, the ε spent"))
     communication_costs: CommunicationCosts
     time_metrics: TimeMetrics
     memory: MemoryMetrics

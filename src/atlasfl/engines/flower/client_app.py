@@ -40,6 +40,7 @@ from atlasfl.engines.flower.records import (
 from atlasfl.errors import AtlasError
 from atlasfl.federation.evaluation import adopt_lowest, evaluate_client, predict, test_scores
 from atlasfl.federation.fingerprint import fingerprint
+from atlasfl.federation.privacy import client_upload
 from atlasfl.federation.records import client_references, load_client_data, num_clients
 from atlasfl.federation.training import client_seed, train_client
 from atlasfl.methods import method_for
@@ -164,6 +165,7 @@ def train(msg: Message, context: Context) -> Message:
     _bring_up(msg, context)
     cfg, cid, fm, (_, _, train_enc, _, _) = _client(context)
     method = method_for(cfg)
+    start = select(fm.get_state(cid), method.uploads)
     t0, tally = time.perf_counter(), Tally()
     loss = train_client(fm, cid, train_enc, method=method, lr=cfg.lr, batch_size=cfg.batch_size,
                         seed=client_seed(cfg.seed, int(conf["round"]), cid), group_by_length=cfg.group_by_length,
@@ -174,7 +176,8 @@ def train(msg: Message, context: Context) -> Message:
     state = fm.get_state(cid)
     kept = {key: value for key, value in state.items() if not conf["upload"] or part_of(key) not in method.downloads}
     if conf["upload"]:
-        content[STATE], nbytes = state_to_record(select(state, method.uploads), cfg.wire_dtype)
+        upload = client_upload(cfg, select(state, method.uploads), start, int(conf["round"]), cid)
+        content[STATE], nbytes = state_to_record(upload, cfg.wire_dtype)
         content["metrics"]["bytes_up"] = nbytes
     if kept:
         content[BACKUP] = plain_record(kept)
