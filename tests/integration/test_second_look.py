@@ -86,3 +86,15 @@ def test_on_is_refused_where_no_phase_1_clusters_are_shared_in(make_config):
         make_config(method="local_only", second_look="on")
     with pytest.raises(AtlasError, match="--second-look on"):
         make_config(method="fedavg_cluster", clusters="oracle", second_look="on")
+
+
+def test_a_sweeps_later_eta_takes_the_first_etas_look_without_asking_the_lone_client_again(make_config, monkeypatch):
+    force_clusters(monkeypatch, [0, 0, 0, 0, 0, 1])
+    _stub_refine(monkeypatch)
+    result = saved_result(make_config(method="atlas", clients_per_task=3, second_look="on", lambda_sweep=True,
+                                      lambda_grid=(0.1, 0.2)))
+    look = result["second_look"]
+    per_eta = result["communication_costs"]["per_eta"]
+    # Round 1 of eta 0.1 carries client 5's upload for the look; eta 0.2's round 1 is phase 1's groups' alone.
+    assert per_eta[0]["bytes_up"] - per_eta[1]["bytes_up"] == look["extra_bytes_up"] > 0
+    assert look["labels"] == TRUTH

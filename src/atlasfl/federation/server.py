@@ -233,7 +233,7 @@ class Server:
     def sharing_clients(self) -> list[int]:
         """Client ids that upload their trained state this round (the members of `sharing_groups`; every client
         in a round that ends with the second look, which compares all of them)."""
-        if self.looking:
+        if self.looking and self.planned.second_look is None:
             return sorted(self.clients)
         return sorted(c for group in self.sharing_groups() for c in group)
 
@@ -255,7 +255,8 @@ class Server:
         t0 = time.perf_counter()
         plan, cids = self.planned, sorted(self.clients)
         if plan.second_look is None:
-            extra = {c: uploads[c] for c in cids if c in uploads and c not in set(self._phase1_sharing())}
+            sharing = set(self._phase1_sharing())
+            extra = {c: uploads[c] for c in cids if c in uploads and c not in sharing}
             base = dict(mode=self.cfg.second_look, phase1_labels=list(plan.cluster_labels),
                         phase1_ari=self._ari(plan.cluster_labels), extra_rounds=0, effective_from_round=2,
                         extra_bytes_up=sum(_wire_bytes(s, self.cfg.wire_dtype) for s in extra.values()),
@@ -283,6 +284,7 @@ class Server:
         return [c for g in groups if len(g) >= (1 if self.method.shares_alone else 2) for c in g]
 
     def _ari(self, labels: list[int]) -> float:
+        """Adjusted Rand index of `labels` (client id order) against the clients' true tasks."""
         tasks = list(dict.fromkeys(self.clients[c].task for c in sorted(self.clients)))
         return adjusted_rand(labels, [tasks.index(self.clients[c].task) for c in sorted(self.clients)])
 
@@ -293,9 +295,7 @@ class Server:
         if found is None:
             return None
         labels, seen = found
-        tasks = list(dict.fromkeys(self.clients[c].task for c in sorted(self.clients)))
-        return dict(labels=labels, ari=adjusted_rand(labels, [tasks.index(self.clients[c].task)
-                                                              for c in sorted(self.clients)]), **seen)
+        return dict(labels=labels, ari=self._ari(labels), **seen)
 
     def aggregate(self, uploads: dict[int, State], missing: frozenset[int] = frozenset()) -> dict[int, State]:
         """New trainable state for every replying client of every sharing group, at each client's own shapes.
