@@ -98,3 +98,14 @@ def test_a_sweeps_later_eta_takes_the_first_etas_look_without_asking_the_lone_cl
     # Round 1 of eta 0.1 carries client 5's upload for the look; eta 0.2's round 1 is phase 1's groups' alone.
     assert per_eta[0]["bytes_up"] - per_eta[1]["bytes_up"] == look["extra_bytes_up"] > 0
     assert look["labels"] == TRUTH
+
+
+def test_flower_simulation_with_the_look_matches_the_inprocess_engine(make_config, monkeypatch, tmp_path):
+    force_clusters(monkeypatch, [0, 0, 0, 0, 0, 1])
+    _stub_refine(monkeypatch)
+    kw = dict(second_look="on", rounds=3)
+    inproc = saved_result(_config(make_config, output_dir=str(tmp_path / "a"), **kw))
+    flower = saved_result(_config(make_config, output_dir=str(tmp_path / "b"), engine="flower", **kw))
+    assert [r["state_digests"] for r in flower["round_metrics"]] == [r["state_digests"] for r in inproc["round_metrics"]]
+    assert flower["second_look"]["extra_bytes_up"] == inproc["second_look"]["extra_bytes_up"] > 0
+    assert flower["communication_costs"]["transport"]["rounds_payload_matches_accounting"]
