@@ -19,6 +19,11 @@ those wrong and not flagged). Nothing is trained; figures are printed, never ass
 `--weights-seed N` holds one random draw for every data seed, as pretrained weights are held, and
 `--reuse-representations DIR` then computes each example's representation once and stores it, so fifty seeds
 cost about five seeds' forward passes (offline tasks at preset sizes) and a stopped job resumes where it stopped.
+`--second-look auto|on` also runs each seed's federation for one round in-process (`atlas run` with
+`--rounds 1 --second-look ...`, test sets cut to 8 examples) and adds the refined partition's ARI (column
+*look ARI*: phase 1's where no look was taken) and its extra upload; the summary counts the seeds looked at, those
+whose partition from round 2 on is the tasks (look ARI = 1) and those where it is not (*wrong after*). Its
+fingerprints are computed a second time, by the run.
 `--versus FILE` times another version's `federation/fingerprint.py` (`federation/client.py` before it was
 split; e.g. from `git archive`) against this one side by side instead: same clients (one per task), calls
 interleaved, median seconds per client.
@@ -109,6 +114,26 @@ def phase1(model: str, seed: int, a, cache: dict) -> dict:
                 grad_k=p["k_by_fingerprint"]["gradient"], grad_ari=p["ari_by_fingerprint"]["gradient"],
                 s_per_client=seconds, bytes=plan.fingerprint_bytes[0],
                 train=sorted({len(s.train) for s in shards}), fingerprint_samples=cfg.fingerprint_samples)
+
+
+def look(model: str, seed: int, a) -> dict:
+    """The seed's run for one round with the second look (`--second-look`): its refined partition's ARI (phase 1's
+    where it took none), the bytes it added and its server seconds."""
+    import tempfile
+
+    from atlasfl.engines.inprocess import run_experiment
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = build_config(model, seed, a.method, tasks=tuple(a.tasks), init=a.init, max_samples=a.max_samples,
+                           clients_per_task=a.clients_per_task, fingerprint_samples=a.fingerprint_samples,
+                           fingerprint=a.fingerprint, batch_size=a.batch_size, device=a.device, data_dir=a.data_dir,
+                           representation_samples=a.representation_samples, dirichlet_alpha=a.dirichlet_alpha,
+                           val_fraction=a.val_fraction, rounds=1, max_test_samples=8, second_look=a.second_look,
+                           output_dir=tmp, log_dir=tmp, checkpoint_dir=tmp)
+        result = run_experiment(cfg, progress=False)
+    sl = result["second_look"]
+    return dict(look_ari=result["phase1_clustering"]["ari"] if sl is None else sl["ari"], looked=sl is not None,
+                look_bytes=0 if sl is None else sl["extra_bytes_up"], look_s=0.0 if sl is None else sl["server_s"])
 
 
 class RepresentationStore:
@@ -215,6 +240,8 @@ def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (default cpu)")
     p.add_argument("--versus", metavar="FILE", help="time another version's federation/fingerprint.py side by side")
+    p.add_argument("--second-look", choices=("auto", "on"),
+                   help="also run one round with the second look and report the refined partition's ARI")
     return p.parse_args(argv)
 
 
@@ -229,22 +256,28 @@ def main() -> None:
             versus(model, a.versus, a)
         return
     print(f"{'model':<12} {'seed':>4} {'k':>2} {'ARI':>6} {'margin':>7} {'amb':>3} {'T_k':>6} {'c_k':>5} {'T_k-1':>7} "
-          f"{'c_k-1':>5} {'G_k':>5} {'g_k':>5} {'dims':>5} {'grad k':>6} {'grad ARI':>8} {'s/client':>8}", flush=True)
+          f"{'c_k-1':>5} {'G_k':>5} {'g_k':>5} {'dims':>5} {'grad k':>6} {'grad ARI':>8} {'s/client':>8}"
+          + (f" {'look ARI':>8} {'look B':>7}" if a.second_look else ""), flush=True)
     summary = []
     for model in a.models:
         cache, rows = {}, []
         for seed in seed_list(a.seeds):
             r = phase1(model, seed, a, cache)
+            if a.second_look:
+                r.update(look(model, seed, a))
             rows.append(r)
             print(f"{model:<12} {seed:>4} {r['k']:>2} {r['ari']:>6.3f} {fmt(r['margin']):>7} {flag(r):>3} "
                   f"{fmt(r['t_k'], '.2f'):>6} {fmt(r['c_k'], '.2f'):>5} {fmt(r['t_prev'], '.2f'):>7} "
                   f"{fmt(r['c_prev'], '.2f'):>5} {fmt(r['split'], '.2f'):>5} {fmt(r['split_bar'], '.2f'):>5} "
-                  f"{r['dims']:>5.1f} {r['grad_k']:>6} {r['grad_ari']:>8.3f} {r['s_per_client']:>8.2f}", flush=True)
+                  f"{r['dims']:>5.1f} {r['grad_k']:>6} {r['grad_ari']:>8.3f} {r['s_per_client']:>8.2f}"
+                  + (f" {r['look_ari']:>8.3f} {r['look_bytes']:>7}" if a.second_look else ""), flush=True)
         margins = [r["margin"] for r in rows if r["margin"] is not None]
         summary.append((model, rows, margins))
     print(f"\n{'model':<12} {'seeds':>5} {'ARI=1':>5} {'flagged':>7} {'wrong+unflagged':>15} {'worst margin':>12} "
           f"{'median margin':>13} {'grad ARI=1':>10} "
-          f"{'grad ARI med':>12} {'s/client':>8} {'bytes':>6}  train examples/client, gradient samples")
+          f"{'grad ARI med':>12} {'s/client':>8} {'bytes':>6}"
+          + (f" {'looked':>6} {'look ARI=1':>10} {'wrong after':>11}" if a.second_look else "")
+          + "  train examples/client, gradient samples")
     for model, rows, margins in summary:
         print(f"{model:<12} {len(rows):>5} {sum(r['ari'] == 1.0 for r in rows):>5} "
               f"{sum(bool(r['ambiguous']) for r in rows):>7} "
@@ -252,8 +285,11 @@ def main() -> None:
               f"{fmt(min(margins) if margins else None):>12} "
               f"{fmt(statistics.median(margins) if margins else None):>13} "
               f"{sum(r['grad_ari'] == 1.0 for r in rows):>10} {statistics.median(r['grad_ari'] for r in rows):>12.3f} "
-              f"{statistics.mean(r['s_per_client'] for r in rows):>8.2f} {rows[0]['bytes']:>6}  "
-              f"{rows[0]['train']}, {rows[0]['fingerprint_samples']}")
+              f"{statistics.mean(r['s_per_client'] for r in rows):>8.2f} {rows[0]['bytes']:>6}"
+              + (f" {sum(r['looked'] for r in rows):>6} {sum(r['look_ari'] == 1.0 for r in rows):>10} "
+                 f"{sum(r['look_ari'] < 1.0 for r in rows):>11}"
+                 if a.second_look else "")
+              + f"  {rows[0]['train']}, {rows[0]['fingerprint_samples']}")
 
 
 if __name__ == "__main__":

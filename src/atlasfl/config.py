@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, create_model, field
 
 from atlasfl.errors import AtlasError
 from atlasfl.methods import METHODS as METHOD_CLASSES
-from atlasfl.methods import method_settings
+from atlasfl.methods import method_settings, second_look_applies
 from atlasfl.phases import AGGREGATIONS, SERVER_OPTIMIZERS
 from atlasfl.presets import preset_for
 from atlasfl.settings import setting
@@ -93,6 +93,12 @@ class GeneralSettings(BaseModel):
     server_tau: float = setting("adam, yogi: adaptivity tau (added to the root of the second moment).", 1e-3, gt=0)
     clusters: Literal["fingerprint", "oracle"] = setting(
         "fingerprint: discovered clusters; oracle: the true task grouping.", "fingerprint")
+    second_look: Literal["auto", "on", "off"] = setting(
+        "After round 1, test phase 1's clusters against the cosines of the clients' round-1 adapter updates and "
+        "split or merge them where the updates disagree beyond their noise, from round 2 on (docs/clustering.md"
+        "#the-second-look); round 1 then asks every client for its upload. auto: when phase 1 is ambiguous. For "
+        "methods that share in phase 1's clusters (atlas, atlas_no_laplacian, fedavg_cluster, --sharing cluster).",
+        "auto")
     fingerprint: Literal["representation", "gradient"] = setting("Which fingerprint clusters the clients.",
                                                                  "representation")
     fingerprint_layers: int = setting("Last blocks whose gradient forms the gradient fingerprint.", 2, gt=0)
@@ -169,6 +175,11 @@ class GeneralSettings(BaseModel):
         if self.data_dir is not None and not Path(self.data_dir).is_dir():
             raise ValueError(f"--data-dir {self.data_dir} is not a folder")
         METHOD_CLASSES[self.method].check(self)
+        if self.second_look == "on":
+            if not second_look_applies(self):
+                raise ValueError(f"--second-look on regroups phase 1's discovered clusters by the clients' B updates; "
+                                 f"{self.method} (with --clusters {self.clusters}) shares in no such clusters or "
+                                 "sends no B: drop it, or use --second-look auto")
         self._check_server_optimizer()
         self._check_skew()
         self._check_privacy()

@@ -88,6 +88,13 @@ def print_summary(result: dict, path) -> None:
     ambiguity = ambiguity_warning(result.get("phase1_clustering"))
     if ambiguity:
         console.print(ambiguity, style="bold yellow", markup=False, highlight=False)
+    look = result.get("second_look")
+    if look and look["labels"] is not None:
+        console.print(f"second look after round 1: clusters {look['phase1_labels']} -> {look['labels']} from round "
+                      f"{look['effective_from_round']} (ARI {look['phase1_ari']:.3f} -> {look['ari']:.3f}; "
+                      f"{look['extra_bytes_up']} extra bytes up)", markup=False, highlight=False)
+    elif look:
+        console.print(f"second look skipped: {look['skipped']}", markup=False, highlight=False)
     if result.get("diverged_clients"):
         console.print(f"DIVERGED: clients {result['diverged_clients']} (training loss blew up; see the warnings "
                       "above and lower --lr)", style="bold red", markup=False, highlight=False)

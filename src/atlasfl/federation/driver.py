@@ -98,7 +98,7 @@ def run(cfg: RunConfig, transport: Transport, *, resume: bool = False, progress:
                 if checkpoint is not None and eta_index == start_eta:
                     fed.rounds, fed.val = meta["rounds"], {int(c): v for c, v in meta["val"].items()}
                     saved = _unprefixed("optimizer/", meta["server_tensors"])
-                    fed.server.start_eta(eta, saved if start_round > 0 else None)
+                    fed.server.start_eta(eta, saved if start_round > 0 else None, done=start_round)
                     transport.start_eta(eta, states if start_round > 0 else None)
                     tracker.resume(eta, fed.rounds)
                 else:

@@ -6,6 +6,8 @@ touches a model, a socket or a file.
 """
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -13,12 +15,14 @@ import torch
 
 from atlasfl.config import RunConfig
 from atlasfl.errors import AtlasError
-from atlasfl.methods import Method
+from atlasfl.federation.wire import WIRE_DTYPES
+from atlasfl.methods import Method, second_look_applies
 from atlasfl.methods.base import Group
 from atlasfl.phases.clustering import (
     SIGNIFICANCE,
     SamplingNoise,
     adjusted_rand,
+    canonical_labels,
     centred_unit_rows,
     cluster_fingerprints,
 )
@@ -27,6 +31,7 @@ from atlasfl.phases.fingerprint import NOISE_KEYS
 from atlasfl.phases.ranks import adapter_params, allocate_ranks, rank_budget_for_memory
 from atlasfl.phases.server_optimizer import ServerOptimizer, ServerRule
 
+log = logging.getLogger("atlasfl")
 State = dict[str, torch.Tensor]
 FINGERPRINT_KINDS = ("representation", "gradient")
 
@@ -50,6 +55,7 @@ class Plan:
     phase1: dict
     phase2: dict
     fingerprint_bytes: dict[int, int] = field(default_factory=dict)
+    second_look: dict | None = None  # after round 1 (`Server.look`): the partition from round 2 on, and its tests
 
     @classmethod
     def from_json(cls, d: dict) -> Plan:
@@ -82,15 +88,32 @@ class Server:
         self.eta = cfg.eta
         self.cluster_labels: list[int] = [0] * len(clients)
         self.affinity_space: np.ndarray | None = None
+        self.planned: Plan | None = None
+        self.looking = False  # this round (an eta's first) every client uploads for the second look
         rule = ServerRule.of(cfg)
         self.optimizer = None if rule is None else ServerOptimizer(rule)
 
-    def start_eta(self, eta: float, optimizer_state: dict[str, torch.Tensor] | None = None) -> None:
-        """An eta's federation begins: its step size, and the server optimiser's state afresh or as a checkpoint
-        of this eta left it (`ServerOptimizer.tensors`)."""
+    def start_eta(self, eta: float, optimizer_state: dict[str, torch.Tensor] | None = None, done: int = 0) -> None:
+        """An eta's federation begins (`done` rounds of it already run, on a resume): its step size, the server
+        optimiser's state afresh or as a checkpoint of this eta left it (`ServerOptimizer.tensors`), and its
+        groups: phase 1's in round 1, the second look's from round 2 on."""
         self.eta = eta
         if self.optimizer is not None:
             self.optimizer.load(optimizer_state or {})
+        if self.planned is None:
+            return
+        look = self.planned.second_look
+        refined = done >= 1 and look is not None and look["labels"] is not None
+        self.cluster_labels = list(look["labels"] if refined else self.planned.cluster_labels)
+        self.looking = done == 0 and self.second_look_wanted()
+
+    def second_look_wanted(self) -> bool:
+        """Whether this eta's round 1 ends with the second look (`--second-look`; auto: phase 1 is ambiguous),
+        for a method that shares in phase 1's clusters at this step size."""
+        mode = self.cfg.second_look
+        if mode == "off" or not second_look_applies(self.cfg) or not self.method.shares(self.eta):
+            return False
+        return mode == "on" or bool(self.planned.phase1.get("ambiguous"))
 
     # ---- phases 1 and 2: before round 1 ---------------------------------------------------------
     def plan(self, uploads: dict[int, dict]) -> Plan:
@@ -138,6 +161,7 @@ class Server:
 
     def adopt(self, plan: Plan) -> None:
         """Take a plan (fresh, or restored from a checkpoint) as the federation's grouping."""
+        self.planned = plan
         self.cluster_labels = list(plan.cluster_labels)
         self.affinity_space = centred_unit_rows(np.asarray(plan.phase1["fingerprints"], dtype=np.float64))
 
@@ -214,13 +238,62 @@ class Server:
         return 1.0
 
     def sharing_clients(self) -> list[int]:
-        """Client ids that upload their trained state this round (the members of `sharing_groups`)."""
+        """Client ids that upload their trained state this round (the members of `sharing_groups`; every client
+        in a round that ends with the second look, which compares all of them)."""
+        if self.looking and self.planned.second_look is None:
+            return sorted(self.clients)
         return sorted(c for group in self.sharing_groups() for c in group)
 
     def regroup(self, round_idx: int, uploads: dict[int, State], starts: dict[int, State]) -> None:
         """A method that finds clusters during training updates them from the round's uploads, once they are
-        aggregated (`Method.regroup`): the clients that upload in a round are always those it aggregates."""
+        aggregated (`Method.regroup`): the clients that upload in a round are always those it aggregates. After
+        a round 1 that asked for it, the second look regroups phase 1's clusters."""
         self.method.regroup(round_idx, sorted(self.clients), uploads, starts)
+        if self.looking:
+            self.look(uploads)
+
+    def look(self, uploads: dict[int, State]) -> None:
+        """The second look (`phases.second_look`) on round 1's uploads: its partition groups the clients from
+        round 2 on, recorded in the plan (the first eta's; a later eta of a sweep takes it up after its own
+        round 1, whose uploads are the same). Skipped, saying why, when a client did not reply."""
+        from atlasfl.phases.second_look import cosine_matrix, refine, round1_updates
+
+        self.looking = False
+        t0 = time.perf_counter()
+        plan, cids = self.planned, sorted(self.clients)
+        if plan.second_look is None:
+            sharing = set(self._phase1_sharing())
+            extra = {c: uploads[c] for c in cids if c in uploads and c not in sharing}
+            base = dict(mode=self.cfg.second_look, phase1_labels=list(plan.cluster_labels),
+                        phase1_ari=self._ari(plan.cluster_labels), extra_rounds=0, effective_from_round=2,
+                        extra_bytes_up=sum(_wire_bytes(s, self.cfg.wire_dtype) for s in extra.values()),
+                        extra_uploaders=sorted(extra))
+            absent = [c for c in cids if c not in uploads]
+            if absent:
+                plan.second_look = dict(base, labels=None, ari=None, changed=False,
+                                        skipped=f"client(s) {absent} did not reply in round 1")
+            else:
+                S = cosine_matrix(list(round1_updates({c: uploads[c] for c in cids}, self.cfg.lora_alpha).values()))
+                found = refine(S, plan.cluster_labels)
+                plan.second_look = dict(base, **found, ari=self._ari(found["labels"]), similarity=S.tolist(),
+                                        changed=found["labels"] != canonical_labels(plan.cluster_labels),
+                                        skipped=None)
+            plan.second_look["server_s"] = time.perf_counter() - t0
+            log.info("second look after round 1: clusters %s -> %s (ARI %s -> %s)%s", plan.cluster_labels,
+                     plan.second_look["labels"], _fmt(plan.second_look["phase1_ari"]), _fmt(plan.second_look["ari"]),
+                     f"; skipped: {plan.second_look['skipped']}" if plan.second_look["skipped"] else "")
+        if plan.second_look["labels"] is not None:
+            self.cluster_labels = list(plan.second_look["labels"])
+
+    def _phase1_sharing(self) -> list[int]:
+        """The clients that would upload in round 1 without the second look (phase 1's sharing groups)."""
+        groups = self.method.groups(sorted(self.clients), list(self.planned.cluster_labels))
+        return [c for g in groups if len(g) >= (1 if self.method.shares_alone else 2) for c in g]
+
+    def _ari(self, labels: list[int]) -> float:
+        """Adjusted Rand index of `labels` (client id order) against the clients' true tasks."""
+        tasks = list(dict.fromkeys(self.clients[c].task for c in sorted(self.clients)))
+        return adjusted_rand(labels, [tasks.index(self.clients[c].task) for c in sorted(self.clients)])
 
     def round_clusters(self) -> dict | None:
         """The round record of such a method's clusters: a label per client id, their ARI against the true tasks
@@ -229,9 +302,7 @@ class Server:
         if found is None:
             return None
         labels, seen = found
-        tasks = list(dict.fromkeys(self.clients[c].task for c in sorted(self.clients)))
-        return dict(labels=labels, ari=adjusted_rand(labels, [tasks.index(self.clients[c].task)
-                                                              for c in sorted(self.clients)]), **seen)
+        return dict(labels=labels, ari=self._ari(labels), **seen)
 
     def aggregate(self, uploads: dict[int, State], missing: frozenset[int] = frozenset(),
                   absent: frozenset[int] = frozenset(), round_idx: int = 0) -> dict[int, State]:
@@ -315,6 +386,14 @@ class Server:
             stepped.append(key)
             return self.optimizer.step(group, key, aggregate)
         return step
+
+
+def _wire_bytes(state: State, dtype: str) -> int:
+    return sum(v.numel() * WIRE_DTYPES[dtype].itemsize for v in state.values())
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
 
 
 class TooFewReplies(AtlasError):

@@ -53,3 +53,12 @@ def method_settings() -> dict:
                 raise TypeError(f"setting {name!r} is declared by two methods")
             out[name] = declaration
     return out
+
+
+def second_look_applies(cfg) -> bool:
+    """A run the second look (`phases.second_look`) can serve: its groups are phase 1's discovered clusters
+    (`Method.clusters_from`) and its clients upload B, the update's geometry (`fedsa_lora` sends A alone, whose
+    start the server never holds)."""
+    method = METHODS[cfg.method]
+    return (cfg.clusters == "fingerprint" and method.clusters_from(cfg.model_dump()) == "phase 1"
+            and "lora_B" in method.uploads)

@@ -72,6 +72,7 @@ def build_result(cfg: RunConfig, shards: list, tasks: dict[str, TaskData], plan:
         final_metrics=finals, references=references(shards, client_refs),
         diverged_clients=diverged,
         cluster_labels=plan.cluster_labels, cluster_source=plan.cluster_source, phase1_clustering=plan.phase1,
+        second_look=plan.second_look,
         phase2_rank_allocation=plan.phase2, ranks={str(c): r for c, r in plan.ranks.items()}, lambda_sweep=sweep,
         communication_costs=costs,
         time_metrics=time_metrics(runs, total_s=total_s, setup_s=setup_s, per_round_s=[r["time_s"] for r in rounds],

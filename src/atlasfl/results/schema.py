@@ -237,6 +237,33 @@ class MemoryMetrics(_Strict):
                                                description="memory model of §3.2: an ESTIMATE, not measured")
 
 
+class SecondLook(_Strict):
+    """docs/clustering.md#the-second-look: phase 1's clusters tested against round 1's adapter updates."""
+
+    mode: str = Field(description="--second-look: on, or auto (on because phase 1 was ambiguous)")
+    phase1_labels: list[int] = Field(description="client id order: phase 1's clusters, the groups of round 1")
+    phase1_ari: float = Field(description="adjusted Rand index of phase1_labels against the true tasks")
+    labels: Optional[list[int]] = Field(description="client id order: the refined clusters, the groups from "
+                                                    "`effective_from_round` on (None: skipped)")
+    ari: Optional[float] = Field(description="adjusted Rand index of `labels` against the true tasks")
+    changed: bool = Field(description="the refined clusters differ from phase 1's")
+    extra_rounds: int = Field(description="rounds it adds: none, it reads round 1's uploads")
+    effective_from_round: int
+    extra_bytes_up: int = Field(description="bytes uploaded in round 1 only for it: the states of the clients "
+                                            "outside phase 1's sharing groups (`extra_uploaders`), at the wire dtype")
+    extra_uploaders: list[int]
+    server_s: float = Field(description="server seconds of the look (updates, cosines, tests)")
+    skipped: Optional[str] = Field(description="why no look was taken (a client missing in round 1), or None")
+    splits: list[dict[str, Any]] = Field(default=[], description=(
+        "each phase-1 cluster of 3+ clients: its bipartition by update cosine (`parts`), the ANOVA ratio "
+        "`statistic`, its `threshold` and whether it was `split`"))
+    merges: list[dict[str, Any]] = Field(default=[], description="each merge made: the two `groups`, its "
+                                                                 "`statistic` and `threshold`")
+    effective_dims: Optional[float] = Field(default=None, description="r, the noise's effective dimensions")
+    significance: Optional[float] = None
+    similarity: Optional[list[list[float]]] = Field(default=None, description="cosines of the round-1 updates")
+
+
 class Result(_Strict):
     schema_version: str = SCHEMA_VERSION
     status: str = "complete"
@@ -257,6 +284,9 @@ class Result(_Strict):
     cluster_labels: list[int]
     cluster_source: str
     phase1_clustering: Optional[dict[str, Any]] = None
+    second_look: Optional[SecondLook] = Field(default=None, description=(
+        "--second-look (1.3 on): phase 1's clusters and the refined ones from round 2, their ARI and what it cost; "
+        "None where no look was taken"))
     phase2_rank_allocation: dict[str, Any]
     ranks: dict[str, dict[str, int]]
     lambda_sweep: Optional[dict[str, Any]] = Field(

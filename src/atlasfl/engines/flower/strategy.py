@@ -170,6 +170,9 @@ class AtlasStrategy:
             if STATE in reply.content.array_records:
                 out.uploads[cid] = record_to_state(reply.content[STATE], self.cfg.wire_dtype)
                 out.bytes_up[cid] = int(metrics["bytes_up"])
+                # A client that uploads sends no backup of what it is sent back; one asked only for the second
+                # look (`Server.sharing_clients`) is sent nothing, so its copy takes the upload (exact at float32).
+                self.copies[cid] = {**self.copies.get(cid, {}), **select(out.uploads[cid], self.method.downloads)}
             self.reports.add("rounds", cid, reply)
         advance(len(out.losses))
         return out
