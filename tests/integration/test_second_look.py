@@ -106,6 +106,7 @@ def test_flower_simulation_with_the_look_matches_the_inprocess_engine(make_confi
     kw = dict(second_look="on", rounds=3)
     inproc = saved_result(_config(make_config, output_dir=str(tmp_path / "a"), **kw))
     flower = saved_result(_config(make_config, output_dir=str(tmp_path / "b"), engine="flower", **kw))
-    assert [r["state_digests"] for r in flower["round_metrics"]] == [r["state_digests"] for r in inproc["round_metrics"]]
+    digests = [[r["state_digests"] for r in result["round_metrics"]] for result in (flower, inproc)]
+    assert digests[0] == digests[1]
     assert flower["second_look"]["extra_bytes_up"] == inproc["second_look"]["extra_bytes_up"] > 0
     assert flower["communication_costs"]["transport"]["rounds_payload_matches_accounting"]
