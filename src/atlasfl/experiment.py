@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shlex
 import signal
 import sys
@@ -32,7 +33,7 @@ def is_complete(path: Path) -> bool:
 def check_writable(folder: Path) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".atlas-write-test"
+        probe = folder / f".atlas-write-test-{os.getpid()}"  # its own: runs started at once share the folder
         probe.write_text("")
         probe.unlink()
     except OSError as exc:
