@@ -95,6 +95,10 @@ class GeneralSettings(BaseModel):
     min_replies_per_group: int = setting(
         "Fewest replying clients an aggregation group may have in a round; below it the run stops with "
         "its last checkpoint kept (--resume continues it). A missing client keeps its last state.", 1, gt=0)
+    reply_norm_bound: float | None = setting(
+        "Reject a client's reply whose norm exceeds this many times its group's median reply norm, as a missing "
+        "client (docs/security.md); 0 or none: no norm check (keys, shapes, dtype and finite values are always "
+        "checked).", 100.0, ge=0)
     output_dir: str = setting("Folder for result JSONs.", "results")
     log_dir: str = setting("Folder for run logs.", "logs")
     checkpoint_dir: str = setting("Folder for per-round checkpoints.", "checkpoints")

@@ -62,6 +62,7 @@ class InProcess:
         self.fm: PersonalLoRAModel | None = None
         self.roster: Roster | None = None
         self.initial: dict[int, dict] = {}
+        self.before: dict[int, dict] = {}  # the sharing clients' states before the round being trained
 
     def set_up(self) -> Roster:
         """Load the tasks, cut the shards, build the shared model and encode every client's examples (once)."""
@@ -112,6 +113,7 @@ class InProcess:
         the round with its state as it was, as a failing Flower ClientApp is; a CUDA out-of-memory stops the
         run instead: every client shares this process's device."""
         cfg, fm, out = self.cfg, self.fm, Trained()
+        self.before = {cid: fm.get_state(cid) for cid in sharing}
         kw = dict(method=self.method, lr=cfg.lr, batch_size=cfg.batch_size, group_by_length=cfg.group_by_length,
                   tally=out.work)
         if cfg.client_batching:
@@ -136,6 +138,10 @@ class InProcess:
         for cid in sorted(sharing - set(out.missing)):
             out.uploads[cid], out.bytes_up[cid] = wire(select(fm.get_state(cid), self.method.uploads), cfg.wire_dtype)
         return out
+
+    def reject(self, clients: set[int]) -> None:
+        for cid in clients:
+            self.fm.set_state(cid, self.before[cid])
 
     def deliver(self, states: dict[int, dict], round_idx: int) -> dict[int, int]:
         sent = {}

@@ -24,10 +24,11 @@ from atlasfl.federation.records import (
     warn_infeasible,
     warn_missing,
 )
+from atlasfl.federation.replies import Spec, check_replies, upload_spec
 from atlasfl.federation.server import Plan, Server, TooFewReplies
 from atlasfl.federation.transport import Offered, Roster, Transport
 from atlasfl.methods import Method, method_for
-from atlasfl.models.lora import state_digest
+from atlasfl.models.lora import head_has_bias, state_digest
 from atlasfl.results.build import build_result
 from atlasfl.results.checkpoint import (
     checkpoint_label,
@@ -59,6 +60,13 @@ class Federation:
     runs: list[dict] = field(default_factory=list)
     val: dict[int, dict] = field(default_factory=dict)
     on_round: Callable[[int, dict[int, dict]], None] | None = None
+    expected: dict[int, Spec] = field(default_factory=dict)  # each client's upload keys and shapes, by the plan
+
+    def __post_init__(self):
+        facts, labels = self.roster.facts, {s.client_id: self.roster.tasks[s.task].num_labels for s in self.roster.shards}
+        self.expected = {cid: upload_spec(self.plan.ranks[cid], self.roster.shapes, labels[cid], facts.hidden_size,
+                                          head_bias=head_has_bias(facts.family), parts=self.method.uploads)
+                         for cid in labels}
 
 
 def run(cfg: RunConfig, transport: Transport, *, resume: bool = False, progress: bool = False,
@@ -163,6 +171,7 @@ def run_round(fed: Federation, r: int, bars: RunProgress) -> dict:
     # the clients (a Flower server never holds them), so both engines give a method the same view.
     starts = dict(fed.transport.states()) if r > 1 else {}
     trained = fed.transport.train(r, set(fed.server.sharing_clients()), bars.advance_clients)
+    _reject_bad_replies(fed, trained)
     t_train = time.perf_counter()
     warn_missing(r, trained.missing)
     _check_missing(fed, trained.missing)
@@ -193,6 +202,16 @@ def run_round(fed: Federation, r: int, bars: RunProgress) -> dict:
                          eta=fed.server.eta if fed.method.personalises else None, cost=cost,
                          missing={str(c): why for c, why in sorted(missing.items())},
                          clusters=fed.server.round_clusters())
+
+
+def _reject_bad_replies(fed: Federation, trained) -> None:
+    """Leave out of the round, as failed clients, those whose replies fail `replies.check_replies`; the transport
+    puts each back to its state before the round."""
+    trained.uploads, rejected = check_replies(trained.uploads, fed.expected, fed.server.sharing_groups(),
+                                              fed.cfg.reply_norm_bound)
+    if rejected:
+        fed.transport.reject(set(rejected))
+        trained.missing.update(rejected)
 
 
 def _offer(fed: Federation, r: int, missing: set[int]) -> Offered:
