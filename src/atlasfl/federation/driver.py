@@ -63,7 +63,8 @@ class Federation:
     expected: dict[int, Spec] = field(default_factory=dict)  # each client's upload keys and shapes, by the plan
 
     def __post_init__(self):
-        facts, labels = self.roster.facts, {s.client_id: self.roster.tasks[s.task].num_labels for s in self.roster.shards}
+        facts = self.roster.facts
+        labels = {s.client_id: self.roster.tasks[s.task].num_labels for s in self.roster.shards}
         self.expected = {cid: upload_spec(self.plan.ranks[cid], self.roster.shapes, labels[cid], facts.hidden_size,
                                           head_bias=head_has_bias(facts.family), parts=self.method.uploads)
                          for cid in labels}
