@@ -78,3 +78,36 @@ def test_an_honest_run_is_the_same_with_the_checks_on_or_off(make_config, monkey
     assert (a["config"].pop("reply_norm_bound"), b["config"].pop("reply_norm_bound")) == (100.0, 0.0)
     assert [r["state_digests"] for r in a["round_metrics"]] == [r["state_digests"] for r in b["round_metrics"]]
     assert a == b
+
+
+def poisoning(round_idx: int):
+    """A ClientApp mod that, in round `round_idx`, sends client 1's upload at float16 (not the run's wire dtype: the
+    server cannot decode it) and client 2's with NaNs, as a faulty or hostile client would."""
+    import numpy as np
+    from flwr.app import Array, ArrayRecord, MessageType
+
+    def mod(msg, context, call_next):
+        reply = call_next(msg, context)
+        cid = context.node_config["partition-id"]
+        if (msg.metadata.message_type == MessageType.TRAIN and int(msg.content["atlas"]["round"]) == round_idx
+                and cid in (1, 2) and "state" in reply.content.array_records):
+            arrays = {k: np.array(a.numpy()) for k, a in reply.content["state"].items()}
+            bad = {k: a.astype(np.float16) if cid == 1 else np.full_like(a, np.nan) for k, a in arrays.items()}
+            reply.content["state"] = ArrayRecord(array_dict={k: Array(a) for k, a in bad.items()})
+        return reply
+    return mod
+
+
+def test_flower_replies_that_cannot_be_decoded_or_hold_nans_are_missing_clients(make_config, monkeypatch):
+    from atlasfl.engines.flower import client_app
+
+    force_clusters(monkeypatch, GROUPS)
+    monkeypatch.setattr(client_app, "app", client_app.make_client_app(poisoning(2)))
+    result, _ = run_and_save(make_config(method="fedavg_cluster", rounds=3, engine="flower"), progress=False)
+    r1, r2, r3 = result["round_metrics"]
+    assert r1["missing_clients"] == [] and r3["missing_clients"] == [] and r2["missing_clients"] == [1, 2]
+    assert "unreadable reply" in r2["missing_reasons"]["1"] and "arrived as float16" in r2["missing_reasons"]["1"]
+    assert "not finite" in r2["missing_reasons"]["2"]
+    d1, d2, d3 = (r["state_digests"] for r in result["round_metrics"])
+    assert d2["1"] == d1["1"] and d2["2"] == d1["2"] and d2["0"] != d1["0"]
+    assert d3["0"] == d3["1"] and d3["2"] == d3["3"]  # restored from the server's copy, they rejoined

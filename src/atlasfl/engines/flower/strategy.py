@@ -169,8 +169,9 @@ class AtlasStrategy:
             except (KeyError, TypeError, ValueError) as exc:
                 self._miss(out.missing, cid, f"unreadable reply: {type(exc).__name__}: {exc}"[:300])
                 continue
-            out.losses[cid], out.work = loss, out.work + work
+            out.losses[cid] = loss
             out.clients_s += seconds
+            out.work += work
             if backup is not None:  # what the server's copy cannot learn from the upload
                 self.before[cid] = self.copies.get(cid)
                 self.copies[cid] = {**self.copies.get(cid, {}), **backup}
