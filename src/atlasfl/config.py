@@ -137,6 +137,17 @@ class GeneralSettings(BaseModel):
     dp_epsilon_budget: float | None = setting(
         "--dp-clip: stop cleanly (a result is written, marked so) before a round that would spend more epsilon.",
         None, gt=0)
+    reply_norm_bound: float | None = setting(
+        "Reject a client's reply whose norm exceeds this many times its group's median reply norm, as a missing "
+        "client (docs/security.md); 0: no norm check (keys, shapes, dtype and finite values are always "
+        "checked).", 100.0, ge=0)
+    robust_aggregation: Literal["median", "trimmed_mean"] | None = setting(
+        "Aggregate each group's replies coordinate-wise by their median or trimmed mean (unweighted, as Flower's "
+        "FedMedian and FedTrimmedAvg) instead of the shard-weighted mean: methods whose group shares equal-shape "
+        "factors (docs/security.md).", None)
+    trim_fraction: float = setting(
+        "--robust-aggregation trimmed_mean: the fraction of a group's replies cut off each end at every "
+        "coordinate (Flower's beta).", 0.2, ge=0, lt=0.5)
     output_dir: str = setting("Folder for result JSONs.", "results")
     log_dir: str = setting("Folder for run logs.", "logs")
     checkpoint_dir: str = setting("Folder for per-round checkpoints.", "checkpoints")
@@ -183,6 +194,7 @@ class GeneralSettings(BaseModel):
         self._check_server_optimizer()
         self._check_skew()
         self._check_privacy()
+        self._check_robust_aggregation()
         if self.eta_selection == "per_client" and not self.lambda_sweep:
             raise ValueError("--eta-selection per_client chooses among the etas of a sweep; add --lambda-sweep")
         if self.client_batching and self.engine == "flower":
@@ -233,6 +245,18 @@ class GeneralSettings(BaseModel):
         if why is not None:
             raise ValueError(f"--dp-clip: {self.method} {why}; client-level DP covers methods whose server forms "
                              "a uniform mean (docs/privacy.md)")
+    def _check_robust_aggregation(self):
+        """A coordinate-wise rule needs every member's factors at one shape, combined as they are."""
+        if self.robust_aggregation is None:
+            return
+        if METHOD_CLASSES[self.method].heterogeneous_ranks:
+            why = "its clients' ranks differ, so their factors share no coordinates"
+        elif self.aggregation == "svd":
+            why = "--aggregation svd refactors the mean ΔW, which a coordinate-wise rule does not form"
+        else:
+            return
+        raise ValueError(f"{self.method} cannot take --robust-aggregation {self.robust_aggregation}: {why}; drop it, "
+                         "or use a method at one rank (standard_fl, fedavg_cluster, fedprox, ffa_lora, fedsa_lora)")
 
     def _check_server_optimizer(self):
         """A server optimiser needs a group average to step, and its constants only mean something to it."""

@@ -63,6 +63,7 @@ class InProcess:
         self.fm: PersonalLoRAModel | None = None
         self.roster: Roster | None = None
         self.initial: dict[int, dict] = {}
+        self.before: dict[int, dict] = {}  # the sharing clients' states before the round being trained
 
     def set_up(self) -> Roster:
         """Load the tasks, cut the shards, build the shared model and encode every client's examples (once)."""
@@ -114,6 +115,7 @@ class InProcess:
         cfg, fm, out = self.cfg, self.fm, Trained()
         shards = [s for s in self.shards if s.client_id in cohort]
         starts = {cid: select(fm.get_state(cid), self.method.uploads) for cid in sharing} if cfg.dp_clip else {}
+        self.before = {cid: fm.get_state(cid) for cid in sharing}
         kw = dict(method=self.method, lr=cfg.lr, batch_size=cfg.batch_size, group_by_length=cfg.group_by_length,
                   tally=out.work)
         if cfg.client_batching and shards:
@@ -141,6 +143,10 @@ class InProcess:
                 upload = client_upload(cfg, upload, starts[cid], round_idx, cid)
             out.uploads[cid], out.bytes_up[cid] = wire(upload, cfg.wire_dtype)
         return out
+
+    def reject(self, clients: set[int]) -> None:
+        for cid in clients:
+            self.fm.set_state(cid, self.before[cid])
 
     def deliver(self, states: dict[int, dict], round_idx: int) -> dict[int, int]:
         sent = {}

@@ -28,11 +28,12 @@ from atlasfl.federation.records import (
     warn_infeasible,
     warn_missing,
 )
+from atlasfl.federation.replies import Spec, check_replies, upload_spec
 from atlasfl.federation.server import Plan, Server, TooFewReplies
 from atlasfl.federation.transport import Offered, Roster, Transport
 from atlasfl.federation.wire import WIRE_DTYPES
 from atlasfl.methods import Method, method_for
-from atlasfl.models.lora import state_digest
+from atlasfl.models.lora import head_has_bias, state_digest
 from atlasfl.results.build import build_result
 from atlasfl.results.checkpoint import (
     checkpoint_label,
@@ -64,6 +65,14 @@ class Federation:
     runs: list[dict] = field(default_factory=list)
     val: dict[int, dict] = field(default_factory=dict)
     on_round: Callable[[int, dict[int, dict]], None] | None = None
+    expected: dict[int, Spec] = field(default_factory=dict)  # each client's upload keys and shapes, by the plan
+
+    def __post_init__(self):
+        facts = self.roster.facts
+        labels = {s.client_id: self.roster.tasks[s.task].num_labels for s in self.roster.shards}
+        self.expected = {cid: upload_spec(self.plan.ranks[cid], self.roster.shapes, labels[cid], facts.hidden_size,
+                                          head_bias=head_has_bias(facts.family), parts=self.method.uploads)
+                         for cid in labels}
 
 
 def run(cfg: RunConfig, transport: Transport, *, resume: bool = False, progress: bool = False,
@@ -184,6 +193,7 @@ def run_round(fed: Federation, r: int, bars: RunProgress) -> dict:
     held = {c for e in fed.rounds for c in _participants(e)}
     starts = {c: st for c, st in fed.transport.states().items() if c in held}
     trained = fed.transport.train(r, took_part, sharing & took_part, bars.advance_clients)
+    _reject_bad_replies(fed, trained)
     t_train = time.perf_counter()
     warn_missing(r, trained.missing)
     _check_missing(fed, trained.missing)
@@ -281,6 +291,16 @@ def stop_for_budget(fed: Federation, r: int) -> bool:
     log.warning("round %d would spend more epsilon than --dp-epsilon-budget %g: the run stops after round %d", r,
                 fed.cfg.dp_epsilon_budget, r - 1)
     return True
+
+
+def _reject_bad_replies(fed: Federation, trained) -> None:
+    """Leave out of the round, as failed clients, those whose replies fail `replies.check_replies`; the transport
+    puts each back to its state before the round."""
+    trained.uploads, rejected = check_replies(trained.uploads, fed.expected, fed.server.sharing_groups(),
+                                              fed.cfg.reply_norm_bound)
+    if rejected:
+        fed.transport.reject(set(rejected))
+        trained.missing.update(rejected)
 
 
 def _offer(fed: Federation, r: int, missing: set[int]) -> Offered:

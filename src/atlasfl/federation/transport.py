@@ -96,6 +96,10 @@ class Transport(Protocol):
         (a subset) upload their trained state (the method's `uploads`). `advance(n)`: n more clients are done
         (a progress bar)."""
 
+    def reject(self, clients: set[int]) -> None:
+        """These clients' replies of the round just trained were rejected (`federation.replies`): each goes back to
+        its state before the round, as a client whose training failed."""
+
     def deliver(self, states: dict[int, dict], round_idx: int) -> dict[int, int]:
         """Send each client its new state (the method's `downloads`, which it adopts by `Method.receive`); the bytes
         each was sent."""

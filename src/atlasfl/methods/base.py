@@ -177,9 +177,13 @@ class Method:
         return True
 
     def aggregate(self, states: list[State], group: Group) -> list[State]:
-        """Each member's new state from the group's uploads: the shard-weighted mean (`phases.aggregation`)."""
-        from atlasfl.phases.aggregation import aggregate_states
+        """Each member's new state from the group's uploads: the shard-weighted mean (`phases.aggregation`), or
+        the `--robust-aggregation` rule over equal-shape uploads."""
+        from atlasfl.phases.aggregation import aggregate_states, mean_of_parts, robust_rule
 
+        combine = robust_rule(group.cfg.robust_aggregation, group.cfg.trim_fraction)
+        if combine is not None:
+            return mean_of_parts(states, group.sizes, group.step, combine)
         return aggregate_states(states, group.sizes, alpha=group.cfg.lora_alpha,
                                 mode=group.cfg.aggregation or self.default_aggregation, step=group.step)
 

@@ -49,6 +49,7 @@ class PartsMean(FieldMethod):
             raise ValueError(f"{cls.name} {cls.svd_refusal}, so --aggregation svd cannot apply; drop it")
 
     def aggregate(self, states, group):
-        from atlasfl.phases.aggregation import mean_of_parts
+        from atlasfl.phases.aggregation import mean_of_parts, robust_rule
 
-        return mean_of_parts(states, group.sizes, group.step)
+        return mean_of_parts(states, group.sizes, group.step,
+                             robust_rule(group.cfg.robust_aggregation, group.cfg.trim_fraction))

@@ -44,6 +44,12 @@ FAMILIES: dict[str, Family] = {
 MEMORY_FAMILY = {"bert": "bert", "distilbert": "bert", "gpt2": "gpt2", "llama": "llama", "qwen2": "llama"}
 
 
+def head_has_bias(memory_family: str) -> bool:
+    """Whether a client's head has a bias, from `ModelFacts.family` (what a server knows of the model):
+    encoders' heads do (`FederatedLoRAModel.new_head`)."""
+    return any(FAMILIES[t].kind == "encoder" for t, f in MEMORY_FAMILY.items() if f == memory_family)
+
+
 def family_of(model: nn.Module) -> Family:
     model_type = model.config.model_type
     if model_type not in FAMILIES:

@@ -217,38 +217,75 @@ def factor_step(step: Step, module: str) -> Callable[[Tensor, Tensor], tuple[Ten
 
 
 def head_means(states: Sequence[dict[str, Tensor]], w: Sequence[float], out: list[dict[str, Tensor]],
-               step: Step = None) -> None:
-    """Fill `out` with each client's head: the weighted mean (then the server `step`, keyed `head::<param>@<shape>`
-    so heads of other shapes keep their own server state) among the clients whose heads have the same shapes; where
-    nobody in a head group carries weight, each keeps its own head."""
+               step: Step = None, combine: Combine | None = None) -> None:
+    """Fill `out` with each client's head: the weighted mean, or `combine` of the heads (`robust_rule`), then the
+    server `step`, keyed `head::<param>@<shape>` so heads of other shapes keep their own server state, among the
+    clients whose heads have the same shapes; where nobody in a head group carries weight, each keeps its own."""
     for group in head_groups(states):
         group_w = [w[k] for k in group]
         for key in (k for k in states[group[0]] if k.startswith(HEAD_PREFIX)):
-            mean = weighted_mean([states[k][key] for k in group], group_w) if sum(group_w) > 0 else None
+            tensors = [states[k][key] for k in group]
+            mean = (combine(tensors) if combine is not None else
+                    weighted_mean(tensors, group_w) if sum(group_w) > 0 else None)
             if mean is not None and step is not None:
                 mean = step(f"{key}@{'x'.join(map(str, mean.shape))}", mean)
             for k in group:
                 out[k][key] = states[k][key].clone() if mean is None else mean.clone()
 
 
-def mean_of_parts(states: Sequence[dict[str, Tensor]], weights: Sequence[float] | np.ndarray, step: Step = None
-                  ) -> list[dict[str, Tensor]]:
+Combine = Callable[[Sequence[Tensor]], Tensor]
+ROBUST_RULES = ("median", "trimmed_mean")
+
+
+def coordinate_median(tensors: Sequence[Tensor]) -> Tensor:
+    """The coordinate-wise median of equal-shape tensors (the mean of the two middle values of an even count), as
+    Flower's FedMedian: one client, however far off, cannot move it past the honest majority's values."""
+    ordered = torch.stack(list(tensors)).sort(dim=0).values
+    n = ordered.shape[0]
+    return ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+
+
+def trimmed_mean(tensors: Sequence[Tensor], fraction: float) -> Tensor:
+    """The coordinate-wise mean after cutting floor(fraction x n) of the values off each end, as Flower's
+    FedTrimmedAvg (Yin et al. 2018): up to that many clients per tail are ignored at every coordinate."""
+    ordered = torch.stack(list(tensors)).sort(dim=0).values
+    n = ordered.shape[0]
+    cut = int(fraction * n)
+    return ordered[cut:n - cut].mean(dim=0)
+
+
+def robust_rule(rule: str | None, trim_fraction: float) -> Combine | None:
+    """The unweighted robust combination `--robust-aggregation` names (shard sizes are the clients' own claims, so
+    a robust rule does not weigh by them, as Flower's do not), or None for the weighted mean."""
+    if rule is None:
+        return None
+    if rule == "median":
+        return coordinate_median
+    if rule == "trimmed_mean":
+        return lambda tensors: trimmed_mean(tensors, trim_fraction)
+    raise AtlasError(f"unknown robust aggregation '{rule}'; choose one of {', '.join(ROBUST_RULES)}")
+
+
+def mean_of_parts(states: Sequence[dict[str, Tensor]], weights: Sequence[float] | np.ndarray, step: Step = None,
+                  combine: Combine | None = None) -> list[dict[str, Tensor]]:
     """The weighted mean of every key of states that hold only some parts (B alone, A alone, with or without
     heads), for methods whose factors share one basis or one rank, where a mean of one factor is exact
     (FFA-LoRA's B under a common A) or is the rule itself (FedSA-LoRA's A). Factors must have equal shapes;
-    heads mix only among same-shape heads, as in `aggregate_states`; a server `step` acts on each key's mean."""
+    heads mix only among same-shape heads, as in `aggregate_states`; a server `step` acts on each key's mean.
+    With `combine` (`robust_rule`), each key is combined by it instead of the weighted mean."""
     check_same_keys(states)
     w = normalise_weights(weights, len(states))
     out: list[dict[str, Tensor]] = [{} for _ in states]
     for key in states[0]:
         if not key.startswith(HEAD_PREFIX):
             parse_key(key)  # only trainable-state keys
-            mean = weighted_mean([s[key] for s in states], w)
+            tensors = [s[key] for s in states]
+            mean = combine(tensors) if combine is not None else weighted_mean(tensors, w)
             if step is not None:
                 mean = step(key, mean)
             for k in range(len(states)):
                 out[k][key] = mean.clone()
-    head_means(states, w, out, step)
+    head_means(states, w, out, step, combine)
     return [{key: new[key] for key in state} for state, new in zip(states, out)]
 
 

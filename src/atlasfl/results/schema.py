@@ -122,9 +122,11 @@ class RoundEntry(_Strict):
     lambda_eta: Optional[float] = None
     personal_task_scores: Optional[dict[str, float]] = Field(default=None, description=PERSONAL)
     mean_personal_task_score: Optional[float] = None
-    missing_clients: list[int] = Field(default=[], description="Flower: clients that failed or did not reply this "
-                                                               "round; the round went on without them")
-    missing_reasons: dict[str, str] = Field(default={}, description="client id -> why it was missing (Flower's error)")
+    missing_clients: list[int] = Field(default=[], description="clients that failed, did not reply or whose reply "
+                                                               "was rejected (docs/security.md) this round; the "
+                                                               "round went on without them")
+    missing_reasons: dict[str, str] = Field(default={}, description="client id -> why it was missing (the engine's "
+                                                                    "error, or why its reply was rejected)")
     clusters: Optional[RoundClusters] = Field(default=None, description=(
         "ifca, cfl (clusters found during training): the clusters at the end of the round"))
     evaluated: Optional[bool] = Field(default=None, description=(

@@ -45,10 +45,14 @@ def state_to_record(state: State, wire_dtype: str) -> tuple[ArrayRecord, int]:
 
 
 def record_to_state(record: ArrayRecord, wire_dtype: str) -> State:
-    """A received state back in float32 (the dtype the clients train in), as `federation.wire.wire` does."""
+    """A received state back in float32 (the dtype the clients train in), as `federation.wire.wire` does; an array
+    sent at another dtype than the wire dtype is a ValueError (the strategy counts the client missing)."""
     wd = WIRE_DTYPES[wire_dtype]
+    sent = str(_BITS.get(wd, wd)).removeprefix("torch.")
     out = {}
     for key, array in record.items():
+        if array.dtype != sent:
+            raise ValueError(f"{key} arrived as {array.dtype}, the run's wire dtype is {wire_dtype} ({sent})")
         t = torch.from_numpy(np.array(array.numpy()))
         out[key] = (t.view(wd) if wd in _BITS else t).to(torch.float32)
     return out

@@ -80,6 +80,7 @@ class AtlasStrategy:
         self.copies: dict[int, dict] = {}  # client id -> its state after the last round (absent: its initial one)
         self.pending: dict[int, ArrayRecord] = {}  # new states to send with the evaluate messages
         self.trained: set[int] = set()  # the clients sent a train message this round
+        self.before: dict[int, dict | None] = {}  # copies as they were before this round's replies came in
 
     # ---- phases 1 and 2 --------------------------------------------------------------------------
     def fingerprint(self) -> tuple[Roster, dict[int, dict]]:
@@ -159,23 +160,45 @@ class AtlasStrategy:
             content[ATLAS] = ConfigRecord(conf)
             to[self.members.node_of[cid]] = cid
             messages.append(message(content, self.members.node_of[cid], MessageType.TRAIN, group=round_idx))
+        self.before = {}
         for reply in self._replies(messages, to, out.missing):
-            cid = int(reply.content[ATLAS]["client_id"])
-            metrics = reply.content["metrics"]
-            out.losses[cid] = float(metrics["train_loss"])
-            out.clients_s += float(metrics["train_s"])
-            out.work += Tally(**{k: int(metrics[k]) for k in asdict(Tally())})
-            if BACKUP in reply.content.array_records:  # what the server's copy cannot learn from the upload
-                self.copies[cid] = {**self.copies.get(cid, {}), **plain_state(reply.content[BACKUP])}
-            if STATE in reply.content.array_records:
-                out.uploads[cid] = record_to_state(reply.content[STATE], self.cfg.wire_dtype)
-                out.bytes_up[cid] = int(metrics["bytes_up"])
+            cid = to.get(reply.metadata.src_node_id)  # the node the server wrote to: no client speaks for another
+            if cid is None:
+                continue
+            try:  # a reply that cannot be read is a missing client, never a crash of the round
+                metrics = reply.content["metrics"]
+                loss, seconds = float(metrics["train_loss"]), float(metrics["train_s"])
+                work = Tally(**{k: int(metrics[k]) for k in asdict(Tally())})
+                backup = plain_state(reply.content[BACKUP]) if BACKUP in reply.content.array_records else None
+                upload = (record_to_state(reply.content[STATE], self.cfg.wire_dtype), int(metrics["bytes_up"])) \
+                    if STATE in reply.content.array_records else None
+            except (KeyError, TypeError, ValueError) as exc:
+                self._miss(out.missing, cid, f"unreadable reply: {type(exc).__name__}: {exc}"[:300])
+                continue
+            out.losses[cid] = loss
+            out.clients_s += seconds
+            out.work += work
+            self.before[cid] = self.copies.get(cid)
+            if backup is not None:  # what the server's copy cannot learn from the upload
+                self.copies[cid] = {**self.copies.get(cid, {}), **backup}
+            if upload is not None:
+                out.uploads[cid], out.bytes_up[cid] = upload
                 # A client that uploads sends no backup of what it is sent back; one asked only for the second
                 # look (`Server.sharing_clients`) is sent nothing, so its copy takes the upload (exact at float32).
-                self.copies[cid] = {**self.copies.get(cid, {}), **select(out.uploads[cid], self.method.downloads)}
+                self.copies[cid] = {**self.copies.get(cid, {}), **select(upload[0], self.method.downloads)}
             self.reports.add("rounds", cid, reply)
         advance(len(out.losses))
         return out
+
+    def reject(self, clients: set[int]) -> None:
+        """The server's copy of a rejected client forgets the round's backup; its node gets that copy back."""
+        for cid in clients:
+            if cid in self.before:
+                if self.before[cid] is None:
+                    self.copies.pop(cid, None)
+                else:
+                    self.copies[cid] = self.before[cid]
+            self.members.synced.discard(cid)
 
     def deliver(self, states: dict[int, dict], round_idx: int) -> dict[int, int]:
         sent = {}
