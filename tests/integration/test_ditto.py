@@ -82,8 +82,8 @@ def test_ditto_global_is_fedavg_bit_for_bit_and_its_clients_are_scored_with_thei
     last = {}
     evaluate = inprocess.InProcess.evaluate
 
-    def spy(self, round_idx, trained, validate):
-        out = evaluate(self, round_idx, trained, validate)
+    def spy(self, round_idx, trained, validate, test=True):
+        out = evaluate(self, round_idx, trained, validate, test)
         last.update(fm=self.fm, transport=self, tests=out.tests)
         return out
 

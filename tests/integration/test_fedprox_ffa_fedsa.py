@@ -17,10 +17,10 @@ def rounds_of(monkeypatch):
     seen = {"states": []}
     evaluate = InProcess.evaluate
 
-    def spy(self, round_idx, trained, validate):
+    def spy(self, round_idx, trained, validate, test=True):
         seen.update(initial=self.initial, fm=self.fm)
         seen["states"].append(self.states())
-        return evaluate(self, round_idx, trained, validate)
+        return evaluate(self, round_idx, trained, validate, test)
 
     monkeypatch.setattr(InProcess, "evaluate", spy)
     return seen

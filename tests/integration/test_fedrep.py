@@ -67,9 +67,9 @@ def test_fedrep_sends_only_adapters_each_way_and_every_head_stays_its_clients_ow
     states = []
     evaluate = inprocess.InProcess.evaluate
 
-    def spy(self, round_idx, trained, validate):
+    def spy(self, round_idx, trained, validate, test=True):
         states.append(self.states())
-        return evaluate(self, round_idx, trained, validate)
+        return evaluate(self, round_idx, trained, validate, test)
 
     monkeypatch.setattr(inprocess.InProcess, "evaluate", spy)
     cfg = make_config(method="fedrep", fedrep_head_epochs=1)
