@@ -137,3 +137,23 @@ def peft_oracle_adapters(alpha: float, ranks: list[int], d_in: int, d_out: int, 
         layer.lora_B[name].weight.data.copy_(B)
         factors.append((A, B))
     return model, layer, names, factors
+
+
+def interrupt_at_checkpoint(cfg, monkeypatch, write: int) -> None:
+    """Run `cfg` until its `write`-th checkpoint write (1: the plan, r + 1: round r's) raises KeyboardInterrupt, as
+    Ctrl-C there would; the writes before it are complete checkpoints to resume from."""
+    import atlasfl.results.checkpoint as ckpt
+    from atlasfl.experiment import run_and_save
+
+    real, calls = ckpt.save_file, []
+
+    def dying_writer(tensors, filename):
+        calls.append(filename)
+        if len(calls) == write:
+            raise KeyboardInterrupt
+        real(tensors, filename)
+
+    monkeypatch.setattr(ckpt, "save_file", dying_writer)
+    with pytest.raises(KeyboardInterrupt):
+        run_and_save(cfg, progress=False)
+    monkeypatch.setattr(ckpt, "save_file", real)

@@ -15,7 +15,15 @@ from atlasfl.methods.base import select
 from atlasfl.models.lora import FederatedLoRAModel
 from atlasfl.models.registry import load_backbone
 from atlasfl.phases.stacking import fresh_lora
-from tests.conftest import HETERO_DEVICES, comparable, force_clusters, outcome, saved_result, state_floats
+from tests.conftest import (
+    HETERO_DEVICES,
+    comparable,
+    force_clusters,
+    interrupt_at_checkpoint,
+    outcome,
+    saved_result,
+    state_floats,
+)
 
 
 def _batch(fm):
@@ -112,19 +120,8 @@ def _assert_bytes(result, ranks, shapes):
 
 def test_a_resumed_flora_run_equals_the_uninterrupted_one(make_config, tmp_path, monkeypatch):
     reference = comparable(saved_result(make_config(method="flora", rounds=3, output_dir=str(tmp_path / "a"))))
-    real, calls = ckpt.save_file, {"n": 0}
-
-    def dying_writer(tensors, filename):
-        calls["n"] += 1
-        if calls["n"] == 4:  # round 3's checkpoint (round 0 is the plan): die before writing it
-            raise KeyboardInterrupt
-        real(tensors, filename)
-
-    monkeypatch.setattr(ckpt, "save_file", dying_writer)
     cfg = make_config(method="flora", rounds=3, output_dir=str(tmp_path / "b"))
-    with pytest.raises(KeyboardInterrupt):
-        run_and_save(cfg, progress=False)
-    monkeypatch.setattr(ckpt, "save_file", real)
+    interrupt_at_checkpoint(cfg, monkeypatch, write=4)  # dies before round 3's checkpoint
     _, states = ckpt.load_checkpoint(ckpt.complete_checkpoints(cfg.checkpoint_path)[-1])  # round 2's
     assert all(torch.count_nonzero(t) for t in select(states[0], ("residual",)).values())  # the residuals are kept
     resumed, _ = run_and_save(cfg, progress=False, resume=True)

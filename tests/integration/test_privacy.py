@@ -10,6 +10,7 @@ from atlasfl.phases.privacy import epsilon
 from atlasfl.report.load import load_results
 from atlasfl.report.tables import build_tables
 from atlasfl.results.schema import validate_result
+from tests.conftest import interrupt_at_checkpoint
 
 
 def _digests(result):
@@ -72,23 +73,11 @@ def test_local_mode_noises_each_client_and_accounts_half_the_multiplier(make_con
 
 
 def test_a_resumed_noised_run_draws_the_uninterrupted_noise(make_config, tmp_path, monkeypatch):
-    import atlasfl.results.checkpoint as ckpt
 
     kw = dict(method="standard_fl", dp_clip=0.5, dp_noise=1.0, rounds=3)
     reference, _ = run_and_save(make_config(output_dir=str(tmp_path / "a"), **kw), progress=False)
-    real, calls = ckpt.save_file, {"n": 0}
-
-    def dying_writer(tensors, filename):
-        calls["n"] += 1
-        if calls["n"] == 4:  # round 3's checkpoint (round 0 is the plan)
-            raise KeyboardInterrupt
-        real(tensors, filename)
-
     cfg = make_config(output_dir=str(tmp_path / "b"), checkpoint_dir=str(tmp_path / "ck"), **kw)
-    monkeypatch.setattr(ckpt, "save_file", dying_writer)
-    with pytest.raises(KeyboardInterrupt):
-        run_and_save(cfg, progress=False)
-    monkeypatch.setattr(ckpt, "save_file", real)
+    interrupt_at_checkpoint(cfg, monkeypatch, write=4)  # round 3's: rounds 1 and 2 are saved
     resumed, _ = run_and_save(cfg, progress=False, resume=True)
     assert _digests(resumed) == _digests(reference)
     assert resumed["privacy"] == reference["privacy"]

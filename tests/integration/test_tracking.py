@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from atlasfl.experiment import run_and_save
-from tests.conftest import tiny_config
+from tests.conftest import interrupt_at_checkpoint, tiny_config
 
 event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator",
                                         reason="the tensorboard extra is not installed")
@@ -62,21 +62,8 @@ def test_lambda_sweep_writes_one_tensorboard_run_per_eta(tmp_path):
 
 
 def test_a_resumed_run_continues_its_curves(tmp_path, monkeypatch):
-    import atlasfl.results.checkpoint as ckpt
-
     cfg = tiny_config(tmp_path, method="atlas", rounds=3, tensorboard=str(tmp_path / "tb"))
-    real, writes = ckpt.save_file, []
-
-    def dying_writer(tensors, filename):
-        writes.append(filename)
-        if len(writes) == 4:  # round 3's checkpoint (round 0 is the plan): rounds 1 and 2 are logged and saved
-            raise KeyboardInterrupt
-        real(tensors, filename)
-
-    monkeypatch.setattr(ckpt, "save_file", dying_writer)
-    with pytest.raises(KeyboardInterrupt):
-        run_and_save(cfg, progress=False)
-    monkeypatch.setattr(ckpt, "save_file", real)
+    interrupt_at_checkpoint(cfg, monkeypatch, write=4)  # round 3's: rounds 1 and 2 are logged and saved
     result, _ = run_and_save(cfg, progress=False, resume=True)
     acc = _scalars(tmp_path / "tb" / cfg.run_name)
     curve = acc.Scalars("summary/mean_task_score")
