@@ -58,3 +58,15 @@ def test_methods_say_where_their_clusters_come_from_and_the_table_lists_only_tho
     tables = {t.key: t for t in build_tables(runs)}
     assert [row[1] for row in tables["discovery"].rows] == ["cfl"]
     assert "discovery" not in {t.key for t in build_tables(runs[:1])}
+
+
+def test_a_second_look_that_mends_phase_one_makes_the_clusters_right_from_round_one():
+    mended = _run("fedavg_cluster", 0, aris=[None, None], phase1_ari=0.6, fingerprint_bytes=4096,
+                  clusters_from="phase 1")
+    mended.second_look = {"changed": True, "ari": 1.0}
+    kept = _run("fedavg_cluster", 1, aris=[None, None], phase1_ari=1.0, clusters_from="phase 1")
+    kept.second_look = {"changed": False, "ari": 1.0}
+    assert (rounds_until_right(mended), bytes_until_right(mended)) == (1, 4096 + 100)  # phase 1 and round 1
+    assert rounds_until_right(kept) == 0
+    (row,) = discovery_table(group_runs([mended, kept])).rows
+    assert row[2] == "phase 1, second look changed 1/2" and row[4].mean == 1.0 and row[6] == "2/2"

@@ -71,6 +71,7 @@ def from_atlas(data: dict, path: Path) -> list[RunRecord]:
         tuned=r.tuning["budget"]["trials"] if r.tuning else None,
         clusters_from=METHODS[r.method].clusters_from(r.config) if r.method in METHODS else None,
         fingerprint_bytes=r.communication_costs.fingerprint_bytes_up,
+        second_look=r.second_look.model_dump() if r.second_look is not None else None,
         privacy=None if r.privacy is None else r.privacy.model_dump(),
     )
     label = eta_label(r.method, r.config, searched=(r.tuning or {}).get("space", {}))

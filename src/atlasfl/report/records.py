@@ -47,6 +47,7 @@ class RunRecord:
     clustering: dict[str, Any] = field(default_factory=dict)  # phase1_clustering ('ari', 'k', 'similarity', 'labels')
     clusters_from: str | None = None  # where its sharing groups come from (`Method.clusters_from`)
     fingerprint_bytes: int | None = None  # phase 1's upload, counted where the method uses it
+    second_look: dict[str, Any] | None = None  # the result's `second_look` block (phase 1's clusters refined)
     lambda_sweep: dict[str, Any] | None = None
     note: str | None = None
     protocol: str = "global"  # which test sets the scores above come from: 'global' or 'personal'

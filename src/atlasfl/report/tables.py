@@ -254,12 +254,22 @@ def costs_table(groups: list[Group]) -> Table:
 RIGHT = 1 - 1e-9  # an ARI of 1: the clusters are the tasks
 
 
+def refined(r: RunRecord) -> bool:
+    """Whether the second look after round 1 changed phase 1's clusters (its partition groups from round 2 on)."""
+    return bool(r.second_look and r.second_look.get("changed"))
+
+
+def phase_one_ari(r: RunRecord) -> float | None:
+    """The ARI of the clusters a phase-1 run shares in at its end: the second look's where it changed them."""
+    return r.second_look["ari"] if refined(r) else r.clustering.get("ari")
+
+
 def rounds_until_right(r: RunRecord) -> int | None:
     """The round from which a run's clusters are the tasks and stay so to its end: 0 for phase 1's clusters (fixed
-    before round 1), else the first round of the final streak of rounds at ARI 1; None when they are not right at
-    the end."""
+    before round 1), 1 for the second look's (made from round 1's uploads), else the first round of the final
+    streak of rounds at ARI 1; None when they are not right at the end."""
     if r.clusters_from == "phase 1":
-        return 0 if r.clustering.get("ari", 0.0) >= RIGHT else None
+        return (1 if refined(r) else 0) if (phase_one_ari(r) or 0.0) >= RIGHT else None
     streak = 0
     for ari in reversed(r.round_ari):
         if ari is None or ari < RIGHT:
@@ -286,16 +296,19 @@ def discovery_table(groups: list[Group]) -> Table:
     rows = []
     for g in (g for g in groups if g.runs[0].clusters_from):
         source = g.runs[0].clusters_from
+        if source == "phase 1" and any(map(refined, g.runs)):
+            source = f"phase 1, second look changed {sum(map(refined, g.runs))}/{len(g.runs)}"
         right = [r for r in g.runs if rounds_until_right(r) is not None]
-        if source == "phase 1":
-            ari, by_round = _stat(r.clustering.get("ari") for r in g.runs), None
+        if g.runs[0].clusters_from == "phase 1":
+            ari, by_round = _stat(phase_one_ari(r) for r in g.runs), None
         else:
             ari = _stat(r.round_ari[-1] if r.round_ari else None for r in g.runs)
             per_round = [[a for a in column if a is not None] for column in zip(*(r.round_ari for r in g.runs))]
             by_round = " → ".join(f"{sum(c) / len(c):.2f}" if c else "—" for c in per_round) or None
         rows.append([g.model, g.label, source, len(g.runs), ari, by_round, f"{len(right)}/{len(g.runs)}",
                      _stat(rounds_until_right(r) for r in right), _stat(_div(bytes_until_right(r), MB) for r in right)])
-    notes = ["Clusters from phase 1 are fixed before round 1 (ARI: phase 1's against the true tasks); those found in "
+    notes = ["Clusters from phase 1 are fixed before round 1 (ARI: phase 1's against the true tasks, or the second "
+             "look's where it changed them after round 1: right from round 1 then); those found in "
              "training change each round (ARI: at the last round; ARI by round: the mean over seeds at each round). "
              "Right at the end: runs whose clusters are the tasks (ARI 1) at the last round; rounds until right: "
              "the round from which they stay right (0: phase 1's); MB until right: bytes up and down of all "
