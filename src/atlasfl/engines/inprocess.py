@@ -114,8 +114,7 @@ class InProcess:
         the run instead: every client shares this process's device."""
         cfg, fm, out = self.cfg, self.fm, Trained()
         shards = [s for s in self.shards if s.client_id in cohort]
-        starts = {cid: select(fm.get_state(cid), self.method.uploads) for cid in sharing} if cfg.dp_clip else {}
-        self.before = {cid: fm.get_state(cid) for cid in sharing}
+        self.before = {cid: fm.get_state(cid) for cid in sharing}  # a rejected reply's state, a DP update's start
         kw = dict(method=self.method, lr=cfg.lr, batch_size=cfg.batch_size, group_by_length=cfg.group_by_length,
                   tally=out.work)
         if cfg.client_batching and shards:
@@ -140,7 +139,7 @@ class InProcess:
         for cid in sorted(sharing - set(out.missing)):
             upload = select(fm.get_state(cid), self.method.uploads)
             if cfg.dp_clip is not None:
-                upload = client_upload(cfg, upload, starts[cid], round_idx, cid)
+                upload = client_upload(cfg, upload, select(self.before[cid], self.method.uploads), round_idx, cid)
             out.uploads[cid], out.bytes_up[cid] = wire(upload, cfg.wire_dtype)
         return out
 
