@@ -32,6 +32,14 @@ def make_config(tmp_path):
     return lambda **kw: tiny_config(tmp_path, **kw)
 
 
+@pytest.fixture(autouse=True)
+def fresh_phase1():
+    """Every test's runs compute their own phase 1: none takes the fingerprints of another test's run."""
+    from atlasfl.engines import inprocess
+
+    inprocess._last_phase1.clear()
+
+
 def pytest_collection_modifyitems(items):
     """Every test under tests/integration runs tiny models end to end: mark it `e2e`."""
     for item in items:

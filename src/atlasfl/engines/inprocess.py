@@ -2,7 +2,10 @@
 in this process and the client functions are called directly."""
 from __future__ import annotations
 
+import copy
+import json
 import logging
+import time
 import traceback
 
 import torch
@@ -21,18 +24,31 @@ from atlasfl.federation.server import Plan
 from atlasfl.federation.training import TrainJob, client_seed, train_client, train_cohort
 from atlasfl.federation.transport import CHOICE_BYTES, Evaluated, Offered, Roster, Trained
 from atlasfl.federation.wire import wire
-from atlasfl.methods import method_for
+from atlasfl.methods import method_for, method_settings
 from atlasfl.methods.base import select
 from atlasfl.models.lora import state_digest
 from atlasfl.models.personal import PersonalLoRAModel
 from atlasfl.models.registry import check_model_name, load_backbone, resolve_device
 from atlasfl.results import adapters
+from atlasfl.results.checkpoint import NON_RESULT_KEYS
 
 log = logging.getLogger("atlasfl")
 CLOCK_NOTE = ("in-process: every phase timed in this one process around all clients' work (train: local training "
               "and the uploads' wire trip; aggregate: the server's rule and the new states' wire trip to the clients; "
               "evaluate: test sets, identical states scored once, and the last round's local validation; "
               "checkpoint: writing the round's checkpoint)")
+# Phase 1's uploads of the last federation fingerprinted in this process, with the seconds they took, under its
+# `phase1_key`: the runs of a demo, an in-process sweep or a study that differ only in their method fingerprint
+# the same clients on the same model alike, and every client's training reseeds itself, so taking the uploads
+# again changes no result (tests/integration/test_phase1_reuse.py). One entry: grids go seed by seed.
+_last_phase1: dict[str, tuple[dict[int, dict], float]] = {}
+
+
+def phase1_key(cfg: RunConfig) -> str:
+    """Every setting but the method, the methods' own settings and where files go: two runs equal on all of these
+    cut the same shards from the same data and fingerprint them on the same model the same way."""
+    skip = {"method", *method_settings(), *NON_RESULT_KEYS}
+    return json.dumps({k: v for k, v in cfg.model_dump(mode="json").items() if k not in skip}, sort_keys=True)
 
 
 def run_experiment(cfg: RunConfig, *, progress: bool = True, resume: bool = False, on_round=None) -> dict:
@@ -88,11 +104,23 @@ class InProcess:
     # ---- the driver's transport ------------------------------------------------------------------
     def fingerprint(self) -> tuple[Roster, dict[int, dict]]:
         roster, cfg = self.set_up(), self.cfg
+        key = phase1_key(cfg)
+        if key in _last_phase1:
+            uploads, seconds = _last_phase1[key]
+            log.info("phase 1: the fingerprints an earlier run in this process computed for the same clients and "
+                     "model (%.1f s there) are taken again", seconds)
+            self.clock_note = (f"{CLOCK_NOTE}; phase 1's fingerprints were computed by an earlier run in this process "
+                               f"with the same clients and model ({seconds:.1f} s there) and taken again, so "
+                               "phases_s.fingerprint is the time to take them")
+            return roster, copy.deepcopy(uploads)
+        t0 = time.perf_counter()
         uploads = {s.client_id: self._guard_oom(s, "fingerprinting", lambda s=s: fingerprint(
             self.fm, self.train_enc[s.client_id], num_labels=self.tasks[s.task].num_labels,
             samples=cfg.fingerprint_samples, batch_size=cfg.batch_size, layers=cfg.fingerprint_layers,
             dim=cfg.fingerprint_dim, seed=cfg.seed, representation_samples=cfg.representation_samples))
             for s in self.shards}
+        _last_phase1.clear()
+        _last_phase1[key] = copy.deepcopy(uploads), time.perf_counter() - t0
         return roster, uploads
 
     def restore(self, meta: dict) -> Roster:
