@@ -67,7 +67,9 @@ def test_cfl_is_fedavg_in_one_cluster_then_splits_and_records_its_rule(make_conf
     assert record.round_bytes == [r["bytes_up_total"] + r["bytes_down_total"] for r in rounds]
 
 
-@pytest.mark.parametrize(("method", "kw"), [("ifca", {}), ("cfl", SPLITTING)])
+# ifca, 3 clusters over two label spaces: each cluster holds a head per label space, two seeded from one pooled mean
+@pytest.mark.parametrize(("method", "kw"), [
+    ("ifca", dict(tasks=("gen_topic", "gen_pair"), max_test_samples=64, ifca_k=3)), ("cfl", SPLITTING)])
 def test_resumed_run_equals_the_uninterrupted_one(make_config, tmp_path, method, kw):
     whole = _run(make_config, method, rounds=3, keep_checkpoints=5, output_dir=str(tmp_path / "a"),
                  checkpoint_dir=str(tmp_path / "ck"), **kw)

@@ -95,7 +95,9 @@ class IFCA(Method):
         pooled = {_labels(s): select(s, ("head",)) for s in means}
         for i in farthest_seeds(points, self.clusters_k(self.cfg), seed=self.cfg.seed):
             self.adapters.append(factors[i])
-            self.heads.append({**pooled, _labels(states[i]): select(states[i], ("head",))})
+            heads = {**pooled, _labels(states[i]): select(states[i], ("head",))}
+            # copies: the clusters share the pooled heads' values, not their tensors (a checkpoint stores each apart)
+            self.heads.append({n: {key: t.clone() for key, t in head.items()} for n, head in heads.items()})
 
     def offers(self, labels: dict[int, int]):
         if not self.adapters:
