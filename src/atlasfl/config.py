@@ -1,6 +1,7 @@
 """One validated run configuration, built from the model's preset, the mode and the user's overrides."""
 from __future__ import annotations
 
+import math
 import types
 import typing
 from pathlib import Path
@@ -134,6 +135,16 @@ class GeneralSettings(BaseModel):
         "--dp-clip: central (the server noises each group's mean) or local (each client noises its own update).",
         "central")
     dp_delta: float = setting("--dp-clip: the delta at which epsilon is reported.", 1e-5, gt=0, lt=1)
+    dp_target_quantile: float | None = setting(
+        "--dp-clip: adapt each group's clip, from C, toward this quantile of its members' update norms (Andrew et al. "
+        "2021; central mode; docs/privacy.md). Default: the clip stays C.", None, gt=0, lt=1)
+    dp_clip_lr: float = setting(
+        "--dp-target-quantile: the clip's geometric step eta_C: C <- C·exp(-eta_C·(noised unclipped fraction - "
+        "quantile)).", 0.2, gt=0)
+    dp_count_noise: float | None = setting(
+        "--dp-target-quantile: std sigma_b of the noise on a group's count of unclipped updates; it must exceed "
+        "z/2. Default: max(m/20, sqrt(10)·z/2) for a group of m (the paper's m/20, raised so the count spends at "
+        "most a tenth of the budget).", None, gt=0)
     dp_epsilon_budget: float | None = setting(
         "--dp-clip: stop cleanly (a result is written, marked so) before a round that would spend more epsilon.",
         None, gt=0)
@@ -236,11 +247,24 @@ class GeneralSettings(BaseModel):
         """DP's settings mean something only with --dp-clip, and only for a method whose releases it covers."""
         fields = type(self).model_fields
         if self.dp_clip is None:
-            given = [n for n in ("dp_noise", "dp_mode", "dp_delta", "dp_epsilon_budget")
-                     if getattr(self, n) != fields[n].default]
+            given = [n for n in ("dp_noise", "dp_mode", "dp_delta", "dp_epsilon_budget", "dp_target_quantile",
+                                 "dp_clip_lr", "dp_count_noise") if getattr(self, n) != fields[n].default]
             if given:
                 raise ValueError(f"--{given[0].replace('_', '-')} needs --dp-clip C (the clipping norm)")
             return
+        if self.dp_target_quantile is None:
+            given = [n for n in ("dp_clip_lr", "dp_count_noise") if getattr(self, n) != fields[n].default]
+            if given:
+                raise ValueError(f"--{given[0].replace('_', '-')} needs --dp-target-quantile (adaptive clipping)")
+        else:
+            if self.dp_mode == "local":
+                raise ValueError("--dp-target-quantile needs --dp-mode central: the server noises the count of "
+                                 "unclipped updates that moves the clip")
+            if math.isinf(self.dp_clip):
+                raise ValueError("--dp-target-quantile needs a finite --dp-clip to start from")
+            if self.dp_count_noise is not None and self.dp_noise > 0 and 2 * self.dp_count_noise <= self.dp_noise:
+                raise ValueError(f"--dp-count-noise {self.dp_count_noise:g} leaves no privacy budget for the update at "
+                                 f"--dp-noise {self.dp_noise:g}: it must exceed z/2 = {self.dp_noise / 2:g}")
         why = METHOD_CLASSES[self.method].dp_refusal(self)
         if why is not None:
             raise ValueError(f"--dp-clip: {self.method} {why}; client-level DP covers methods whose server forms "
@@ -335,12 +359,13 @@ def server_optimizer_label(config: dict) -> str | None:
 
 
 def dp_label(config: dict) -> str | None:
-    """What --dp-clip adds to a run's file name and report label (`dpcC0.5z1`, `_eps8` with a budget), from a run's
-    config block; None without DP (results before it too)."""
+    """What --dp-clip adds to a run's file name and report label (`dpcC0.5z1`, `q0.5` with adaptive clipping, `_eps8`
+    with a budget), from a run's config block; None without DP (results before it too)."""
     if config.get("dp_clip") is None:
         return None
+    adaptive = "" if config.get("dp_target_quantile") is None else f"q{config['dp_target_quantile']:g}"
     budget = "" if config.get("dp_epsilon_budget") is None else f"_eps{config['dp_epsilon_budget']:g}"
-    return f"dp{config['dp_mode'][0]}C{config['dp_clip']:g}z{config['dp_noise']:g}{budget}"
+    return f"dp{config['dp_mode'][0]}C{config['dp_clip']:g}z{config['dp_noise']:g}{adaptive}{budget}"
 
 
 class _Null:

@@ -72,9 +72,10 @@ def test_local_mode_noises_each_client_and_accounts_half_the_multiplier(make_con
     assert local["privacy"]["effective_noise_multiplier"] == 1.0
 
 
-def test_a_resumed_noised_run_draws_the_uninterrupted_noise(make_config, tmp_path, monkeypatch):
-
-    kw = dict(method="standard_fl", dp_clip=0.5, dp_noise=1.0, rounds=3)
+@pytest.mark.parametrize("adaptive", [{}, dict(dp_target_quantile=0.5)], ids=["fixed", "adaptive"])
+def test_a_resumed_noised_run_draws_the_uninterrupted_noise(make_config, tmp_path, monkeypatch, adaptive):
+    """Adaptive: the clips the checkpoint carries are the ones the uninterrupted run went on with."""
+    kw = dict(method="standard_fl", dp_clip=0.5, dp_noise=1.0, rounds=3, **adaptive)
     reference, _ = run_and_save(make_config(output_dir=str(tmp_path / "a"), **kw), progress=False)
     cfg = make_config(output_dir=str(tmp_path / "b"), checkpoint_dir=str(tmp_path / "ck"), **kw)
     interrupt_at_checkpoint(cfg, monkeypatch, write=4)  # round 3's: rounds 1 and 2 are saved
@@ -83,10 +84,39 @@ def test_a_resumed_noised_run_draws_the_uninterrupted_noise(make_config, tmp_pat
     assert resumed["privacy"] == reference["privacy"]
 
 
-@pytest.mark.parametrize("mode", ["central", "local"])
-def test_flower_clients_clip_and_noise_as_the_inprocess_engine(make_config, tmp_path, mode):
-    kw = dict(method="standard_fl", dp_clip=0.5, dp_noise=1.0, dp_mode=mode)
+@pytest.mark.parametrize("mode, adaptive", [("central", dict(dp_target_quantile=0.5)), ("local", {})])
+def test_flower_clients_clip_and_noise_as_the_inprocess_engine(make_config, tmp_path, mode, adaptive):
+    """Central with adaptive clipping: the server sends each client its clip, the client says whether it clipped."""
+    kw = dict(method="standard_fl", dp_clip=0.5, dp_noise=1.0, dp_mode=mode, **adaptive)
     inproc, _ = run_and_save(make_config(output_dir=str(tmp_path / "a"), **kw), progress=False)
     flower, _ = run_and_save(make_config(output_dir=str(tmp_path / "b"), engine="flower", **kw), progress=False)
     assert _digests(flower) == _digests(inproc)
     assert flower["privacy"] == inproc["privacy"]
+
+
+def test_adaptive_clipping_moves_each_groups_clip_and_spends_the_same_epsilon(make_config, tmp_path):
+    """The clip starts at C and follows the noised unclipped fraction round by round; the combined release is
+    accounted at z, so ε is the fixed clip's; the noise met by the update is z_Δ > z."""
+    kw = dict(method="fedavg_cluster", dp_clip=0.05, dp_noise=1.0, rounds=3)
+    fixed, _ = run_and_save(make_config(output_dir=str(tmp_path / "a"), **kw), progress=False)
+    adaptive, path = run_and_save(make_config(output_dir=str(tmp_path / "b"), dp_target_quantile=0.5, **kw),
+                                  progress=False)
+    validate_result(json.loads(path.read_text()))
+    assert "dpcC0.05z1q0.5" in path.name
+    rounds = [r["privacy"]["clips"] for r in adaptive["round_metrics"]]
+    groups = {",".join(map(str, [c for c, k in enumerate(adaptive["cluster_labels"]) if k == g]))
+              for g in set(adaptive["cluster_labels"])}
+    assert all(set(clips) == groups for clips in rounds)
+    for name in groups:
+        assert rounds[0][name]["clip"] == 0.05
+        for before, after in zip(rounds, rounds[1:]):
+            assert after[name]["clip"] == before[name]["next_clip"]
+            assert before[name]["next_clip"] == pytest.approx(
+                before[name]["clip"] * math.exp(-0.2 * (before[name]["within_fraction"] - 0.5)))
+        assert rounds[-1][name]["next_clip"] != 0.05  # it moved
+        assert all(r[name]["update_noise_multiplier"] > 1.0 for r in rounds)
+    assert [r["privacy"]["epsilon"] for r in adaptive["round_metrics"]] == \
+        [r["privacy"]["epsilon"] for r in fixed["round_metrics"]]
+    assert _digests(adaptive)[0] != _digests(fixed)[0]  # round 1 already meets more noise (z_Δ)
+    assert adaptive["privacy"]["adaptive_clipping"]["target_quantile"] == 0.5
+    assert fixed["privacy"]["adaptive_clipping"] is None and "clips" not in fixed["round_metrics"][0]["privacy"]

@@ -136,7 +136,7 @@ class InProcess:
         for cid, state in (self.initial if states is None else states).items():
             self.fm.set_state(cid, state)
 
-    def train(self, round_idx: int, cohort: set[int], sharing: set[int], advance) -> Trained:
+    def train(self, round_idx: int, cohort: set[int], sharing: set[int], advance, clips=None) -> Trained:
         """The cohort's clients train (together with --client-batching). A client whose training raises is left
         out of the round with its state as it was, as a failing Flower ClientApp is; a CUDA out-of-memory stops
         the run instead: every client shares this process's device."""
@@ -166,8 +166,9 @@ class InProcess:
                 advance(1)
         for cid in sorted(sharing - set(out.missing)):
             upload = select(fm.get_state(cid), self.method.uploads)
-            if cfg.dp_clip is not None:
-                upload = client_upload(cfg, upload, select(self.before[cid], self.method.uploads), round_idx, cid)
+            if clips:
+                upload, out.within_clip[cid] = client_upload(cfg, upload, select(self.before[cid], self.method.uploads),
+                                                             round_idx, cid, clips[cid])
             out.uploads[cid], out.bytes_up[cid] = wire(upload, cfg.wire_dtype)
         return out
 

@@ -107,7 +107,9 @@ def run(cfg: RunConfig, transport: Transport, *, resume: bool = False, progress:
                 if checkpoint is not None and eta_index == start_eta:
                     fed.rounds, fed.val = meta["rounds"], {int(c): v for c, v in meta["val"].items()}
                     saved = _unprefixed("optimizer/", meta["server_tensors"])
-                    fed.server.start_eta(eta, saved if start_round > 0 else None, done=start_round)
+                    clips = _unprefixed("dpclip/", meta["server_tensors"])
+                    fed.server.start_eta(eta, saved if start_round > 0 else None, done=start_round,
+                                         clip_state=clips if start_round > 0 else None)
                     transport.start_eta(eta, states if start_round > 0 else None)
                     tracker.resume(eta, fed.rounds)
                 else:
@@ -192,13 +194,15 @@ def run_round(fed: Federation, r: int, bars: RunProgress) -> dict:
     # same view.
     held = {c for e in fed.rounds for c in _participants(e)}
     starts = {c: st for c, st in fed.transport.states().items() if c in held}
-    trained = fed.transport.train(r, took_part, sharing & took_part, bars.advance_clients)
+    trained = fed.transport.train(r, took_part, sharing & took_part, bars.advance_clients,
+                                  clips=fed.server.clips_for(sharing & took_part))
     _reject_bad_replies(fed, trained)
     t_train = time.perf_counter()
     warn_missing(r, trained.missing)
     _check_missing(fed, trained.missing)
     absent = frozenset(part.left_out)
-    down = fed.transport.deliver(fed.server.aggregate(trained.uploads, frozenset(trained.missing), absent, r), r)
+    down = fed.transport.deliver(fed.server.aggregate(trained.uploads, frozenset(trained.missing), absent, r,
+                                                      trained.within_clip), r)
     fed.server.regroup(r, trained.uploads, starts)
     offered = _offer(fed, r, set(trained.missing) | absent)
     t_aggregate = time.perf_counter()
@@ -238,7 +242,8 @@ def run_round(fed: Federation, r: int, bars: RunProgress) -> dict:
                          eta=fed.server.eta if fed.method.personalises else None, cost=cost,
                          missing={str(c): why for c, why in sorted(missing.items())},
                          clusters=fed.server.round_clusters(), tested=test, participants=participants,
-                         simulated=part.record(), privacy=round_privacy(fed.cfg, _rates(fed, r)))
+                         simulated=part.record(),
+                         privacy=round_privacy(fed.cfg, _rates(fed, r), fed.server.round_clips))
 
 
 def _participants(entry: dict) -> list[int]:
@@ -332,6 +337,7 @@ def save(fed: Federation, eta_index: int, round_idx: int) -> float:
     states = fed.transport.states()
     clustering, clustering_tensors = fed.method.clustering_state()
     server_tensors = {**_prefixed("optimizer/", fed.server.optimizer_state()),
+                      **_prefixed("dpclip/", fed.server.clip_state()),
                       **_prefixed("clustering/", clustering_tensors)}
     payload = checkpoint_payload(fed.cfg, fed.plan, fed.rounds, fed.runs, states, clustering=clustering,
                                  val={str(c): v for c, v in fed.val.items()}, **fed.transport.checkpoint_extra())

@@ -12,15 +12,15 @@ from atlasfl.phases.privacy import COVERS, epsilon, noise_seed, privatise_upload
 State = dict[str, torch.Tensor]
 
 
-def client_upload(cfg: RunConfig, upload: State, start: State, round_idx: int, cid: int) -> State:
-    """What a client sends in round `round_idx`: its upload, or under DP its update clipped (and, in local mode,
-    noised with a generator seeded from the run seed, round and client) on top of `start` (its state of those
-    keys before the round's training). Both engines call it before the wire trip."""
-    if cfg.dp_clip is None:
-        return upload
+def client_upload(cfg: RunConfig, upload: State, start: State, round_idx: int, cid: int, clip: float
+                  ) -> tuple[State, bool]:
+    """What a client sends in round `round_idx` under DP: its update clipped to `clip` (the server's clip for it
+    this round: `Server.clip_of`) and, in local mode, noised with a generator seeded from the run seed, round and
+    client, on top of `start` (its state of those keys before the round's training); and whether the update was
+    within the clip. Both engines call it before the wire trip."""
     local = cfg.dp_mode == "local"
     generator = torch.Generator().manual_seed(noise_seed(cfg.seed, round_idx, f"client {cid}")) if local else None
-    return privatise_upload(upload, start, clip=cfg.dp_clip, noise=cfg.dp_noise, local=local, generator=generator)
+    return privatise_upload(upload, start, clip=clip, noise=cfg.dp_noise, local=local, generator=generator)
 
 
 def multiplier(cfg: RunConfig) -> float:
@@ -30,16 +30,20 @@ def multiplier(cfg: RunConfig) -> float:
     return cfg.dp_noise if cfg.dp_mode == "central" else cfg.dp_noise / 2
 
 
-def round_privacy(cfg: RunConfig, rates: list[float]) -> dict | None:
-    """A round entry's `privacy`: ε at δ after the rounds so far (round t's participation rate `rates[t]`); None
-    without DP. ε is ∞ (JSON: null with `epsilon_infinite`) when no noise is added."""
+def round_privacy(cfg: RunConfig, rates: list[float], clips: dict[str, dict] | None = None) -> dict | None:
+    """A round entry's `privacy`: ε at δ after the rounds so far (round t's participation rate `rates[t]`) and,
+    under adaptive clipping, each group's clip this round (`Server.round_clips`); None without DP. ε is ∞ (JSON:
+    null with `epsilon_infinite`) when no noise is added."""
     if cfg.dp_clip is None:
         return None
     if cfg.dp_mode == "local":
         rates = [1.0] * len(rates)
     eps = epsilon(multiplier(cfg), rates, cfg.dp_delta)
-    return dict(epsilon=None if math.isinf(eps) else eps, epsilon_infinite=math.isinf(eps), delta=cfg.dp_delta,
-                participation_rate=rates[-1], rounds_accounted=len(rates))
+    out = dict(epsilon=None if math.isinf(eps) else eps, epsilon_infinite=math.isinf(eps), delta=cfg.dp_delta,
+               participation_rate=rates[-1], rounds_accounted=len(rates))
+    if cfg.dp_target_quantile is not None:
+        out["clips"] = dict(clips or {})
+    return out
 
 
 def privacy_block(cfg: RunConfig, rounds: list[dict], stopped_by_budget: bool) -> dict | None:
@@ -47,7 +51,14 @@ def privacy_block(cfg: RunConfig, rounds: list[dict], stopped_by_budget: bool) -
     if cfg.dp_clip is None:
         return None
     last = rounds[-1]["privacy"] if rounds else dict(epsilon=0.0, epsilon_infinite=False)
-    return dict(mechanism=f"DP-FedAvg, {cfg.dp_mode} Gaussian", clip=cfg.dp_clip, noise_multiplier=cfg.dp_noise,
+    adaptive = None if cfg.dp_target_quantile is None else dict(
+        rule="Andrew et al. 2021: each group's clip C <- C·exp(-lr·(b - quantile)), b its members' noised fraction of "
+             "unclipped updates; the update's noise multiplier is what the count leaves of z",
+        target_quantile=cfg.dp_target_quantile, lr=cfg.dp_clip_lr,
+        count_noise=cfg.dp_count_noise if cfg.dp_count_noise is not None else "max(m/20, sqrt(10)·z/2), m the group's "
+        "replying members")
+    return dict(mechanism=f"DP-FedAvg, {cfg.dp_mode} Gaussian" + (", adaptive clipping" if adaptive else ""),
+                clip=cfg.dp_clip, noise_multiplier=cfg.dp_noise, adaptive_clipping=adaptive,
                 effective_noise_multiplier=multiplier(cfg), mode=cfg.dp_mode, delta=cfg.dp_delta,
                 epsilon=last["epsilon"], epsilon_infinite=last["epsilon_infinite"],
                 epsilon_budget=cfg.dp_epsilon_budget, stopped_by_budget=stopped_by_budget, covers=COVERS,

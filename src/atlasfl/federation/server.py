@@ -28,6 +28,7 @@ from atlasfl.phases.clustering import (
 )
 from atlasfl.phases.devices import PROFILES, ModelFacts, draw_devices, estimate_training_memory, fits
 from atlasfl.phases.fingerprint import NOISE_KEYS
+from atlasfl.phases.privacy import count_noise, gaussian, next_clip, noise_seed, update_noise
 from atlasfl.phases.ranks import adapter_params, allocate_ranks, rank_budget_for_memory
 from atlasfl.phases.server_optimizer import ServerOptimizer, ServerRule
 
@@ -92,14 +93,23 @@ class Server:
         self.looking = False  # this round (an eta's first) every client uploads for the second look
         rule = ServerRule.of(cfg)
         self.optimizer = None if rule is None else ServerOptimizer(rule)
+        self.clips: dict[int, float] = {}  # under DP: each client's clip for its next upload
+        self.round_clips: dict[str, dict] = {}  # under adaptive clipping: each group's clip of the last aggregate
 
-    def start_eta(self, eta: float, optimizer_state: dict[str, torch.Tensor] | None = None, done: int = 0) -> None:
+    def start_eta(self, eta: float, optimizer_state: dict[str, torch.Tensor] | None = None, done: int = 0,
+                  clip_state: dict[str, torch.Tensor] | None = None) -> None:
         """An eta's federation begins (`done` rounds of it already run, on a resume): its step size, the server
-        optimiser's state afresh or as a checkpoint of this eta left it (`ServerOptimizer.tensors`), and its
-        groups: phase 1's in round 1, the second look's from round 2 on."""
+        optimiser's state and the clients' DP clips afresh or as a checkpoint of this eta left them
+        (`ServerOptimizer.tensors`, `clip_state`), and its groups: phase 1's in round 1, the second look's from
+        round 2 on."""
         self.eta = eta
         if self.optimizer is not None:
             self.optimizer.load(optimizer_state or {})
+        if self.cfg.dp_clip is not None:
+            saved = (clip_state or {}).get("clips")
+            self.clips = {c: self.cfg.dp_clip if saved is None else float(saved[i])
+                          for i, c in enumerate(sorted(self.clients))}
+            self.round_clips = {}
         if self.planned is None:
             return
         look = self.planned.second_look
@@ -305,7 +315,8 @@ class Server:
         return dict(labels=labels, ari=self._ari(labels), **seen)
 
     def aggregate(self, uploads: dict[int, State], missing: frozenset[int] = frozenset(),
-                  absent: frozenset[int] = frozenset(), round_idx: int = 0) -> dict[int, State]:
+                  absent: frozenset[int] = frozenset(), round_idx: int = 0,
+                  within_clip: dict[int, bool] | None = None) -> dict[int, State]:
         """New trainable state for every replying client of every sharing group, at each client's own shapes.
 
         `uploads` must hold the state of every client in `sharing_clients()` but those in `missing` (clients
@@ -315,11 +326,13 @@ class Server:
         part is left as it is; one left with fewer than `min_replies_per_group` replies of the members taking
         part (or none) raises TooFewReplies. Under client-level DP (`--dp-clip`, the uploads already clipped by
         their clients) a group's mean is uniform and, centrally, noised (`_private_step`) with noise drawn from
-        the run seed and `round_idx`."""
+        the run seed and `round_idx`; with --dp-target-quantile each group's clip then moves toward that quantile
+        of its members' update norms (`_adapt_clip`, from `within_clip`: whether each upload was unclipped)."""
         unsent = [c for c in self.sharing_clients() if c not in uploads and c not in missing and c not in absent]
         if unsent:
             raise ValueError(f"no upload from sharing client(s) {unsent}")
         out: dict[int, State] = {}
+        self.round_clips = {}
         for full in self.sharing_groups():
             taking_part = [c for c in full if c not in absent]
             if not taking_part:
@@ -333,7 +346,11 @@ class Server:
             dp = self.cfg.dp_clip is not None
             step = self._step(name, stepped)
             if dp and self.cfg.dp_mode == "central" and self.cfg.dp_noise > 0:
-                step = self._private_step(step, [uploads[c] for c in group], round_idx, name)
+                clip = max(self.clips[c] for c in group)  # each member's sensitivity is its own clip
+                std = self._update_noise(len(group)) * clip
+                step = self._private_step(step, [uploads[c] for c in group], round_idx, name, std)
+            if dp and self.cfg.dp_target_quantile is not None:
+                self._adapt_clip(full, group, within_clip or {}, round_idx, name)
             new = self.method.aggregate([uploads[c] for c in group], Group(
                 clients=group, sizes=[1 if dp else self.clients[c].num_train for c in group],
                 fingerprints=self.affinity_space[group], cfg=self.cfg, eta=self.eta, step=step))
@@ -354,16 +371,46 @@ class Server:
         """The server optimiser's state for a checkpoint (empty where there is none)."""
         return {} if self.optimizer is None else self.optimizer.tensors()
 
-    def _private_step(self, step, states: list[State], round_idx: int, group: str):
-        """Central DP-FedAvg's Gaussian mechanism on one group's uniform mean: N(0, (z·C/m)²) on every coordinate of
+    def clips_for(self, clients: set[int]) -> dict[int, float] | None:
+        """Each of `clients`' clip for this round's upload under DP (None without)."""
+        return {c: self.clips[c] for c in clients} if self.cfg.dp_clip is not None else None
+
+    def clip_state(self) -> dict[str, torch.Tensor]:
+        """The clients' clips (client-id order) for a checkpoint; empty without DP."""
+        if not self.clips:
+            return {}
+        return {"clips": torch.tensor([self.clips[c] for c in sorted(self.clips)], dtype=torch.float64)}
+
+    def _count_noise(self, members: int) -> float:
+        return self.cfg.dp_count_noise if self.cfg.dp_count_noise is not None else count_noise(members,
+                                                                                               self.cfg.dp_noise)
+
+    def _update_noise(self, members: int) -> float:
+        """The update's noise multiplier: z, or under adaptive clipping z_Δ, what the noised count leaves of z."""
+        if self.cfg.dp_target_quantile is None:
+            return self.cfg.dp_noise
+        return update_noise(self.cfg.dp_noise, self._count_noise(members))
+
+    def _adapt_clip(self, full: list[int], group: list[int], within: dict[int, bool], round_idx: int, name: str):
+        """Adaptive clipping (Andrew et al. 2021): the group's clip (its members' largest) moves geometrically by
+        the noised fraction of its replying members whose update was within it; every member takes the new clip.
+        Recorded in `round_clips` for the round's `privacy` entry."""
+        clip = max(self.clips[c] for c in group)
+        generator = torch.Generator().manual_seed(noise_seed(self.cfg.seed, round_idx, f"clip count {name}"))
+        new, fraction = next_clip(clip, sum(bool(within.get(c)) for c in group), len(group),
+                                  target=self.cfg.dp_target_quantile, lr=self.cfg.dp_clip_lr,
+                                  count_std=self._count_noise(len(group)), generator=generator)
+        self.clips.update(dict.fromkeys(full, new))
+        self.round_clips[name] = dict(clip=clip, within_fraction=fraction, next_clip=new,
+                                      update_noise_multiplier=self._update_noise(len(group)))
+
+    def _private_step(self, step, states: list[State], round_idx: int, group: str, std: float):
+        """Central DP-FedAvg's Gaussian mechanism on one group's uniform mean: N(0, (std/m)²) on every coordinate of
         each key's mean, m the members averaged into it (all of the group for adapters; those whose head has that
-        shape for a head: `head::<param>@<shape>`): noise of std z·C on each sum of clipped updates, so one client's
+        shape for a head: `head::<param>@<shape>`): `std` = z·C on each sum of clipped updates, so one client's
         whole update (norm <= C over all keys) meets noise multiplier z. The server optimiser, if any, steps the
         noised mean (post-processing)."""
-        from atlasfl.phases.privacy import gaussian, noise_seed
-
         generator = torch.Generator().manual_seed(noise_seed(self.cfg.seed, round_idx, group))
-        std = self.cfg.dp_noise * self.cfg.dp_clip
 
         def members(key: str) -> int:
             name, _, shape = key.partition("@")

@@ -44,6 +44,7 @@ class Trained:
     missing: dict[int, str] = field(default_factory=dict)
     work: Tally = field(default_factory=Tally)
     clients_s: float | None = None
+    within_clip: dict[int, bool] = field(default_factory=dict)  # under DP: whether each upload's update was unclipped
 
 
 @dataclass
@@ -91,9 +92,11 @@ class Transport(Protocol):
     def start_eta(self, eta: float, states: dict[int, dict] | None) -> None:
         """Clients start the eta from their initial states (None) or from `states` (an eta resumed after a round)."""
 
-    def train(self, round_idx: int, cohort: set[int], sharing: set[int], advance: Callable[[int], None]) -> Trained:
+    def train(self, round_idx: int, cohort: set[int], sharing: set[int], advance: Callable[[int], None],
+              clips: dict[int, float] | None = None) -> Trained:
         """The clients of `cohort` train (the others are sent nothing and keep their state); those in `sharing`
-        (a subset) upload their trained state (the method's `uploads`). `advance(n)`: n more clients are done
+        (a subset) upload their trained state (the method's `uploads`), under DP (`clips`: each sharing client's
+        clip this round) clipped by `federation.privacy.client_upload`. `advance(n)`: n more clients are done
         (a progress bar)."""
 
     def reject(self, clients: set[int]) -> None:

@@ -1,7 +1,8 @@
 """Client-level differential privacy (DP-FedAvg, McMahan et al. 2018; docs/privacy.md): each client's update (the
 change of its uploaded state over the round, all tensors together) clipped to L2 norm C, Gaussian noise on the
-group's mean (central) or on each clipped update (local), and the privacy spent from Google's `dp-accounting`
-RDP accountant. Pure functions over tensors; the noise comes from a generator the caller seeds."""
+group's mean (central) or on each clipped update (local), the clip optionally adapted to a target quantile of the
+update norms (Andrew et al. 2021), and the privacy spent from Google's `dp-accounting` RDP accountant. Pure
+functions over tensors; the noise comes from a generator the caller seeds."""
 from __future__ import annotations
 
 import math
@@ -38,14 +39,44 @@ def gaussian(shape: Sequence[int], std: float, generator: torch.Generator) -> to
 
 
 def privatise_upload(upload: State, start: State, *, clip: float, noise: float, local: bool,
-                     generator: torch.Generator | None) -> State:
+                     generator: torch.Generator | None) -> tuple[State, bool]:
     """A client's upload under DP: its update clipped to `clip`; with `local`, plus N(0, (noise·clip)²) on every
-    coordinate of the clipped update (the client noises it itself, so the server never sees it bare)."""
+    coordinate of the clipped update (the client noises it itself, so the server never sees it bare). Also whether
+    the update was within the clip (its norm <= `clip`): the bit adaptive clipping counts."""
+    within = update_norm(upload, start) <= clip
     clipped = clip_update(upload, start, clip)
     if not local or noise == 0:
-        return clipped
+        return clipped, within
     return {k: (v.to(torch.float64) + gaussian(v.shape, noise * clip, generator)).to(v.dtype)
-            for k, v in clipped.items()}
+            for k, v in clipped.items()}, within
+
+
+def count_noise(members: int, noise: float) -> float:
+    """The default std σ_b of the noise on a group's count of unclipped updates: Andrew et al.'s m/20 for m
+    members, raised where groups are small to √10·z/2, where the count spends a tenth of the round's Gaussian budget
+    ((2σ_b)⁻² = z⁻²/10, so the update's noise multiplier is z/√0.9 = 1.054·z; m/20 alone would leave no budget
+    for the update in a group of fewer than 10·z clients)."""
+    return max(members / 20, math.sqrt(10) * noise / 2)
+
+
+def update_noise(noise: float, count_std: float) -> float:
+    """The noise multiplier z_Δ of the update's Gaussian when the round also releases a count of unclipped bits
+    with noise std σ_b: the two together are one Gaussian release of multiplier z (Andrew et al. 2021, Thm 1; the
+    bit's sensitivity is 1/2 once centred), so z_Δ = (z⁻² − (2σ_b)⁻²)^(-1/2). z = 0: no noise (ε = ∞)."""
+    if noise == 0:
+        return 0.0
+    if 2 * count_std <= noise:
+        raise ValueError(f"count noise σ_b = {count_std:g} leaves no privacy budget for the update at noise "
+                         f"multiplier {noise:g}: it needs σ_b > z/2 = {noise / 2:g}")
+    return (noise ** -2 - (2 * count_std) ** -2) ** -0.5
+
+
+def next_clip(clip: float, unclipped: int, members: int, *, target: float, lr: float, count_std: float,
+              generator: torch.Generator) -> tuple[float, float]:
+    """The geometric clip update of Andrew et al. 2021: C·exp(−η_C(b̄ − γ)), b̄ the fraction of the group's
+    `members` whose update was within the clip, noised as (Σb + N(0, σ_b²))/m; and that noised fraction."""
+    fraction = (unclipped + float(gaussian((), count_std, generator))) / members
+    return clip * math.exp(-lr * (fraction - target)), fraction
 
 
 def noise_seed(seed: int, round_idx: int, name: str) -> int:

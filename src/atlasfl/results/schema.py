@@ -17,7 +17,7 @@ SCHEMA_VERSION = "1.3"
 #      `evaluated` (false: no test this round, --eval-every) and `metrics_from_round` for a client it carries;
 #      a round's `participants` and `simulated` clock, a client's `participation` and `simulated_s` (client
 #      sampling, docs/scale.md), a `train_loss` of None for a client tested before it first trained; `privacy`
-#      (--dp-clip), per round and per result
+#      (--dp-clip), per round and per result; adaptive clipping's `clips` per round and `adaptive_clipping`
 KNOWN_SCHEMA_VERSIONS = ("1.0", "1.1", "1.2", "1.3")
 PERSONAL = ("personal protocol (1.2 on): the client's personal test set, rows of the task's test set whose label mix "
             "follows the client's training shard (data.partition.personal_test_rows), scored from the same predictions")
@@ -82,18 +82,39 @@ class RoundSimulated(_Strict):
                                                  "straggler, surplus)")
 
 
+class GroupClip(_Strict):
+    clip: float = Field(description="the clip the group's members used this round (their largest)")
+    within_fraction: float = Field(description="the noised fraction of its replying members whose update was within "
+                                               "the clip (what the server saw; can fall outside [0, 1])")
+    next_clip: float = Field(description="the clip every member uses next round")
+    update_noise_multiplier: float = Field(description="z_Δ, the update's noise multiplier the count left of z")
+
+
 class RoundPrivacy(_Strict):
     epsilon: Optional[float] = Field(description="ε at `delta` spent by the training rounds so far (null: ∞)")
     epsilon_infinite: bool = Field(description="no noise was added (--dp-noise 0): ε is ∞")
     delta: float
     participation_rate: float = Field(description="the share of the clients asked to train this round (accounted)")
     rounds_accounted: int
+    clips: Optional[dict[str, GroupClip]] = Field(default=None, description=(
+        "--dp-target-quantile: sharing group (its client ids, comma-joined) -> its clip this round"))
+
+
+class AdaptiveClipping(_Strict):
+    rule: str
+    target_quantile: float
+    lr: float
+    count_noise: float | str = Field(description="--dp-count-noise σ_b, or the default rule")
 
 
 class Privacy(_Strict):
     mechanism: str
-    clip: float = Field(description="--dp-clip: the L2 bound on each client's update (all tensors together)")
-    noise_multiplier: float = Field(description="--dp-noise z")
+    clip: float = Field(description="--dp-clip: the L2 bound on each client's update (all tensors together); "
+                                    "under adaptive clipping its start")
+    noise_multiplier: float = Field(description="--dp-noise z (under adaptive clipping: of the update and the "
+                                                "count together)")
+    adaptive_clipping: Optional[AdaptiveClipping] = Field(default=None, description=(
+        "--dp-target-quantile: the clip's rule (null: the clip stays --dp-clip)"))
     effective_noise_multiplier: float = Field(description="what one client meets: z (central), z/2 (local)")
     mode: str
     delta: float

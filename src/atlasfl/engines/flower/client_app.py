@@ -176,7 +176,10 @@ def train(msg: Message, context: Context) -> Message:
     state = fm.get_state(cid)
     kept = {key: value for key, value in state.items() if not conf["upload"] or part_of(key) not in method.downloads}
     if conf["upload"]:
-        upload = client_upload(cfg, select(state, method.uploads), start, int(conf["round"]), cid)
+        upload = select(state, method.uploads)
+        if "dp_clip" in conf:
+            upload, within = client_upload(cfg, upload, start, int(conf["round"]), cid, float(conf["dp_clip"]))
+            content["metrics"]["dp_within_clip"] = int(within)
         content[STATE], nbytes = state_to_record(upload, cfg.wire_dtype)
         content["metrics"]["bytes_up"] = nbytes
     if kept:

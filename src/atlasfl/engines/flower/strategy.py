@@ -147,7 +147,7 @@ class AtlasStrategy:
             if not fresh:
                 content[RESTORE] = plain_record(self.copies[cid])
 
-    def train(self, round_idx: int, cohort: set[int], sharing: set[int], advance) -> Trained:
+    def train(self, round_idx: int, cohort: set[int], sharing: set[int], advance, clips=None) -> Trained:
         out = Trained(clients_s=0.0)
         self.members.refresh(set(self.infos))
         to, messages, self.trained = {}, [], set(cohort)
@@ -156,6 +156,8 @@ class AtlasStrategy:
                 self._miss(out.missing, cid, "its SuperNode is offline")
                 continue
             conf, content = {"round": round_idx, "upload": cid in sharing}, RecordDict()
+            if clips and cid in sharing:
+                conf["dp_clip"] = clips[cid]
             self._bring_up(cid, conf, content)
             content[ATLAS] = ConfigRecord(conf)
             to[self.members.node_of[cid]] = cid
@@ -172,6 +174,7 @@ class AtlasStrategy:
                 backup = plain_state(reply.content[BACKUP]) if BACKUP in reply.content.array_records else None
                 upload = (record_to_state(reply.content[STATE], self.cfg.wire_dtype), int(metrics["bytes_up"])) \
                     if STATE in reply.content.array_records else None
+                within = bool(metrics["dp_within_clip"]) if upload is not None and clips else None
             except (KeyError, TypeError, ValueError) as exc:
                 self._miss(out.missing, cid, f"unreadable reply: {type(exc).__name__}: {exc}"[:300])
                 continue
@@ -183,6 +186,8 @@ class AtlasStrategy:
                 self.copies[cid] = {**self.copies.get(cid, {}), **backup}
             if upload is not None:
                 out.uploads[cid], out.bytes_up[cid] = upload
+                if within is not None:
+                    out.within_clip[cid] = within
                 # A client that uploads sends no backup of what it is sent back; one asked only for the second
                 # look (`Server.sharing_clients`) is sent nothing, so its copy takes the upload (exact at float32).
                 self.copies[cid] = {**self.copies.get(cid, {}), **select(upload[0], self.method.downloads)}
