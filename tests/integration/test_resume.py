@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -147,6 +148,22 @@ def test_an_interrupted_demo_continues_where_it_stopped_and_a_finished_one_print
     assert "fedavg_cluster" in out and "atlas (η=0.1)" in out and "task mean" in out and "atlas report" in out
     cli_run.demo(output_dir=str(tmp_path / "results"), overwrite=True)
     assert len(writes) == 2 * (ROUNDS + 1)  # --overwrite: both trained afresh, plan and every round
+    # An older demo (other settings) stopped mid-run: the new demo sets its checkpoint aside and trains afresh.
+    shutil.rmtree(tmp_path / "results")
+    new = atlasfl.demo.DEMO
+    monkeypatch.setattr(atlasfl.demo, "DEMO", dict(new, lr=5e-3))
+    writes.clear()
+    stop.append(2)  # fedavg_cluster's round 1
+    with pytest.raises(KeyboardInterrupt):
+        cli_run.demo(output_dir=str(tmp_path / "results"), overwrite=False)
+    monkeypatch.setattr(atlasfl.demo, "DEMO", new)
+    writes.clear()
+    capsys.readouterr()
+    cli_run.demo(output_dir=str(tmp_path / "results"), overwrite=False)
+    err = capsys.readouterr().err
+    assert len(writes) == ROUNDS + 1  # fedavg_cluster afresh; atlas takes its own finished run's last checkpoint
+    assert "fedavg_cluster_seed3_r5: training afresh (its checkpoint was made with a different config (lr differ)" \
+        in err and f"resuming {run_name()} from round {ROUNDS}" in err
 
 
 def test_resume_refuses_a_different_config_an_older_format_and_a_corrupt_checkpoint(tmp_path, capsys):

@@ -115,14 +115,26 @@ def latest_checkpoint(cfg) -> tuple[dict, dict[int, dict[str, torch.Tensor]]] | 
               file=sys.stderr)
         return None
     meta, states = load_checkpoint(found[-1])
-    if meta.get("format") != FORMAT:
-        raise AtlasError(f"checkpoint {found[-1]} was written by an earlier version of ATLAS (format "
-                         f"{meta.get('format', 1)}, this one reads {FORMAT}); rerun without --resume to start afresh")
-    differing = config_differences(meta["config"], cfg.model_dump(mode="json"))
-    if differing:
-        raise AtlasError(f"checkpoint {found[-1]} was made with a different config ({', '.join(differing)} "
-                         "differ); rerun with the same flags, or without --resume to start afresh")
+    why = _not_this_run(meta, cfg)
+    if why:
+        raise AtlasError(f"checkpoint {found[-1]} {why}; rerun with the same flags, or without --resume to start "
+                         "afresh")
     return meta, states
+
+
+def stale_checkpoint(cfg) -> str | None:
+    """Why the newest complete checkpoint of this run cannot be resumed (another ATLAS version's, or other
+    settings': an older demo's), or None when there is none or it can be."""
+    found = complete_checkpoints(cfg.checkpoint_path)
+    return _not_this_run(load_checkpoint(found[-1])[0], cfg) if found else None
+
+
+def _not_this_run(meta: dict, cfg) -> str | None:
+    if meta.get("format") != FORMAT:
+        return (f"was written by an earlier version of ATLAS (format {meta.get('format', 1)}, this one reads "
+                f"{FORMAT})")
+    differing = config_differences(meta["config"], cfg.model_dump(mode="json"))
+    return f"was made with a different config ({', '.join(differing)} differ)" if differing else None
 
 
 def checkpoint_label(meta: dict) -> str:
