@@ -88,6 +88,8 @@ class TensorBoardTracker(Tracker):
         if "privacy" in entry:  # --dp-clip: the ε spent so far (∞ drawn as inf)
             eps = entry["privacy"]["epsilon"]
             w.add_scalar("privacy/epsilon", float("inf") if eps is None else eps, step)
+            for group, clip in (entry["privacy"].get("clips") or {}).items():  # --dp-target-quantile
+                w.add_scalar(f"privacy/clip/{group}", clip["clip"], step)
         for phase, seconds in (phases_s or {}).items():
             w.add_scalar(f"time/phase_s/{phase}", seconds, step)
         w.flush()  # live: TensorBoard sees each round as it ends

@@ -77,9 +77,14 @@ def test_a_resumed_run_continues_its_curves(tmp_path, monkeypatch):
     assert [e.value for e in acc.Scalars("communication/MB_up_cumulative")] == pytest.approx(sent, rel=1e-6)
 
 
-def test_a_dp_run_draws_its_epsilon_curve(tmp_path):
-    cfg = tiny_config(tmp_path, method="standard_fl", dp_clip=0.5, dp_noise=1.0, tensorboard=str(tmp_path / "tb"))
+def test_a_dp_run_draws_its_epsilon_curve_and_adaptive_clipping_each_groups_clip(tmp_path):
+    cfg = tiny_config(tmp_path, method="standard_fl", dp_clip=0.5, dp_noise=1.0, dp_target_quantile=0.5,
+                      tensorboard=str(tmp_path / "tb"))
     result, _ = run_and_save(cfg, progress=False)
-    curve = _scalars(tmp_path / "tb" / cfg.run_name).Scalars("privacy/epsilon")
+    scalars = _scalars(tmp_path / "tb" / cfg.run_name)
+    curve = scalars.Scalars("privacy/epsilon")
     assert [e.value for e in curve] == pytest.approx([r["privacy"]["epsilon"] for r in result["round_metrics"]],
                                                      rel=1e-6)
+    group = ",".join(map(str, range(len(result["clients"]))))  # standard_fl: one group of every client
+    clips = [r["privacy"]["clips"][group]["clip"] for r in result["round_metrics"]]
+    assert [e.value for e in scalars.Scalars(f"privacy/clip/{group}")] == pytest.approx(clips, rel=1e-6)
