@@ -38,8 +38,8 @@ def test_poisoned_replies_are_left_out_recorded_and_the_run_goes_on(make_config,
     force_clusters(monkeypatch, GROUPS)
     real = inprocess.InProcess.train
 
-    def poisoned(self, round_idx, cohort, sharing, advance):
-        out = real(self, round_idx, cohort, sharing, advance)
+    def poisoned(self, round_idx, cohort, sharing, advance, **kw):
+        out = real(self, round_idx, cohort, sharing, advance, **kw)
         for cid, poison in POISON.get(round_idx, {}).items():
             out.uploads[cid] = poison(out.uploads[cid])
         return out

@@ -18,13 +18,13 @@ def test_each_member_gets_the_robust_combination_of_its_groups_uploads(make_conf
                                                                        combine):
     real_train, real_aggregate, seen = inprocess.InProcess.train, Server.aggregate, []
 
-    def inflated(self, round_idx, cohort, sharing, advance):
-        out = real_train(self, round_idx, cohort, sharing, advance)
+    def inflated(self, round_idx, cohort, sharing, advance, **kw):
+        out = real_train(self, round_idx, cohort, sharing, advance, **kw)
         out.uploads[3] = {k: v * 50 for k, v in out.uploads[3].items()}
         return out
 
-    def spy(self, uploads, missing=frozenset(), absent=frozenset(), round_idx=0):
-        new = real_aggregate(self, uploads, missing, absent, round_idx)
+    def spy(self, uploads, missing=frozenset(), absent=frozenset(), round_idx=0, within_clip=None):
+        new = real_aggregate(self, uploads, missing, absent, round_idx, within_clip)
         seen.append((dict(uploads), new))
         return new
 
