@@ -15,7 +15,7 @@ State = dict[str, torch.Tensor]
 def client_upload(cfg: RunConfig, upload: State, start: State, round_idx: int, cid: int, clip: float
                   ) -> tuple[State, bool]:
     """What a client sends in round `round_idx` under DP: its update clipped to `clip` (the server's clip for it
-    this round: `Server.clip_of`) and, in local mode, noised with a generator seeded from the run seed, round and
+    this round: `Server.clips_for`) and, in local mode, noised with a generator seeded from the run seed, round and
     client, on top of `start` (its state of those keys before the round's training); and whether the update was
     within the clip. Both engines call it before the wire trip."""
     local = cfg.dp_mode == "local"
