@@ -101,7 +101,7 @@ def test_the_count_leaves_the_update_what_remains_of_z():
 def _adaptive_server(tmp_path, **kw):
     cfg = tiny_config(tmp_path, method="standard_fl", dp_clip=1.0, dp_noise=1.0, dp_target_quantile=0.5, **kw)
     server = SimpleNamespace(cfg=cfg, clips=dict.fromkeys(range(4), 1.0), round_clips={})
-    for name in ("_adapt_clip", "_count_noise", "_update_noise"):
+    for name in ("_adapt_clip", "_group_clip", "_count_noise", "_update_noise"):
         setattr(server, name, getattr(Server, name).__get__(server))
     return server
 

@@ -346,8 +346,7 @@ class Server:
             dp = self.cfg.dp_clip is not None
             step = self._step(name, stepped)
             if dp and self.cfg.dp_mode == "central" and self.cfg.dp_noise > 0:
-                clip = max(self.clips[c] for c in group)  # each member's sensitivity is its own clip
-                std = self._update_noise(len(group)) * clip
+                std = self._update_noise(len(group)) * self._group_clip(group)
                 step = self._private_step(step, [uploads[c] for c in group], round_idx, name, std)
             if dp and self.cfg.dp_target_quantile is not None:
                 self._adapt_clip(full, group, within_clip or {}, round_idx, name)
@@ -381,6 +380,10 @@ class Server:
             return {}
         return {"clips": torch.tensor([self.clips[c] for c in sorted(self.clips)], dtype=torch.float64)}
 
+    def _group_clip(self, group: list[int]) -> float:
+        """A group's clip: its members' largest, which bounds each member's update (each clipped to its own)."""
+        return max(self.clips[c] for c in group)
+
     def _count_noise(self, members: int) -> float:
         return self.cfg.dp_count_noise if self.cfg.dp_count_noise is not None else count_noise(members,
                                                                                                self.cfg.dp_noise)
@@ -395,7 +398,7 @@ class Server:
         """Adaptive clipping (Andrew et al. 2021): the group's clip (its members' largest) moves geometrically by
         the noised fraction of its replying members whose update was within it; every member takes the new clip.
         Recorded in `round_clips` for the round's `privacy` entry."""
-        clip = max(self.clips[c] for c in group)
+        clip = self._group_clip(group)
         generator = torch.Generator().manual_seed(noise_seed(self.cfg.seed, round_idx, f"clip count {name}"))
         new, fraction = next_clip(clip, sum(bool(within.get(c)) for c in group), len(group),
                                   target=self.cfg.dp_target_quantile, lr=self.cfg.dp_clip_lr,
