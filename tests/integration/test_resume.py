@@ -182,6 +182,14 @@ def test_resume_refuses_a_different_config_an_older_format_and_a_corrupt_checkpo
     assert main([*base, "--resume"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "earlier version of ATLAS (format 1" in err and "without --resume" in err
+    # An older version's checkpoint lacks the options added since: at their defaults they do not differ.
+    older = dict(meta, config={k: v for k, v in meta["config"].items() if k != "eval_every"})
+    (newest / "state.json").write_text(json.dumps(older))
+    assert main([*base, "--resume", "--eval-every", "2"]) == 2
+    assert "(eval_every differ)" in capsys.readouterr().err
+    assert main([*base, "--resume"]) == 0
+    assert f"resuming {run_name()}" in capsys.readouterr().err
+    (tmp_path / "results" / f"{run_name()}.json").unlink()
     (newest / "state.json").write_text(json.dumps(meta))
     data = (newest / "states.safetensors").read_bytes()
     (newest / "states.safetensors").write_bytes(data[: len(data) // 2])

@@ -133,7 +133,9 @@ def _not_this_run(meta: dict, cfg) -> str | None:
     if meta.get("format") != FORMAT:
         return (f"was written by an earlier version of ATLAS (format {meta.get('format', 1)}, this one reads "
                 f"{FORMAT})")
-    differing = config_differences(meta["config"], cfg.model_dump(mode="json"))
+    fields = type(cfg).model_fields
+    defaults = type(cfg).model_construct(**{k: getattr(cfg, k) for k, f in fields.items() if f.is_required()})
+    differing = config_differences(meta["config"], cfg.model_dump(mode="json"), defaults.model_dump(mode="json"))
     return f"was made with a different config ({', '.join(differing)} differ)" if differing else None
 
 
@@ -157,10 +159,12 @@ def restored_runs(meta: dict) -> list[dict]:
     return [dict(run, val={int(c): v for c, v in run["val"].items()}) for run in meta["runs"]]
 
 
-def config_differences(saved: dict, current: dict) -> list[str]:
-    """Keys whose values differ between a checkpoint's config and this run's, NON_RESULT_KEYS aside."""
+def config_differences(saved: dict, current: dict, defaults: dict) -> list[str]:
+    """Keys whose values differ between a checkpoint's config and this run's, NON_RESULT_KEYS aside. A key the
+    checkpoint lacks is an option added since it was written; every option is added off by default (the run
+    without it unchanged), so it differs only where this run sets it away from its default."""
     keys = (set(saved) | set(current)) - set(NON_RESULT_KEYS)
-    return sorted(k for k in keys if saved.get(k) != current.get(k))
+    return sorted(k for k in keys if saved.get(k, defaults.get(k)) != current.get(k))
 
 
 def _host_rng_state() -> dict:
