@@ -18,8 +18,10 @@ bound (`effective_dims`): few clients leave r uncertain, and the bar is then hig
 - **split** a phase-1 cluster into its complete-linkage bipartition by update cosine (`phases.cfl.bipartition`)
   when F exceeds its F quantile at 1 − SIGNIFICANCE / M, M = 2^(n−1) − 1 the bipartitions it could have picked
   (a union bound, as phase 1's split test): noise alone splits a one-task cluster at most that often;
-- **merge** two clusters (the closest first, repeatedly) when F ≤ 1: their means are no further apart than their
-  own noise predicts on average, the updates see no task between them.
+
+It never merges phase 1's clusters. Phase 1 kept the smallest k its noise model allows, so the fingerprints
+rejected merging them; updates that show no difference (F near 1) are absence of evidence, which cannot
+overrule that, and no F is evidence of sameness beyond the noise.
 """
 from __future__ import annotations
 
@@ -33,7 +35,6 @@ from scipy.stats import f as f_distribution
 SIGNIFICANCE = 0.001  # phase 1's: most often noise alone splits a one-task cluster
 DIMS_CONFIDENCE = 0.05  # r̂ is taken at its lower bound of this level: it enters the split bar
 MAX_DIMS = 1e6  # beyond it the F quantile hardly moves
-MERGE_BAR = 1.0  # F at or below it: the groups' means differ by no more than their noise's expectation
 
 
 def round1_updates(uploads: dict[int, dict[str, torch.Tensor]], alpha: float) -> dict[int, torch.Tensor]:
@@ -111,7 +112,7 @@ def split_bar(n: int, dims: float, significance: float = SIGNIFICANCE) -> float:
 def refine(S: np.ndarray, labels: Sequence[int], significance: float = SIGNIFICANCE) -> dict:
     """Phase 1's `labels` (client order of S) tested against the updates' cosines S: the refined labels
     (canonical: 0, 1, … in order of first appearance), each split test (with the r̂ it used: that of the partition
-    with its split made) and merge made, and phase 1's partition's r̂."""
+    with its split made), and phase 1's partition's r̂."""
     from atlasfl.phases.cfl import bipartition
     from atlasfl.phases.clustering import canonical_labels
 
@@ -134,18 +135,9 @@ def refine(S: np.ndarray, labels: Sequence[int], significance: float = SIGNIFICA
         splits.append(dict(members=members, parts=[P, Q], statistic=ratio, threshold=bar, effective_dims=split_dims,
                            split=split))
         groups += [P, Q] if split else [members]
-    merges = []
-    while True:
-        pairs = [(anova_ratio(S, groups[a], groups[b]), a, b) for a in range(len(groups))
-                 for b in range(a + 1, len(groups)) if len(groups[a]) + len(groups[b]) >= 3]
-        if not pairs or min(pairs)[0] > MERGE_BAR:
-            break
-        ratio, a, b = min(pairs)
-        merges.append(dict(groups=[groups[a], groups[b]], statistic=ratio, threshold=MERGE_BAR))
-        groups = [g for j, g in enumerate(groups) if j not in (a, b)] + [sorted(groups[a] + groups[b])]
     refined = [0] * len(labels)
     for j, group in enumerate(groups):
         for i in group:
             refined[i] = j
-    return dict(labels=canonical_labels(refined), splits=splits, merges=merges,
+    return dict(labels=canonical_labels(refined), splits=splits,
                 effective_dims=effective_dims(S, labels), significance=significance)

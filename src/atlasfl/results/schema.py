@@ -280,8 +280,9 @@ class SecondLook(_Strict):
     splits: list[dict[str, Any]] = Field(default=[], description=(
         "each phase-1 cluster of 3+ clients: its bipartition by update cosine (`parts`), the ANOVA ratio "
         "`statistic`, its `threshold` and whether it was `split`"))
-    merges: list[dict[str, Any]] = Field(default=[], description="each merge made: the two `groups`, its "
-                                                                 "`statistic` and `threshold`")
+    merges: list[dict[str, Any]] = Field(default=[], description=(
+        "results written before 2026-12-03 only: the merges the former rule made at F <= 1 (two `groups`, "
+        "`statistic`, `threshold`); the look no longer merges phase 1's clusters"))
     effective_dims: Optional[float] = Field(default=None, description="r, the noise's effective dimensions")
     significance: Optional[float] = None
     similarity: Optional[list[list[float]]] = Field(default=None, description="cosines of the round-1 updates")
