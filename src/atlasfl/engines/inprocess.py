@@ -7,6 +7,7 @@ import json
 import logging
 import time
 import traceback
+from collections.abc import Collection
 
 import torch
 
@@ -213,8 +214,9 @@ class InProcess:
                                                        cfg.eval_batch_size)
         return out
 
-    def states(self) -> dict[int, dict]:
-        return {s.client_id: self.fm.get_state(s.client_id) for s in self.shards}
+    def states(self, clients: Collection[int] | None = None) -> dict[int, dict]:
+        return {s.client_id: self.fm.get_state(s.client_id) for s in self.shards
+                if clients is None or s.client_id in clients}
 
     def checkpoint_extra(self) -> dict:
         return {}

@@ -189,11 +189,11 @@ def run_round(fed: Federation, r: int, bars: RunProgress) -> dict:
     part = participation(fed.cfg, r, clients_all, _seconds_of(fed, sharing))
     took_part = set(part.participants)
     bars.start_clients(len(took_part))
-    # The clients' states before training (`Method.regroup`), of the clients that have trained in this eta: the
+    # The participants' states before training (`Method.regroup`), of those that have trained in this eta: the
     # initial states stay with the clients (a Flower server never holds them), so both engines give a method the
     # same view.
     held = {c for e in fed.rounds for c in _participants(e)}
-    starts = {c: st for c, st in fed.transport.states().items() if c in held}
+    starts = fed.transport.states(held & took_part)
     trained = fed.transport.train(r, took_part, sharing & took_part, bars.advance_clients,
                                   clips=fed.server.clips_for(sharing & took_part))
     _reject_bad_replies(fed, trained)
@@ -237,7 +237,7 @@ def run_round(fed: Federation, r: int, bars: RunProgress) -> dict:
                       work=dict(train=trained.work, evaluate=evaluated.work), clients_s=clients_s)
     participants = sorted(took_part - set(missing))
     held |= set(participants)  # the states the server knows
-    digests = {str(c): state_digest(st) for c, st in sorted(fed.transport.states().items()) if c in held}
+    digests = {str(c): state_digest(st) for c, st in sorted(fed.transport.states(held).items())}
     return round_summary(r, clients, list(fed.roster.tasks), t_end - t0, digests,
                          eta=fed.server.eta if fed.method.personalises else None, cost=cost,
                          missing={str(c): why for c, why in sorted(missing.items())},

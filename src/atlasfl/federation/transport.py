@@ -3,7 +3,7 @@ results back, and the records it answers with: the `Roster` of the clients, a ro
 replies, with the clients that failed."""
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -116,8 +116,9 @@ class Transport(Protocol):
         not trained in this eta yet scores its initial state. The call also carries the states `deliver` sent, so it
         is made every round, with or without a test."""
 
-    def states(self) -> dict[int, dict]:
-        """Every client's current state (the server's exact copy, where the clients hold theirs)."""
+    def states(self, clients: Collection[int] | None = None) -> dict[int, dict]:
+        """Every client's current state, or those of `clients` (the server's exact copy, where the clients hold
+        theirs): a round asks only for the clients it concerns, so its cost follows the cohort."""
 
     def checkpoint_extra(self) -> dict:
         """The engine's own bookkeeping for a checkpoint."""

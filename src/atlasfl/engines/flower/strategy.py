@@ -13,6 +13,7 @@ leaves it out of the round.
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
@@ -289,8 +290,8 @@ class AtlasStrategy:
         self.members.synced.discard(cid)
 
     # ---- the run's bookkeeping -------------------------------------------------------------------
-    def states(self) -> dict[int, dict]:
-        return self.copies
+    def states(self, clients: Collection[int] | None = None) -> dict[int, dict]:
+        return self.copies if clients is None else {c: s for c, s in self.copies.items() if c in clients}
 
     def checkpoint_extra(self) -> dict:
         return dict(flower=dict(infos={str(c): i for c, i in self.infos.items()}, reports=self.reports.to_json()))
