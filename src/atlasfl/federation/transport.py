@@ -118,7 +118,7 @@ class Transport(Protocol):
 
     def states(self, clients: Collection[int] | None = None) -> dict[int, dict]:
         """Every client's current state, or those of `clients` (the server's exact copy, where the clients hold
-        theirs): a round asks only for the clients it concerns, so its cost follows the cohort."""
+        theirs): a round asks only for the clients it concerns."""
 
     def checkpoint_extra(self) -> dict:
         """The engine's own bookkeeping for a checkpoint."""

@@ -17,7 +17,7 @@ bound (`effective_dims`): few clients leave r uncertain, and the bar is then hig
 
 - **split** a phase-1 cluster into its complete-linkage bipartition by update cosine (`phases.cfl.bipartition`)
   when F exceeds its F quantile at 1 − SIGNIFICANCE / M, M = 2^(n−1) − 1 the bipartitions it could have picked
-  (a union bound, as phase 1's split test): noise alone splits a one-task cluster at most that often;
+  (a union bound, as phase 1's split test): noise alone splits a one-task cluster at most that often.
 
 It never merges phase 1's clusters. Phase 1 kept the smallest k its noise model allows, so the fingerprints
 rejected merging them; updates that show no difference (F near 1) are absence of evidence, which cannot
