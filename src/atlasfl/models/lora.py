@@ -119,6 +119,8 @@ class FederatedLoRAModel:
         self.heads = nn.ModuleDict()
         self.ranks: dict[int, dict[str, int]] = {}
         self.residuals = Residuals()
+        self._trainable: list[int] = []  # the clients whose factors take gradients now (`_select`)
+        self._shared: list[nn.Module] | None = None  # the modules no client owns (`_set_training`); None: unlisted
 
     # ---- building ---------------------------------------------------------------------------
     def add_client(self, cid: int, ranks: dict[str, int], num_labels: int, *, residual: bool = False) -> None:
@@ -134,12 +136,23 @@ class FederatedLoRAModel:
         torch.manual_seed(self.seed)
         if self.peft is None:
             self.peft = get_peft_model(self.backbone.model, config, adapter_name=_name(cid))
+            self._trainable = [cid]  # PEFT activates its first adapter; later ones join inactive and frozen
         else:
-            self.peft.add_adapter(_name(cid), config)
+            self._add_adapter(_name(cid), config, ranks)
+        self._shared = None
         self.heads[str(cid)] = self.new_head(num_labels)
         self.ranks[cid] = dict(ranks)
         if residual:
             self.residuals.add(cid, dict(self._lora_layers()), self.module_shapes(), self.base_weight(self.modules[0]))
+
+    def _add_adapter(self, name: str, config: LoraConfig, ranks: dict[str, int]) -> None:
+        """PEFT's `add_adapter`, as the call its injection makes on each adapted layer that is already a LoRA layer
+        (`update_layer`, in the same order, so a seed draws the same factors), added to its record of configs for
+        saving. PEFT's own walks every module of the model, every client's included, several times over: building a
+        population that way costs the square of its size. The new adapter joins inactive and frozen, as there."""
+        self.peft.peft_config[name] = config
+        for module, layer in self._lora_layers():
+            layer.update_layer(name, ranks[module], lora_alpha=self.alpha, target_name=module, config=config)
 
     # ---- per-client state -------------------------------------------------------------------
     def _lora_layers(self):
@@ -147,8 +160,36 @@ class FederatedLoRAModel:
             yield name, self.peft.base_model.model.get_submodule(name)
 
     def activate(self, cid: int, train: bool) -> None:
-        self.peft.set_adapter(_name(cid))
-        self.peft.train(train)
+        """The client's adapter alone runs and takes gradients (PEFT's `set_adapter`), in train or eval mode."""
+        self._select([cid], trainable=[cid])
+        self.peft.active_adapter = self.peft.base_model.active_adapter = _name(cid)
+        self._set_training(train, [cid])
+
+    def _select(self, active: Sequence[int], trainable: Sequence[int]) -> None:
+        """Every adapted layer runs the `active` clients' adapters, and only the `trainable` clients' factors take
+        gradients: the state PEFT's `set_adapter` leaves. PEFT's visits every adapter of every layer, a cost that
+        grows with the population on each call; this changes only the factors whose role changes, so activating a
+        client costs the same in a population of 12 or 1,200 (`tests/integration/test_lora_population.py` checks
+        that the two agree). It sets PEFT's per-layer record of active adapters, which PEFT itself sets only there."""
+        for _, layer in self._lora_layers():
+            layer._active_adapter = [_name(cid) for cid in active]
+        frozen = [cid for cid in self._trainable if cid not in trainable]
+        for cid, needs in [(cid, False) for cid in frozen] + [(cid, True) for cid in trainable]:
+            for p in self.trainable_parameters(cid, ("lora_A", "lora_B")):
+                p.requires_grad_(needs)
+        self._trainable = list(trainable)
+
+    def _set_training(self, train: bool, cids: Sequence[int]) -> None:
+        """Train or eval mode (`nn.Module.train`) for the modules no client owns and for the given clients' adapters:
+        the others' modes matter only once they run, and are set then, so the cost does not grow with the population."""
+        if self._shared is None:
+            self._shared = [m for name, m in self.peft.named_modules() if not _PER_CLIENT.search(name)]
+        for module in self._shared:
+            module.training = train
+        for cid in cids:
+            for _, layer in self._lora_layers():
+                for part in (layer.lora_A, layer.lora_B, layer.lora_dropout):
+                    part[_name(cid)].train(train)
 
     def trainable_parameters(self, cid: int, parts: Sequence[str] = ("lora_A", "lora_B", "head")
                              ) -> list[nn.Parameter]:
@@ -255,12 +296,8 @@ class FederatedLoRAModel:
         """Train mode with no PEFT adapter active (its layers compute the frozen base alone) and every listed
         client's factors trainable: `routed_logits` adds each row's own delta. On exit the first client is
         active again, as after `activate`."""
-        for _, layer in self._lora_layers():
-            layer.set_adapter([])  # PEFT adds no delta and freezes every adapter ...
-        for cid in cids:
-            for p in self.trainable_parameters(cid):
-                p.requires_grad_(True)  # ... so the clients trained here are thawed again
-        self.peft.train(True)
+        self._select([], trainable=cids)  # PEFT adds no delta; the clients trained here take gradients
+        self._set_training(True, cids)
         try:
             yield
         finally:
@@ -298,6 +335,10 @@ class FederatedLoRAModel:
                 h.remove()
         pooled = self.pool(hidden, batch["attention_mask"])
         return [self.heads[str(cid)](pooled[start:stop]) for cid, start, stop in spans]
+
+
+# A module one client owns: an entry of a LoRA layer's per-adapter ModuleDict (`...query.lora_A.c5`).
+_PER_CLIENT = re.compile(r"\.lora_\w+\.[^.]+")
 
 
 def _name(cid: int) -> str:
