@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from atlasfl.engines.inprocess import run_experiment
-from atlasfl.federation.records import is_test_round
+from atlasfl.federation.records import is_test_round, log_round
 from atlasfl.results.schema import validate_result
 from tests.conftest import comparable, tiny_config
 
@@ -75,3 +75,12 @@ def test_the_flower_engine_carries_the_same_rounds(runs, tmp_path):
     assert [r["state_digests"] for r in flower["round_metrics"]] == digests
     assert [c["metrics_from_round"] for c in flower["round_metrics"][1]["clients"]] == [1] * len(sparse["clients"])
     assert flower["final_metrics"]["task_mean"] == pytest.approx(sparse["final_metrics"]["task_mean"], abs=1e-9)
+
+
+def test_the_log_says_when_a_rounds_score_is_carried(runs, caplog):
+    _, _, sparse, _ = runs
+    with caplog.at_level("INFO", logger="atlasfl"):
+        for entry in sparse["round_metrics"]:
+            log_round(0.0, entry)
+    lines = [r.getMessage() for r in caplog.records if "mean task score" in r.getMessage()]
+    assert ["carried" in line for line in lines] == [False, True, False]

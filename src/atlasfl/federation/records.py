@@ -163,8 +163,9 @@ def round_summary(round_idx: int, clients: list[dict], task_names: list[str], ti
 
 
 def log_round(eta: float, entry: dict) -> None:
-    log.info("eta %g round %d: mean task score %.4f, %.1fs", eta, entry["round"], entry["mean_task_score"],
-             entry["time_s"])
+    carried = " (carried from the last test: none this round)" if entry.get("evaluated") is False else ""
+    log.info("eta %g round %d: mean task score %.4f%s, %.1fs", eta, entry["round"], entry["mean_task_score"],
+             carried, entry["time_s"])
 
 
 def eta_run(eta: float, rounds: list[dict], val: dict[int, dict]) -> dict:
