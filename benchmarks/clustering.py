@@ -21,8 +21,9 @@ those wrong and not flagged). Nothing is trained; figures are printed, never ass
 cost about five seeds' forward passes (offline tasks at preset sizes) and a stopped job resumes where it stopped.
 `--second-look auto|on` also runs each seed's federation for one round in-process (`atlas run` with
 `--rounds 1 --second-look ...`, test sets cut to 8 examples) and adds the refined partition's ARI (column
-*look ARI*: phase 1's where no look was taken) and its extra upload; the summary counts the seeds looked at, those
-whose partition from round 2 on is the tasks (look ARI = 1) and those where it is not (*wrong after*). Its
+*look ARI*: phase 1's where no look was taken), its extra upload and the server's seconds for it (*look s*); the
+summary counts the seeds looked at, those whose partition from round 2 on is the tasks (look ARI = 1) and those
+where it is not (*wrong after*), with the median of the looks' seconds. Its
 fingerprints are computed a second time, by the run.
 `--versus FILE` times another version's `federation/fingerprint.py` (`federation/client.py` before it was
 split; e.g. from `git archive`) against this one side by side instead: same clients (one per task), calls
@@ -214,6 +215,10 @@ def fmt(x, spec=".3f"):
     return "-" if x is None else format(x, spec)
 
 
+def median_or_none(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
 def arguments(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("models", nargs="+")
@@ -257,7 +262,7 @@ def main() -> None:
         return
     print(f"{'model':<12} {'seed':>4} {'k':>2} {'ARI':>6} {'margin':>7} {'amb':>3} {'T_k':>6} {'c_k':>5} {'T_k-1':>7} "
           f"{'c_k-1':>5} {'G_k':>5} {'g_k':>5} {'dims':>5} {'grad k':>6} {'grad ARI':>8} {'s/client':>8}"
-          + (f" {'look ARI':>8} {'look B':>7}" if a.second_look else ""), flush=True)
+          + (f" {'look ARI':>8} {'look B':>7} {'look s':>6}" if a.second_look else ""), flush=True)
     summary = []
     for model in a.models:
         cache, rows = {}, []
@@ -270,24 +275,26 @@ def main() -> None:
                   f"{fmt(r['t_k'], '.2f'):>6} {fmt(r['c_k'], '.2f'):>5} {fmt(r['t_prev'], '.2f'):>7} "
                   f"{fmt(r['c_prev'], '.2f'):>5} {fmt(r['split'], '.2f'):>5} {fmt(r['split_bar'], '.2f'):>5} "
                   f"{r['dims']:>5.1f} {r['grad_k']:>6} {r['grad_ari']:>8.3f} {r['s_per_client']:>8.2f}"
-                  + (f" {r['look_ari']:>8.3f} {r['look_bytes']:>7}" if a.second_look else ""), flush=True)
+                  + (f" {r['look_ari']:>8.3f} {r['look_bytes']:>7} {r['look_s']:>6.2f}" if a.second_look else ""),
+                  flush=True)
         margins = [r["margin"] for r in rows if r["margin"] is not None]
         summary.append((model, rows, margins))
     print(f"\n{'model':<12} {'seeds':>5} {'ARI=1':>5} {'flagged':>7} {'wrong+unflagged':>15} {'worst margin':>12} "
           f"{'median margin':>13} {'grad ARI=1':>10} "
           f"{'grad ARI med':>12} {'s/client':>8} {'bytes':>6}"
-          + (f" {'looked':>6} {'look ARI=1':>10} {'wrong after':>11}" if a.second_look else "")
+          + (f" {'looked':>6} {'look ARI=1':>10} {'wrong after':>11} {'look s med':>10}" if a.second_look else "")
           + "  train examples/client, gradient samples")
     for model, rows, margins in summary:
         print(f"{model:<12} {len(rows):>5} {sum(r['ari'] == 1.0 for r in rows):>5} "
               f"{sum(bool(r['ambiguous']) for r in rows):>7} "
               f"{sum(r['ari'] < 1.0 and not r['ambiguous'] for r in rows):>15} "
               f"{fmt(min(margins) if margins else None):>12} "
-              f"{fmt(statistics.median(margins) if margins else None):>13} "
+              f"{fmt(median_or_none(margins)):>13} "
               f"{sum(r['grad_ari'] == 1.0 for r in rows):>10} {statistics.median(r['grad_ari'] for r in rows):>12.3f} "
               f"{statistics.mean(r['s_per_client'] for r in rows):>8.2f} {rows[0]['bytes']:>6}"
               + (f" {sum(r['looked'] for r in rows):>6} {sum(r['look_ari'] == 1.0 for r in rows):>10} "
-                 f"{sum(r['look_ari'] < 1.0 for r in rows):>11}"
+                 f"{sum(r['look_ari'] < 1.0 for r in rows):>11} "
+                 f"{fmt(median_or_none([r['look_s'] for r in rows if r['looked']]), '.2f'):>10}"
                  if a.second_look else "")
               + f"  {rows[0]['train']}, {rows[0]['fingerprint_samples']}")
 
