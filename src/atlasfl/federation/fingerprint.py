@@ -11,6 +11,7 @@ import torch
 from torch.nn.functional import cross_entropy
 
 from atlasfl.data.batching import batches
+from atlasfl.heap import release_freed_memory
 from atlasfl.models.lora import FederatedLoRAModel, layer_index, masked_mean, transformer_blocks
 from atlasfl.phases.fingerprint import effective_dims, kept_examples, label_balanced_mean, within_label_residuals
 from atlasfl.phases.sketch import count_sketch, count_sketch_rows
@@ -148,5 +149,8 @@ def fingerprint(fm: FederatedLoRAModel, encoded: list[dict], *, num_labels: int,
     (benchmarks/clustering.py reuses them across seeds)."""
     pooled, labels = represent(fm, encoded, batch_size=forward_batch(batch_size), max_examples=representation_samples)
     grads = gradient_pass(fm, encoded[:samples], num_labels=num_labels, batch_size=batch_size)
-    return package_fingerprint(pooled, labels, grads, fm.modules, num_labels=num_labels, layers=layers, dim=dim,
-                               seed=seed)
+    upload = package_fingerprint(pooled, labels, grads, fm.modules, num_labels=num_labels, layers=layers, dim=dim,
+                                 seed=seed)
+    del pooled, grads
+    release_freed_memory()  # the passes' tensors: otherwise a population's phase 1 grows the heap per client
+    return upload
