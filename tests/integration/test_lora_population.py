@@ -6,9 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from atlasfl.engines.inprocess import held_once, set_up
+from atlasfl.federation.driver import plan_or_restore
+from atlasfl.methods import method_for
 from atlasfl.models import registry
 from atlasfl.models.lora import FederatedLoRAModel
-from tests.conftest import TINY_MODELS
+from tests.conftest import TINY_MODELS, tiny_config
 
 
 def _model(model: str, *, peft_adds: bool = False) -> FederatedLoRAModel:
@@ -94,3 +97,23 @@ def test_activation_leaves_the_state_peft_leaves(model):
         got = ours.logits(running[0], batch)
         torch.manual_seed(7)
         torch.testing.assert_close(got, reference.logits(running[0], batch), rtol=0, atol=0)
+
+
+def test_initial_states_hold_equal_tensors_once():
+    a, b = torch.arange(6.0).reshape(2, 3), torch.zeros(4, dtype=torch.bfloat16)
+    states = {0: {"x": a.clone(), "y": b.clone()}, 1: {"x": a.clone(), "y": b.clone()},
+              2: {"x": a.clone() + 1, "y": torch.zeros(4)}}  # other values; other dtype
+    held = held_once(states)
+    assert held[1]["x"] is held[0]["x"] and held[1]["y"] is held[0]["y"]
+    assert held[2]["x"] is not held[0]["x"] and held[2]["y"] is not held[0]["y"]
+    assert all(torch.equal(held[c][k], states[c][k]) and held[c][k].dtype == states[c][k].dtype
+               for c in states for k in states[c])
+
+
+def test_a_populations_initial_states_are_a_few_tensors(tmp_path):
+    transport = set_up(tiny_config(tmp_path, clients_per_task=4, rounds=1))
+    plan_or_restore(transport.cfg, method_for(transport.cfg), transport, None)
+    tensors = [t for state in transport.initial.values() for t in state.values()]
+    assert len({id(t) for t in tensors}) < len(tensors) / 2  # 8 clients, a handful of distinct shapes
+    now = transport.states()
+    assert all(torch.equal(now[c][k], transport.initial[c][k]) for c in now for k in now[c])

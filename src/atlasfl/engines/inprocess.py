@@ -3,6 +3,7 @@ in this process and the client functions are called directly."""
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import time
@@ -131,7 +132,7 @@ class InProcess:
         for s in self.shards:
             self.fm.add_client(s.client_id, plan.ranks[s.client_id], self.tasks[s.task].num_labels,
                                personal=self.method.keeps_personal, residual=self.method.keeps_residual)
-        self.initial = self.states()
+        self.initial = held_once(self.states())
 
     def start_eta(self, eta: float, states: dict[int, dict] | None) -> None:
         for cid, state in (self.initial if states is None else states).items():
@@ -246,3 +247,17 @@ class InProcess:
                 f"CUDA out of memory while {what} {who} of {cfg.model} at batch size "
                 f"{cfg.batch_size}; lower --batch-size or --fingerprint-samples, or use a smaller model "
                 "(distilbert, gpt2)") from None
+
+
+def held_once(states: dict[int, dict[str, torch.Tensor]]) -> dict[int, dict[str, torch.Tensor]]:
+    """The states with equal tensors (dtype, shape and bytes) held once, for states that are only read. Clients of
+    the same ranks and head width start identical (`FederatedLoRAModel.add_client`), so a population's initial
+    states are a few distinct tensors rather than a copy of every client's adapter (docs/scale.md)."""
+    kept: dict[tuple, torch.Tensor] = {}
+    return {cid: {key: kept.setdefault(_identity(t), t)
+                  for key, t in state.items()}
+            for cid, state in states.items()}
+
+
+def _identity(t: torch.Tensor) -> tuple:
+    return t.dtype, tuple(t.shape), hashlib.sha256(t.reshape(-1).contiguous().view(torch.uint8).numpy()).digest()
