@@ -123,6 +123,9 @@ def test_each_baseline_gets_its_own_paired_table(results, tmp_path):
     # the same pair seen from either side: the difference changes sign
     assert _cell(second, "local_only", "mean diff") == pytest.approx(-_cell(first, "fedavg_cluster", "mean diff"))
     assert (out / "paired.csv").exists() and (out / "paired_vs_fedavg_cluster.csv").exists()
+    quoted = tmp_path / "quoted"  # one argument holding both, as a shell user quotes them
+    assert main(["report", str(results), "--out", str(quoted), "--baseline", "local_only fedavg_cluster"]) == 0
+    assert (quoted / "paired_vs_fedavg_cluster.csv").read_text() == (out / "paired_vs_fedavg_cluster.csv").read_text()
 
 
 def test_cli_writes_every_format_and_plot(results, tmp_path, capsys):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import re
 import typing
 from typing import Annotated, List, Literal, Optional
 
@@ -31,7 +32,7 @@ def parse_seed(value: str) -> int:
 
 def split_values(values: List[str] | None) -> list[str]:
     """Values given space-separated, repeated or comma-separated, in order."""
-    return [v for item in values or () for v in item.split(",") if v]
+    return [v for item in values or () for v in re.split(r"[,\s]+", item) if v]
 
 
 CONFIG_HELP = ("TOML file of settings: {keys} and any option of this command by its name (batch_size or batch-size); "

@@ -18,14 +18,15 @@ class Protocol(StrEnum):
 def report(
     results: List[str] = typer.Argument(..., help="Result JSON files or folders of them (ours or the predecessor's)."),
     out: str = typer.Option("reports", help="Folder for report.md, report.tex and the CSV tables."),
-    baseline: List[str] = typer.Option(["local_only"], help="Methods every other method is compared with, seed "
-                                                            "by seed: one paired table each (space-separated)."),
+    baseline: List[str] = typer.Option(["local_only"], help="Methods every other method is compared with, seed by "
+                                                            "seed: one paired table each (space- or comma-separated)."),
     plots: Optional[str] = typer.Option(None, help="Also write PNG plots into this folder."),
     protocol: Protocol = typer.Option("both", help="Test sets to report: global (each client on its task's test "
                                                    "set), personal (on its own label mix) or both."),
 ):
     """Tables over result files: scores per task with majority/chance references, costs, paired tests against a
     baseline, on the global and the personal protocol; optional plots."""
+    from atlasfl.cli.options import split_values
     from atlasfl.report.load import load_results
     from atlasfl.report.records import PROTOCOLS
     from atlasfl.report.render import to_rich, write_report
@@ -33,7 +34,7 @@ def report(
 
     protocols = PROTOCOLS if protocol == "both" else (protocol.value,)
     records = load_results(results)
-    tables = build_tables(records, baseline, protocols)
+    tables = build_tables(records, split_values(baseline), protocols)
     console = Console()
     for table in tables:
         console.print(to_rich(table))

@@ -27,7 +27,7 @@ def _grid_values(value) -> list[str]:
     if value is None:
         return []
     items = value if isinstance(value, (list, tuple)) else [value]
-    return split_values([part for item in items for part in str(item).split()])
+    return split_values([str(item) for item in items])
 
 
 @with_overrides(exclude=("engine",))
