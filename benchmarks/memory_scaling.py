@@ -15,17 +15,11 @@ the last round (a run's rule) and only the cohort in the rounds between, so a mi
 from __future__ import annotations
 
 import argparse
-import resource
 import subprocess
 import sys
 import tempfile
 import time
 import warnings
-
-
-def current_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 1e6
 
 
 def measure(a) -> None:
@@ -37,6 +31,7 @@ def measure(a) -> None:
     from atlasfl.config import build_config
     from atlasfl.engines.inprocess import set_up
     from atlasfl.federation.driver import RunProgress, plan_or_restore, run_round
+    from atlasfl.heap import resident_mb
     from atlasfl.methods import method_for
     from atlasfl.results.build import peak_memory
 
@@ -51,20 +46,20 @@ def measure(a) -> None:
                 settings[key] = getattr(a, key)
         cfg = build_config(a.model, 42, a.method, data_dir=a.data_dir, output_dir=tmp, log_dir=tmp,
                            checkpoint_dir=tmp, **settings)
-        stages = {"imports": current_mb()}
+        stages = {"imports": resident_mb()}
         transport = set_up(cfg)
-        stages["set-up"] = current_mb()
+        stages["set-up"] = resident_mb()
         t0 = time.perf_counter()
         fed = plan_or_restore(cfg, method_for(cfg), transport, None)
         plan_s = time.perf_counter() - t0
-        stages["phases 1-2, adapters built"] = current_mb()
+        stages["phases 1-2, adapters built"] = resident_mb()
         rounds = []
         for r in range(1, a.rounds + 1):
             with RunProgress(False) as bars:
                 entry = run_round(fed, r, bars)
             fed.rounds.append(entry)
             rounds.append(entry)
-        stages[f"after {a.rounds} rounds"] = current_mb()
+        stages[f"after {a.rounds} rounds"] = resident_mb()
         states = transport.states().values()
         adapter_mb = sum(t.numel() * t.element_size() for s in states for t in s.values()) / 1e6
     cells = "  ".join(f"{k}: {v:.0f}" for k, v in stages.items())

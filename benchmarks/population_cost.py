@@ -10,22 +10,17 @@ from __future__ import annotations
 
 import argparse
 import gc
-import resource
 import subprocess
 import sys
 import time
 import warnings
 
 
-def resident_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 1e6
-
-
 def measure(model: str, n: int) -> None:
     warnings.simplefilter("ignore")
     import torch
 
+    from atlasfl.heap import resident_mb
     from atlasfl.models.lora import FederatedLoRAModel
     from atlasfl.models.registry import load_backbone
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import resource
 
 
 @functools.cache
@@ -25,3 +26,9 @@ def release_freed_memory() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+def resident_mb() -> float:
+    """The process's resident memory now, in MB (10^6 bytes), from /proc/self/statm (Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 1e6
