@@ -40,7 +40,7 @@ def test_ifca_averages_inside_each_cluster_and_offers_every_cluster_with_the_cli
     method.adapters = [{"lora::m::A": torch.zeros(1, 2), "lora::m::B": torch.zeros(1, 1)} for _ in range(2)]
     method.heads = [{2: {"head::weight": torch.full((2, 2), float(j))}, 3: {"head::weight": torch.zeros(3, 2)}}
                     for j in range(2)]
-    method.chose({0: 0, 1: 1, 2: 0})
+    method.chose({0: 0, 1: 1, 2: 0}, 1)
     assert method.groups([0, 1, 2], None) == [[0, 2], [1]]
     s0 = _state([1.0, 2.0], 4.0, [[1.0, 1.0], [1.0, 1.0]])
     s2 = _state([5.0, 6.0], 8.0, [[9.0, 9.0], [9.0, 9.0], [9.0, 9.0]])
@@ -60,6 +60,19 @@ def test_ifca_averages_inside_each_cluster_and_offers_every_cluster_with_the_cli
     again = method_for(cfg)
     again.restore_clustering(saved, tensors)
     assert again.choices == method.choices and again.clustering_state()[1].keys() == tensors.keys()
+    assert again.offered == method.offered == {0: 1, 1: 1, 2: 1}
+
+
+def test_ifca_offers_again_to_a_client_that_missed_the_last_offer():
+    cfg = build_config("tiny-bert", 0, "ifca", tasks=["gen_sentiment", "gen_pair"], clients_per_task=2)
+    method = method_for(cfg)
+    assert method.behind({0, 1, 2, 3}, 1) == set()  # no cluster models yet: nothing to offer
+    method.adapters = [{"lora::m::A": torch.zeros(1, 2)}] * 2
+    method.chose({0: 0, 1: 1}, 3)  # round 3's participants adopted its offer; 2 and 3 were absent
+    assert method.behind({0, 1, 2, 3}, 3) == {2, 3}  # before round 3's test
+    assert method.behind({0, 2}, 3) == {2}  # before round 4's training: the last offer was round 3's
+    method.chose({2: 1}, 3)
+    assert method.behind({0, 2}, 3) == set() and method.behind({0, 2}, 4) == {0, 2}
 
 
 def test_ifca_k_above_the_clients_is_a_one_line_error():

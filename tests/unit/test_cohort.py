@@ -99,11 +99,12 @@ def test_participation_keeps_who_beats_the_deadline_and_labels_the_rest():
 
 def test_the_aggregate_weights_only_the_clients_that_took_part():
     F = np.vstack([np.eye(3), -np.eye(3)])
-    server = _adopt(_server("fedavg_cluster", None), [0, 0, 0, 1, 1, 1], F)
     ranks = {m: 4 for m in MODULES}
+    server = _adopt(_server("fedavg_cluster", None), [0, 0, 0, 1, 1, 1], F, dict.fromkeys(range(6), ranks))
     uploads = {c: _state(c, ranks) for c in (0, 2)}
     out = server.aggregate(uploads, absent=frozenset({1, 3, 4, 5}))
-    assert sorted(out) == [0, 2]  # the absent get nothing; cluster {3, 4, 5}, with nobody taking part, is left
+    assert sorted(out) == [0, 2]  # the absent get nothing now; cluster {3, 4, 5}, with nobody taking part, is left
+    assert list(server.missed) == [1]  # client 1 is owed its group's model (tests/unit/test_catch_up.py)
     for key in uploads[0]:
         mean = (uploads[0][key] + uploads[2][key]) / 2  # equal shards: client 1's state plays no part
         assert torch.allclose(out[0][key], mean) and torch.allclose(out[2][key], mean)

@@ -89,9 +89,10 @@ ALPHA = 16.0
 D = 64  # every module is D×D (SHAPES)
 
 
-def _adopt(server: Server, labels: list[int], fingerprints: np.ndarray) -> Server:
-    """Give the server a grouping without phase 1 (clustering is tested elsewhere)."""
-    server.adopt(Plan(cluster_labels=labels, cluster_source="oracle", ranks={}, devices=[],
+def _adopt(server: Server, labels: list[int], fingerprints: np.ndarray, ranks: dict | None = None) -> Server:
+    """Give the server a grouping without phase 1 (clustering is tested elsewhere), and the clients' `ranks` where
+    the case needs their shapes (an absent member's stand-in)."""
+    server.adopt(Plan(cluster_labels=labels, cluster_source="oracle", ranks=ranks or {}, devices=[],
                       phase1=dict(fingerprints=fingerprints.tolist()), phase2={}))
     return server
 

@@ -24,7 +24,7 @@ from atlasfl.federation.privacy import client_upload
 from atlasfl.federation.records import client_references, partition_settings, select_eta
 from atlasfl.federation.server import Plan
 from atlasfl.federation.training import TrainJob, client_seed, train_client, train_cohort
-from atlasfl.federation.transport import CHOICE_BYTES, Evaluated, Offered, Roster, Trained
+from atlasfl.federation.transport import CHOICE_BYTES, CaughtUp, Evaluated, Offered, Roster, Trained
 from atlasfl.federation.wire import wire
 from atlasfl.methods import method_for, method_settings
 from atlasfl.methods.base import select
@@ -186,6 +186,12 @@ class InProcess:
                                           round_idx=round_idx)
             self.fm.set_state(cid, adopted, partial=True)
         return sent
+
+    def catch_up(self, missed: dict[int, list[tuple[int, dict]]]) -> CaughtUp:
+        out = CaughtUp()
+        for cid, entries in missed.items():
+            out.bytes_down[cid] = sum(self.deliver({cid: state}, round_idx)[cid] for round_idx, state in entries)
+        return out
 
     def offer(self, round_idx: int, candidates: dict[int, list[dict]]) -> Offered:
         out = Offered()

@@ -28,12 +28,12 @@ from atlasfl.federation.records import (
     warn_infeasible,
     warn_missing,
 )
-from atlasfl.federation.replies import Spec, check_replies, upload_spec
+from atlasfl.federation.replies import check_replies
 from atlasfl.federation.server import Plan, Server, TooFewReplies
-from atlasfl.federation.transport import Offered, Roster, Transport
+from atlasfl.federation.transport import CaughtUp, Offered, Roster, Transport
 from atlasfl.federation.wire import WIRE_DTYPES
 from atlasfl.methods import Method, method_for
-from atlasfl.models.lora import head_has_bias, state_digest
+from atlasfl.models.lora import state_digest
 from atlasfl.results.build import build_result
 from atlasfl.results.checkpoint import (
     checkpoint_label,
@@ -65,14 +65,6 @@ class Federation:
     runs: list[dict] = field(default_factory=list)
     val: dict[int, dict] = field(default_factory=dict)
     on_round: Callable[[int, dict[int, dict]], None] | None = None
-    expected: dict[int, Spec] = field(default_factory=dict)  # each client's upload keys and shapes, by the plan
-
-    def __post_init__(self):
-        facts = self.roster.facts
-        labels = {s.client_id: self.roster.tasks[s.task].num_labels for s in self.roster.shards}
-        self.expected = {cid: upload_spec(self.plan.ranks[cid], self.roster.shapes, labels[cid], facts.hidden_size,
-                                          head_bias=head_has_bias(facts.family), parts=self.method.uploads)
-                         for cid in labels}
 
 
 def run(cfg: RunConfig, transport: Transport, *, resume: bool = False, progress: bool = False,
@@ -108,8 +100,10 @@ def run(cfg: RunConfig, transport: Transport, *, resume: bool = False, progress:
                     fed.rounds, fed.val = meta["rounds"], {int(c): v for c, v in meta["val"].items()}
                     saved = _unprefixed("optimizer/", meta["server_tensors"])
                     clips = _unprefixed("dpclip/", meta["server_tensors"])
+                    missed = _unprefixed("missed/", meta["server_tensors"])
                     fed.server.start_eta(eta, saved if start_round > 0 else None, done=start_round,
-                                         clip_state=clips if start_round > 0 else None)
+                                         clip_state=clips if start_round > 0 else None,
+                                         missed_state=missed if start_round > 0 else None)
                     transport.start_eta(eta, states if start_round > 0 else None)
                     tracker.resume(eta, fed.rounds)
                 else:
@@ -187,7 +181,8 @@ def run_round(fed: Federation, r: int, bars: RunProgress) -> dict:
     clients_all = [s.client_id for s in fed.roster.shards]
     sharing = set(fed.server.sharing_clients())
     part = participation(fed.cfg, r, clients_all, _seconds_of(fed, sharing))
-    took_part = set(part.participants)
+    before = _catch_up(fed, r, set(part.participants), r - 1)  # what they missed, before they train from it
+    took_part = set(part.participants) - set(before.missing)
     bars.start_clients(len(took_part))
     # The participants' states before training (`Method.regroup`), of those that have trained in this eta: the
     # initial states stay with the clients (a Flower server never holds them), so both engines give a method the
@@ -199,29 +194,32 @@ def run_round(fed: Federation, r: int, bars: RunProgress) -> dict:
     _reject_bad_replies(fed, trained)
     t_train = time.perf_counter()
     warn_missing(r, trained.missing)
-    _check_missing(fed, trained.missing)
+    failed = {**before.missing, **trained.missing}
+    _check_missing(fed, failed)
     absent = frozenset(part.left_out)
-    down = fed.transport.deliver(fed.server.aggregate(trained.uploads, frozenset(trained.missing), absent, r,
+    down = fed.transport.deliver(fed.server.aggregate(trained.uploads, frozenset(failed), absent, r,
                                                       trained.within_clip), r)
     fed.server.regroup(r, trained.uploads, starts)
-    offered = _offer(fed, r, set(trained.missing) | absent)
+    offered = _offer(fed, r, set(clients_all) - set(failed) - absent)
     t_aggregate = time.perf_counter()
     last = r == fed.cfg.rounds or over_budget(fed, r + 1)  # the run's last round: its final scores
     validate = last or fed.on_round is not None
     test = last or is_test_round(fed.cfg, r)
-    asked = set(clients_all if validate or not fed.rounds else trained.losses)
-    evaluated = fed.transport.evaluate(r, asked - set(trained.missing) - set(offered.missing), validate=validate,
-                                       test=test)
+    asked = set(clients_all if validate or not fed.rounds else trained.losses) - set(failed) - set(offered.missing)
+    after = _catch_up(fed, r, asked, r)  # a client is tested on what it would hold had it taken part
+    evaluated = fed.transport.evaluate(r, asked - set(after.missing), validate=validate, test=test)
     t_end = time.perf_counter()
     warn_missing(r, evaluated.missing)
-    missing = {**trained.missing, **offered.missing, **evaluated.missing}
+    missing = {**failed, **offered.missing, **after.missing, **evaluated.missing}
     _check_missing(fed, missing)
     fed.val.update(evaluated.val)
     clients = []
     for s in fed.roster.shards:
         cid = s.client_id
-        up = trained.bytes_up.get(cid, 0) + offered.bytes_up.get(cid, 0)
-        sent = down.get(cid, 0) + offered.bytes_down.get(cid, 0)
+        up = (trained.bytes_up.get(cid, 0) + offered.bytes_up.get(cid, 0) + before.bytes_up.get(cid, 0)
+              + after.bytes_up.get(cid, 0))
+        sent = (down.get(cid, 0) + offered.bytes_down.get(cid, 0) + before.bytes_down.get(cid, 0)
+                + after.bytes_down.get(cid, 0))
         how = FAILED if cid in missing else part.left_out.get(cid, TRAINED)
         if cid not in missing and cid in evaluated.tests:
             entry = client_round(cid, s.task, trained.losses.get(cid), evaluated.tests[cid], up, sent)
@@ -243,7 +241,8 @@ def run_round(fed: Federation, r: int, bars: RunProgress) -> dict:
                          missing={str(c): why for c, why in sorted(missing.items())},
                          clusters=fed.server.round_clusters(), tested=test, participants=participants,
                          simulated=part.record(),
-                         privacy=round_privacy(fed.cfg, _rates(fed, r), fed.server.round_clips))
+                         privacy=round_privacy(fed.cfg, _rates(fed, r), fed.server.round_clips),
+                         caught_up=sorted(set(before.bytes_down) | set(after.bytes_down)))
 
 
 def _participants(entry: dict) -> list[int]:
@@ -298,25 +297,44 @@ def stop_for_budget(fed: Federation, r: int) -> bool:
     return True
 
 
+def _catch_up(fed: Federation, r: int, clients: set[int], last_offer: int) -> CaughtUp:
+    """Bring those of `clients` that took no part in earlier rounds up to date before they train or are tested:
+    send each what its group aggregated meanwhile (`Method.catch_up`), and offer the method's current models to
+    each that did not adopt the offer of round `last_offer` (`Method.behind`: ifca). A client that fails to take
+    them keeps its state, and what it missed stays queued."""
+    missed = fed.server.take_missed(clients)
+    caught = fed.transport.catch_up(missed) if missed else CaughtUp()
+    fed.server.give_back_missed({c: missed[c] for c in caught.missing})
+    warn_missing(r, caught.missing)
+    behind = fed.method.behind(clients - set(caught.missing), last_offer)
+    if behind:
+        offered = _offer(fed, r, behind)
+        caught.missing.update(offered.missing)
+        for mine, theirs in ((caught.bytes_down, offered.bytes_down), (caught.bytes_up, offered.bytes_up)):
+            for c, nbytes in theirs.items():
+                mine[c] = mine.get(c, 0) + nbytes
+    return caught
+
+
 def _reject_bad_replies(fed: Federation, trained) -> None:
     """Leave out of the round, as failed clients, those whose replies fail `replies.check_replies`; the transport
     puts each back to its state before the round."""
-    trained.uploads, rejected = check_replies(trained.uploads, fed.expected, fed.server.sharing_groups(),
+    trained.uploads, rejected = check_replies(trained.uploads, fed.server.expected, fed.server.sharing_groups(),
                                               fed.cfg.reply_norm_bound)
     if rejected:
         fed.transport.reject(set(rejected))
         trained.missing.update(rejected)
 
 
-def _offer(fed: Federation, r: int, missing: set[int]) -> Offered:
-    """The candidate states a method offers after aggregation (ifca's k models), each client's adopted choice
-    told to the server; nothing when the method offers none."""
-    candidates = fed.server.offers(missing)
+def _offer(fed: Federation, r: int, clients: set[int]) -> Offered:
+    """The candidate states a method offers `clients` (ifca's k models), each client's adopted choice told to the
+    server; nothing when the method offers none."""
+    candidates = fed.server.offers(clients)
     if candidates is None:
         return Offered()
     offered = fed.transport.offer(r, candidates)
     warn_missing(r, offered.missing)
-    fed.server.chose(offered.choices)
+    fed.server.chose(offered.choices, r)
     return offered
 
 
@@ -338,6 +356,7 @@ def save(fed: Federation, eta_index: int, round_idx: int) -> float:
     clustering, clustering_tensors = fed.method.clustering_state()
     server_tensors = {**_prefixed("optimizer/", fed.server.optimizer_state()),
                       **_prefixed("dpclip/", fed.server.clip_state()),
+                      **_prefixed("missed/", fed.server.missed_tensors()),
                       **_prefixed("clustering/", clustering_tensors)}
     payload = checkpoint_payload(fed.cfg, fed.plan, fed.rounds, fed.runs, states, clustering=clustering,
                                  val={str(c): v for c, v in fed.val.items()}, **fed.transport.checkpoint_extra())

@@ -128,15 +128,16 @@ def round_summary(round_idx: int, clients: list[dict], task_names: list[str], ti
                   digests: dict[str, str], eta: float | None = None, cost: dict | None = None,
                   missing: dict[str, str] | None = None, clusters: dict | None = None, tested: bool = True,
                   participants: list[int] | None = None, simulated: dict | None = None,
-                  privacy: dict | None = None) -> dict:
+                  privacy: dict | None = None, caught_up: list[int] | None = None) -> dict:
     """A round's entry (schema RoundEntry): task scores are the mean over each task's clients; `eta`
     (the Laplacian step of a personalising method) is recorded as `lambda_eta`. Its `cost` (`round_cost`)
     travels with the round and moves to `time_metrics` in the result. `missing` (client id -> why it
     was left out of the round) becomes `missing_clients` and `missing_reasons`; `clusters` (`Server.round_clusters`:
     a method that finds its clusters during training), `participants` (the clients whose training the round
     aggregated), `simulated` (`cohort.Participation.record`) and `privacy` (`federation.privacy.round_privacy`:
-    the ε spent so far under --dp-clip) are kept as they are; a round without a test (`is_test_round`) is marked
-    `evaluated: false`, and its scores are the means of the carried metrics."""
+    the ε spent so far under --dp-clip) are kept as they are, and so are `caught_up` (the clients sent what their
+    groups aggregated while they took no part: `Method.catch_up`) where there are any; a round without a test
+    (`is_test_round`) is marked `evaluated: false`, and its scores are the means of the carried metrics."""
     task_scores = {t: float(np.mean([c["test_metric"] for c in clients if c["task"] == t])) for t in task_names}
     entry = dict(round=round_idx, clients=clients, mean_accuracy=float(np.mean([c["test_accuracy"] for c in clients])),
                  task_scores=task_scores, mean_task_score=float(np.mean(list(task_scores.values()))), time_s=time_s,
@@ -159,6 +160,8 @@ def round_summary(round_idx: int, clients: list[dict], task_names: list[str], ti
         entry.update(participants=participants, simulated=simulated)
     if privacy is not None:
         entry["privacy"] = privacy
+    if caught_up:
+        entry["caught_up"] = caught_up
     return entry
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -15,9 +16,10 @@ import torch
 
 from atlasfl.config import RunConfig
 from atlasfl.errors import AtlasError
+from atlasfl.federation.replies import Spec, upload_spec
 from atlasfl.federation.wire import WIRE_DTYPES
 from atlasfl.methods import Method, second_look_applies
-from atlasfl.methods.base import Group
+from atlasfl.methods.base import Group, select
 from atlasfl.phases.clustering import (
     SIGNIFICANCE,
     SamplingNoise,
@@ -94,15 +96,21 @@ class Server:
         rule = ServerRule.of(cfg)
         self.optimizer = None if rule is None else ServerOptimizer(rule)
         self.clips: dict[int, float] = {}  # under DP: each client's clip for its next upload
+        self.expected: dict[int, Spec] = {}  # each client's upload keys and shapes, by the plan (`adopt`)
+        # What each absent member of a sharing group missed (`aggregate`, `Method.catch_up`): (round, download) in
+        # order, handed to it before it next trains or is tested (`take_missed`)
+        self.missed: dict[int, list[tuple[int, State]]] = {}
         self.round_clips: dict[str, dict] = {}  # under adaptive clipping: each group's clip of the last aggregate
 
     def start_eta(self, eta: float, optimizer_state: dict[str, torch.Tensor] | None = None, done: int = 0,
-                  clip_state: dict[str, torch.Tensor] | None = None) -> None:
+                  clip_state: dict[str, torch.Tensor] | None = None,
+                  missed_state: dict[str, torch.Tensor] | None = None) -> None:
         """An eta's federation begins (`done` rounds of it already run, on a resume): its step size, the server
-        optimiser's state and the clients' DP clips afresh or as a checkpoint of this eta left them
-        (`ServerOptimizer.tensors`, `clip_state`), and its groups: phase 1's in round 1, the second look's from
-        round 2 on."""
+        optimiser's state, the clients' DP clips and the downloads absent clients missed afresh or as a checkpoint of
+        this eta left them (`ServerOptimizer.tensors`, `clip_state`, `missed_tensors`), and its groups: phase 1's
+        in round 1, the second look's from round 2 on."""
         self.eta = eta
+        self.missed = _missed_from(missed_state or {})
         if self.optimizer is not None:
             self.optimizer.load(optimizer_state or {})
         if self.cfg.dp_clip is not None:
@@ -170,10 +178,16 @@ class Server:
         return plan
 
     def adopt(self, plan: Plan) -> None:
-        """Take a plan (fresh, or restored from a checkpoint) as the federation's grouping."""
+        """Take a plan (fresh, or restored from a checkpoint) as the federation's grouping, and the shapes of what
+        each client uploads at its planned ranks (`replies.upload_spec`)."""
+        from atlasfl.models.lora import head_has_bias
+
         self.planned = plan
         self.cluster_labels = list(plan.cluster_labels)
         self.affinity_space = centred_unit_rows(np.asarray(plan.phase1["fingerprints"], dtype=np.float64))
+        self.expected = {cid: upload_spec(plan.ranks[cid], self.shapes, info.num_labels, self.facts.hidden_size,
+                                          head_bias=head_has_bias(self.facts.family), parts=self.method.uploads)
+                         for cid, info in self.clients.items() if cid in plan.ranks}
 
     def _fingerprint_bytes(self, num_labels: int) -> int:
         """Float32 bytes one client uploads for the configured fingerprint kind: its `fingerprint_dim` sketch,
@@ -350,21 +364,86 @@ class Server:
                 step = self._private_step(step, [uploads[c] for c in group], round_idx, name, std)
             if dp and self.cfg.dp_target_quantile is not None:
                 self._adapt_clip(full, group, within_clip or {}, round_idx, name)
-            new = self.method.aggregate([uploads[c] for c in group], Group(
-                clients=group, sizes=[1 if dp else self.clients[c].num_train for c in group],
-                fingerprints=self.affinity_space[group], cfg=self.cfg, eta=self.eta, step=step))
+            behind = self._stand_ins([c for c in full if c in absent], [uploads[c] for c in group])
+            members = group + list(behind)
+            new = self.method.aggregate([uploads[c] for c in group] + list(behind.values()), Group(
+                clients=members, sizes=[1 if dp else self.clients[c].num_train for c in group] + [0] * len(behind),
+                fingerprints=self.affinity_space[members], cfg=self.cfg, eta=self.eta, step=step))
             if self.optimizer is not None and not stepped:
                 raise AtlasError(f"{self.method.name}'s rule never handed its group average to the server optimiser; "
                                  "it must pass Group.step on, or declare group_average = False")
             out.update(zip(group, new))
+            self._queue_missed(full, absent, dict(zip(behind, new[len(group):])), [uploads[c] for c in group],
+                               round_idx)
         return out if self.method.downloads else {}  # a method that sends nothing back delivers nothing
 
-    def offers(self, exclude: set[int]) -> dict[int, list[State]] | None:
-        """The candidate states each client not in `exclude` is offered this round (`Method.offers`), or None."""
-        return self.method.offers({c: info.num_labels for c, info in sorted(self.clients.items()) if c not in exclude})
+    def _stand_ins(self, absent: list[int], uploads: list[State]) -> dict[int, State]:
+        """One zero state for each distinct upload shape among a group's `absent` members that catch up
+        (`Method.catch_up`), keyed by the first such member: aggregated with weight zero beside the participants, it
+        adds nothing to the group's mean and receives that mean at its own ranks and head (any rule that weighs its
+        members: the mean, the SVD route, HetLoRA's norms, FLoRA's stacking; a robust rule leaves it out)."""
+        if self.method.catch_up == "none" or not self.method.downloads or not absent:
+            return {}
+        dtypes = {key: t.dtype for key, t in uploads[0].items()}
+        out: dict[int, State] = {}
+        seen: set[tuple] = set()
+        for c in absent:
+            shape = tuple(sorted(self.expected[c].items()))
+            if shape not in seen:
+                seen.add(shape)
+                out[c] = {key: torch.zeros(size, dtype=dtypes[key]) for key, size in self.expected[c].items()}
+        return out
 
-    def chose(self, choices: dict[int, int]) -> None:
-        self.method.chose(choices)
+    def _queue_missed(self, full: list[int], absent: frozenset[int], behind: dict[int, State], uploads: list[State],
+                      round_idx: int) -> None:
+        """Queue, for every absent member of `full`, what the stand-in of its shapes received (`behind`): only the
+        parts the method sends down, and no head that no participant's head has the shape of (there the group has no
+        head to give it). "latest" keeps the newest download alone; "each" keeps them all, in order."""
+        if not behind:
+            return
+        shared = {(key, tuple(t.shape)) for state in uploads for key, t in state.items()}
+        downloads = [(self.expected[b], {key: t for key, t in select(state, self.method.downloads).items()
+                                         if not key.startswith("head::") or (key, tuple(t.shape)) in shared})
+                     for b, state in behind.items()]
+        for c in (c for c in full if c in absent):
+            download = next(d for spec, d in downloads if spec == self.expected[c])  # one object per shape
+            earlier = self.missed.get(c, []) if self.method.catch_up == "each" else []
+            self.missed[c] = [*earlier, (round_idx, download)]
+
+    def take_missed(self, clients: Collection[int]) -> dict[int, list[tuple[int, State]]]:
+        """The downloads each of `clients` missed, oldest first, now handed to it (a client that fails to take them
+        gets them back: `give_back_missed`)."""
+        return {c: self.missed.pop(c) for c in sorted(clients) if c in self.missed}
+
+    def give_back_missed(self, missed: dict[int, list[tuple[int, State]]]) -> None:
+        """Downloads handed out that a failing client did not take: queued again, before anything missed since."""
+        for c, entries in missed.items():
+            self.missed[c] = [*entries, *self.missed.get(c, [])]
+
+    def missed_tensors(self) -> dict[str, torch.Tensor]:
+        """The queued downloads for a checkpoint, each distinct one once (absent members of one shape share theirs):
+        `download/<n>/<key>`, and per client `queue/<client>`, its (round, n) pairs in order."""
+        numbered: dict[int, int] = {}
+        out: dict[str, torch.Tensor] = {}
+        saved: set[int] = set()  # a file holds a tensor once: one shared by two downloads (flora's stack) is copied
+        for c, entries in sorted(self.missed.items()):
+            pairs = []
+            for r, state in entries:
+                if id(state) not in numbered:
+                    numbered[id(state)] = n = len(numbered)
+                    for key, t in state.items():
+                        out[f"download/{n}/{key}"] = t.clone() if id(t) in saved else t
+                        saved.add(id(t))
+                pairs.append((r, numbered[id(state)]))
+            out[f"queue/{c}"] = torch.tensor(pairs, dtype=torch.int64)
+        return out
+
+    def offers(self, clients: set[int]) -> dict[int, list[State]] | None:
+        """The candidate states each of `clients` is offered (`Method.offers`), or None."""
+        return self.method.offers({c: info.num_labels for c, info in sorted(self.clients.items()) if c in clients})
+
+    def chose(self, choices: dict[int, int], round_idx: int) -> None:
+        self.method.chose(choices, round_idx)
 
     def optimizer_state(self) -> dict[str, torch.Tensor]:
         """The server optimiser's state for a checkpoint (empty where there is none)."""
@@ -436,6 +515,17 @@ class Server:
             stepped.append(key)
             return self.optimizer.step(group, key, aggregate)
         return step
+
+
+def _missed_from(tensors: dict[str, torch.Tensor]) -> dict[int, list[tuple[int, State]]]:
+    """The inverse of `Server.missed_tensors`."""
+    downloads: dict[int, State] = {}
+    for name, t in tensors.items():
+        kind, n, *key = name.split("/", 2)
+        if kind == "download":
+            downloads.setdefault(int(n), {})[key[0]] = t
+    return {int(name.split("/")[1]): [(int(r), downloads[int(n)]) for r, n in t.tolist()]
+            for name, t in sorted(tensors.items()) if name.startswith("queue/")}
 
 
 def _wire_bytes(state: State, dtype: str) -> int:

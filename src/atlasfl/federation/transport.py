@@ -73,6 +73,16 @@ class Offered:
     missing: dict[int, str] = field(default_factory=dict)
 
 
+@dataclass
+class CaughtUp:
+    """The replies to `Transport.catch_up` (and, in the driver, to the offers made to clients that missed one): the
+    bytes each client was sent and sent back, and the clients that failed."""
+
+    bytes_down: dict[int, int] = field(default_factory=dict)
+    missing: dict[int, str] = field(default_factory=dict)
+    bytes_up: dict[int, int] = field(default_factory=dict)
+
+
 class Transport(Protocol):
     """An engine, as the driver uses it. Client ids are those of the roster; states are flat trainable states."""
 
@@ -106,6 +116,10 @@ class Transport(Protocol):
     def deliver(self, states: dict[int, dict], round_idx: int) -> dict[int, int]:
         """Send each client its new state (the method's `downloads`, which it adopts by `Method.receive`); the bytes
         each was sent."""
+
+    def catch_up(self, missed: dict[int, list[tuple[int, dict]]]) -> CaughtUp:
+        """Send each client the downloads of the rounds it took no part in (`Server.take_missed`), which it adopts
+        in order, each as `deliver` would have in its round, before it next trains or is tested."""
 
     def offer(self, round_idx: int, candidates: dict[int, list[dict]]) -> Offered:
         """Send each client its candidate states; it scores each on its training data and adopts the one with the

@@ -20,6 +20,7 @@ class Atlas(Method):
     default_aggregation = "svd"
     personalises = True
     group_average = False  # each client takes its own Laplacian step: there is no one average to step
+    catch_up = "none"  # its state is its own step towards the neighbours that took part; an absent one keeps it
     settings = {
         "eta": (float, setting("Laplacian step size of atlas, in [0, 1].", DEFAULT_ETA, ge=0, le=1)),
         "lambda_sweep": (bool, setting("atlas: run the eta grid and pick eta on local validation.", False)),

@@ -88,6 +88,12 @@ class Method:
     downloads: ClassVar[tuple[Part, ...]] = PARTS  # what the server's rule sends back (the rest stays the client's)
     keeps_residual: ClassVar[bool] = False  # each client adds a frozen dense residual per module to the base weights
     shares_alone: ClassVar[bool] = False  # a group of one still uploads and is aggregated (a model kept on the server)
+    # What a member of a sharing group gets for the aggregates it missed while it took no part (client sampling,
+    # dropouts, stragglers: `Server.aggregate`), before it next trains or is tested: "latest", the group's latest
+    # model at its own shapes (FedAvg's server sends its current model to every round's cohort); "each", every
+    # download it missed, adopted in order (a rule whose downloads add up, flora's merges); "none", nothing (a
+    # personal rule: the client keeps its own state).
+    catch_up: ClassVar[Literal["latest", "each", "none"]] = "latest"
     settings: ClassVar[dict[str, tuple[Any, Any]]] = {}  # name -> (type, settings.setting(...)): its own flags
     search_space: ClassVar[dict[str, Range]] = {  # setting -> its tuning range (every method tunes these)
         "lr": Range(1e-5, 1e-2, log=True, why="AdamW on LoRA adapters: the presets use 1e-4 to 1e-3; a decade "
@@ -199,8 +205,14 @@ class Method:
         the client scores each on its training data and adopts the lowest loss (`phases.ifca.lowest`). None: none."""
         return None
 
-    def chose(self, choices: dict[int, int]) -> None:
-        """Which candidate of `offers` each client adopted."""
+    def chose(self, choices: dict[int, int], round_idx: int = 0) -> None:
+        """Which candidate of `offers` each client adopted in round `round_idx`."""
+
+    def behind(self, clients: set[int], last_offer: int) -> set[int]:
+        """Those of `clients` that did not adopt the offer of round `last_offer` (`offers`), and so hold an older
+        model than the server offers now: they are offered again before they train or are tested (`catch_up`'s
+        counterpart for a method that offers rather than delivers). Here: none."""
+        return set()
 
     def round_clusters(self, clients: list[int]) -> tuple[list[int], dict] | None:
         """The clusters of `clients` at the end of a round (a label per client, in their order) and what the rule

@@ -27,6 +27,7 @@ class FLoRA(FieldMethod):
     keeps_residual = True
     # The stacked factors are sent, not a dense average: a server optimiser's step would need the dense ΔW sent.
     group_average = False
+    catch_up = "each"  # every stacked update it missed is merged into its residual, in order (the global model)
 
     @classmethod
     def check(cls, cfg):

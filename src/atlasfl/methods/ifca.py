@@ -15,8 +15,9 @@ client's argmin would tie. Round 1 is therefore each client's training from the 
 k distinct clients' round-1 models, drawn by seeded k-means++ on their flattened factors (`farthest_seeds`, the run
 seed); a label space the drawn client lacks gets the shard-weighted mean of that label space's round-1 heads.
 With client sampling (docs/scale.md) the seeds are drawn from the first round's participants, or from a later
-round's if the first had fewer than k; a client is offered the k models only in rounds it takes part in, and one
-never offered them yet trains and keeps its own model (a cluster of one) until it is."""
+round's if the first had fewer than k; a client that did not adopt the last offer (absent then) is offered the k
+current models before it trains or is tested (`behind`), as the paper's server broadcasts them to each round's
+clients; before the k models exist, a client trains and keeps its own model (a cluster of one)."""
 from __future__ import annotations
 
 from atlasfl.methods.base import Method, select
@@ -44,6 +45,7 @@ class IFCA(Method):
         self.choices: dict[int, int] = {}  # client id -> the cluster whose model it holds
         self.adapters: list[dict] = []  # cluster j's LoRA factors
         self.heads: list[dict[int, dict]] = []  # cluster j's head per label count
+        self.offered: dict[int, int] = {}  # client id -> the round of the last offer it adopted
 
     @classmethod
     def clusters_k(cls, cfg) -> int:
@@ -105,8 +107,12 @@ class IFCA(Method):
         return {cid: [{**adapter, **heads[n]} for adapter, heads in zip(self.adapters, self.heads)]
                 for cid, n in labels.items()}
 
-    def chose(self, choices):
+    def chose(self, choices, round_idx=0):
         self.choices.update(choices)
+        self.offered.update(dict.fromkeys(choices, round_idx))
+
+    def behind(self, clients, last_offer):
+        return {c for c in clients if self.adapters and self.offered.get(c) != last_offer}
 
     def round_clusters(self, clients):
         return [self.choices.get(c, -1) for c in clients], {}
@@ -115,10 +121,12 @@ class IFCA(Method):
         tensors = {f"{j}/{key}": t for j, adapter in enumerate(self.adapters) for key, t in adapter.items()}
         tensors.update({f"{j}/{n}/{key}": t for j, heads in enumerate(self.heads) for n, head in heads.items()
                         for key, t in head.items()})
-        return dict(choices={str(c): j for c, j in self.choices.items()}, k=len(self.adapters)), tensors
+        return dict(choices={str(c): j for c, j in self.choices.items()}, k=len(self.adapters),
+                    offered={str(c): r for c, r in self.offered.items()}), tensors
 
     def restore_clustering(self, saved, tensors):
         self.choices = {int(c): j for c, j in saved.get("choices", {}).items()}
+        self.offered = {int(c): r for c, r in saved.get("offered", {}).items()}
         self.adapters = [{} for _ in range(saved.get("k", 0))]
         self.heads = [{} for _ in range(saved.get("k", 0))]
         for name, t in tensors.items():

@@ -225,8 +225,8 @@ def head_means(states: Sequence[dict[str, Tensor]], w: Sequence[float], out: lis
         group_w = [w[k] for k in group]
         for key in (k for k in states[group[0]] if k.startswith(HEAD_PREFIX)):
             tensors = [states[k][key] for k in group]
-            mean = (combine(tensors) if combine is not None else
-                    weighted_mean(tensors, group_w) if sum(group_w) > 0 else None)
+            mean = (None if sum(group_w) <= 0 else
+                    combine(weighed(tensors, group_w)) if combine is not None else weighted_mean(tensors, group_w))
             if mean is not None and step is not None:
                 mean = step(f"{key}@{'x'.join(map(str, mean.shape))}", mean)
             for k in group:
@@ -235,6 +235,12 @@ def head_means(states: Sequence[dict[str, Tensor]], w: Sequence[float], out: lis
 
 Combine = Callable[[Sequence[Tensor]], Tensor]
 ROBUST_RULES = ("median", "trimmed_mean")
+
+
+def weighed(tensors: Sequence[Tensor], weights: Sequence[float]) -> list[Tensor]:
+    """The tensors that carry weight: a robust rule counts members, not weights, so a member of weight zero (a stand-in
+    for an absent client, `Server.aggregate`) must not be one of them."""
+    return [t for t, wk in zip(tensors, weights) if wk > 0]
 
 
 def coordinate_median(tensors: Sequence[Tensor]) -> Tensor:
@@ -280,7 +286,7 @@ def mean_of_parts(states: Sequence[dict[str, Tensor]], weights: Sequence[float] 
         if not key.startswith(HEAD_PREFIX):
             parse_key(key)  # only trainable-state keys
             tensors = [s[key] for s in states]
-            mean = combine(tensors) if combine is not None else weighted_mean(tensors, w)
+            mean = combine(weighed(tensors, w)) if combine is not None else weighted_mean(tensors, w)
             if step is not None:
                 mean = step(key, mean)
             for k in range(len(states)):

@@ -21,10 +21,12 @@ Tensor = torch.Tensor
 
 def stack_factors(factors: Sequence[tuple[Tensor, Tensor, float]], weights: Sequence[float]
                   ) -> tuple[Tensor, Tensor]:
-    """(A_glob, B_glob) of rank Σ r_k from each client's (A_k, B_k, s_k) and weights p_k (normalised here)."""
+    """(A_glob, B_glob) of rank Σ r_k from each client's (A_k, B_k, s_k) and weights p_k (normalised here); a client
+    of weight zero adds nothing to the sum, so none of its rank is stacked."""
     p = normalise_weights(weights, len(factors))
-    A = torch.cat([A_k * (p_k * s_k) for p_k, (A_k, _, s_k) in zip(p, factors)], dim=0)
-    B = torch.cat([B_k for _, B_k, _ in factors], dim=1)
+    kept = [(p_k, f) for p_k, f in zip(p, factors) if p_k > 0]
+    A = torch.cat([A_k * (p_k * s_k) for p_k, (A_k, _, s_k) in kept], dim=0)
+    B = torch.cat([B_k for _, (_, B_k, _) in kept], dim=1)
     return A, B
 
 

@@ -17,7 +17,8 @@ SCHEMA_VERSION = "1.3"
 #      `evaluated` (false: no test this round, --eval-every) and `metrics_from_round` for a client it carries;
 #      a round's `participants` and `simulated` clock, a client's `participation` and `simulated_s` (client
 #      sampling, docs/scale.md), a `train_loss` of None for a client tested before it first trained; `privacy`
-#      (--dp-clip), per round and per result; adaptive clipping's `clips` per round and `adaptive_clipping`
+#      (--dp-clip), per round and per result; adaptive clipping's `clips` per round and `adaptive_clipping`;
+#      a round's `caught_up` (client sampling: who was sent the aggregates it missed)
 KNOWN_SCHEMA_VERSIONS = ("1.0", "1.1", "1.2", "1.3")
 PERSONAL = ("personal protocol (1.2 on): the client's personal test set, rows of the task's test set whose label mix "
             "follows the client's training shard (data.partition.personal_test_rows), scored from the same predictions")
@@ -58,8 +59,8 @@ class ClientRound(_Strict):
     participation: Optional[str] = Field(default=None, description=(
         "trained (its training was aggregated), not_sampled, dropped_out, straggler (past --round-deadline on the "
         "simulated clock), surplus (after the first --clients-per-round replies) or failed (missing); a client "
-        "that did not train keeps its state, and its metrics are those of `metrics_from_round` unless it was "
-        "tested this round (docs/scale.md)"))
+        "that did not train keeps its state (unless the round's `caught_up` lists it), and its metrics are those of "
+        "`metrics_from_round` unless it was tested this round (docs/scale.md)"))
     simulated_s: Optional[float] = Field(default=None, description=(
         "SIMULATED seconds of this client's round on its device profile (training FLOPs at its compute rate plus "
         "its bytes at its bandwidth, an estimate: docs/scale.md); None: not sampled"))
@@ -158,6 +159,10 @@ class RoundEntry(_Strict):
     simulated: Optional[RoundSimulated] = Field(default=None, description=(
         "the round on the simulated clock of the device profiles (docs/scale.md): estimates, not measurements"))
     privacy: Optional[RoundPrivacy] = Field(default=None, description="--dp-clip: the privacy spent so far")
+    caught_up: Optional[list[int]] = Field(default=None, description=(
+        "client sampling: the clients sent, before they trained or were tested this round, what their sharing "
+        "groups aggregated while they took no part (the group's latest model; flora: every merge missed); their "
+        "bytes_down include it (docs/scale.md). Absent: nobody"))
 
 
 class Work(_Strict):

@@ -28,6 +28,7 @@ from atlasfl.engines.flower.records import (
     BACKUP,
     CANDIDATE,
     CHOICE,
+    MISSED,
     RESTORE,
     STATE,
     config_from_json,
@@ -189,7 +190,8 @@ def train(msg: Message, context: Context) -> Message:
 
 def offer(msg: Message, context: Context) -> Message:
     """Score each candidate state the server offers on this client's training data, adopt the lowest loss, and
-    say which (`Transport.offer`)."""
+    say which (`Transport.offer`); a client offered before it trains is brought up to date first (`_bring_up`)."""
+    _bring_up(msg, context)
     cfg, cid, fm, (_, _, train_enc, _, _) = _client(context)
     candidates = [record_to_state(msg.content[f"{CANDIDATE}{j}"], cfg.wire_dtype)
                   for j in range(int(msg.content[ATLAS]["candidates"]))]
@@ -197,6 +199,25 @@ def offer(msg: Message, context: Context) -> Message:
     _keep_state(context, fm, cid)
     return Message(RecordDict({ATLAS: ConfigRecord({"client_id": cid}),
                                CHOICE: ArrayRecord({CHOICE: Array(np.array([choice], dtype=np.int32))})}), reply_to=msg)
+
+
+def _adopt(cfg: RunConfig, fm: PersonalLoRAModel, cid: int, record: ArrayRecord, round_idx: int) -> None:
+    """Take up a download of round `round_idx` as the method says (`Method.receive`)."""
+    received = record_to_state(record, cfg.wire_dtype)
+    fm.set_state(cid, method_for(cfg).receive(received, fm.residuals.tensors(cid), ranks=fm.ranks[cid], cid=cid,
+                                              round_idx=round_idx), partial=True)
+
+
+def catch_up(msg: Message, context: Context) -> Message:
+    """Adopt, in order, the downloads of the rounds this client took no part in (`Transport.catch_up`), and send
+    the state back for the server's copy."""
+    _bring_up(msg, context)
+    cfg, cid, fm, _ = _client(context)
+    for j, round_idx in enumerate(json.loads(msg.content[ATLAS]["rounds"])):
+        _adopt(cfg, fm, cid, msg.content[f"{MISSED}{j}"], round_idx)
+    _keep_state(context, fm, cid)
+    return Message(RecordDict({ATLAS: ConfigRecord({"client_id": cid}), BACKUP: plain_record(fm.get_state(cid))}),
+                   reply_to=msg)
 
 
 def evaluate(msg: Message, context: Context) -> Message:
@@ -208,9 +229,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         _bring_up(msg, context)
     cfg, cid, fm, (shard, task, _, val_enc, test_enc) = _client(context)
     if STATE in msg.content.array_records:
-        received = record_to_state(msg.content[STATE], cfg.wire_dtype)
-        fm.set_state(cid, method_for(cfg).receive(received, fm.residuals.tensors(cid), ranks=fm.ranks[cid], cid=cid,
-                                                  round_idx=int(msg.content[ATLAS]["round"])), partial=True)
+        _adopt(cfg, fm, cid, msg.content[STATE], int(msg.content[ATLAS]["round"]))
         _keep_state(context, fm, cid)
     t0, tally, scored = time.perf_counter(), Tally(), {}
     if msg.content[ATLAS]["test"]:
@@ -237,6 +256,7 @@ def make_client_app(*mods) -> ClientApp:
     client_app.query("fingerprint")(fingerprint_phase)
     client_app.query("identify")(identify)
     client_app.query("offer")(offer)
+    client_app.query("catch_up")(catch_up)
     client_app.train()(train)
     client_app.evaluate()(evaluate)
     return client_app

@@ -22,9 +22,10 @@ ATLAS = "atlas"  # ConfigRecord of control values (round, flags, config, ranks, 
 STATE = "state"  # ArrayRecord of a trainable state (adapter factors and head)
 CANDIDATE = "candidate-"  # + j: ArrayRecords of an offer's candidate states (`Transport.offer`)
 CHOICE = "choice"  # ArrayRecord of an offer's reply: the adopted candidate's index, one int32
+MISSED = "missed-"  # + j: ArrayRecords of the downloads a client missed, oldest first (`Transport.catch_up`)
 # Copies that only make a run survive, never part of the algorithm's traffic: a client's exact float32 state
-# sent back to the ServerApp's checkpoint (BACKUP: clients that share nothing this round) or restored to a
-# node that lost it (RESTORE: a restarted SuperNode, a failed round, a resumed run).
+# sent back to the ServerApp's checkpoint (BACKUP: clients that share nothing this round, or that caught up) or
+# restored to a node that lost it (RESTORE: a restarted SuperNode, a failed round, a resumed run).
 BACKUP = "backup"
 RESTORE = "restore"
 SURVIVAL = (BACKUP, RESTORE)

@@ -88,6 +88,7 @@ app.evaluate()(relay)
 app.query("fingerprint")(relay)
 app.query("identify")(relay)
 app.query("offer")(relay)
+app.query("catch_up")(relay)
 
 
 def resident_dir() -> Path:

@@ -30,6 +30,7 @@ from atlasfl.engines.flower.records import (
     BACKUP,
     CANDIDATE,
     CHOICE,
+    MISSED,
     RESTORE,
     STATE,
     config_to_json,
@@ -41,7 +42,7 @@ from atlasfl.engines.flower.records import (
 from atlasfl.errors import AtlasError
 from atlasfl.federation.records import num_clients, select_eta
 from atlasfl.federation.server import Plan
-from atlasfl.federation.transport import CHOICE_BYTES, Evaluated, Offered, Roster, Trained
+from atlasfl.federation.transport import CHOICE_BYTES, CaughtUp, Evaluated, Offered, Roster, Trained
 from atlasfl.methods import method_for
 from atlasfl.methods.base import RESIDUAL, select
 from atlasfl.models.lora import state_digest
@@ -216,6 +217,38 @@ class AtlasStrategy:
                 ranks=self.ranks[cid], cid=cid, round_idx=round_idx)}
         return sent
 
+    def catch_up(self, missed: dict[int, list[tuple[int, dict]]]) -> CaughtUp:
+        """A query message per client with the downloads it missed (`missed-<j>`, their rounds in `rounds`); it
+        adopts them in order and sends its state back as a BACKUP, which the server's copy takes (a client that has
+        not trained in this eta starts from its initial state, which only its node holds)."""
+        out, to, messages = CaughtUp(), {}, []
+        for cid, entries in sorted(missed.items()):
+            if not self.members.reachable(cid):
+                self._miss(out.missing, cid, "its SuperNode is offline")
+                continue
+            conf, records = {"round": entries[-1][0], "rounds": json.dumps([r for r, _ in entries])}, {}
+            for j, (_, state) in enumerate(entries):
+                records[f"{MISSED}{j}"], nbytes = state_to_record(select(state, self.method.downloads),
+                                                                  self.cfg.wire_dtype)
+                out.bytes_down[cid] = out.bytes_down.get(cid, 0) + nbytes
+            content = RecordDict(records)
+            self._bring_up(cid, conf, content)
+            content[ATLAS] = ConfigRecord(conf)
+            to[self.members.node_of[cid]] = cid
+            messages.append(message(content, self.members.node_of[cid], MessageType.QUERY + ".catch_up",
+                                    group=entries[-1][0]))
+        for reply in self._replies(messages, to, out.missing):
+            cid = to.get(reply.metadata.src_node_id)
+            try:
+                self.copies[cid] = plain_state(reply.content[BACKUP])
+            except (KeyError, TypeError, ValueError) as exc:
+                self._miss(out.missing, cid, f"unreadable reply: {type(exc).__name__}: {exc}"[:300])
+                continue
+            self.reports.add("rounds", cid, reply)
+        for cid in out.missing:
+            out.bytes_down.pop(cid, None)
+        return out
+
     def offer(self, round_idx: int, candidates: dict[int, list[dict]]) -> Offered:
         """A query message per client with its candidates (`candidate-<j>`); the reply names the one it adopted,
         which the server's copy of it takes up."""
@@ -224,8 +257,10 @@ class AtlasStrategy:
             records = [state_to_record(state, self.cfg.wire_dtype) for state in states]
             sent[cid] = [record for record, _ in records]
             out.bytes_down[cid] = sum(nbytes for _, nbytes in records)
-            content = RecordDict({ATLAS: ConfigRecord({"round": round_idx, "candidates": len(records)}),
-                                  **{f"{CANDIDATE}{j}": record for j, (record, _) in enumerate(records)}})
+            conf = {"round": round_idx, "candidates": len(records)}
+            content = RecordDict({f"{CANDIDATE}{j}": record for j, (record, _) in enumerate(records)})
+            self._bring_up(cid, conf, content)  # a client offered before it trains may not have met this run yet
+            content[ATLAS] = ConfigRecord(conf)
             to[self.members.node_of[cid]] = cid
             messages.append(message(content, self.members.node_of[cid], MessageType.QUERY + ".offer",
                                     group=round_idx))
