@@ -69,6 +69,9 @@ def test_the_clock_is_flops_at_the_compute_rate_plus_bytes_at_the_bandwidth():
     both = client_seconds(device="tablet_4gb", params=10, tokens=0, sizes=sizes, uploads=("lora_B",),
                           downloads=("lora_A", "lora_B", "head"), itemsize=2)
     assert both == pytest.approx(8 * 2 * (120 + 266) / 25e6, rel=1e-12)
+    owed = client_seconds(device="tablet_4gb", params=10, tokens=0, sizes=sizes, uploads=("lora_B",),
+                          downloads=("lora_A", "lora_B", "head"), itemsize=2, missed=1000)
+    assert owed == pytest.approx(8 * 2 * (120 + 266 + 1000) / 25e6, rel=1e-12)  # what it missed comes down first
 
 
 def test_participation_keeps_who_beats_the_deadline_and_labels_the_rest():

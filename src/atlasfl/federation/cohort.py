@@ -90,9 +90,10 @@ def payload_sizes(ranks: dict[str, int], shapes: dict[str, tuple[int, int]], hea
 
 
 def client_seconds(*, device: str, params: int, tokens: int, sizes: dict[str, int], uploads: Sequence[str],
-                   downloads: Sequence[str], itemsize: int) -> float:
-    """A client's simulated round on its device profile (`devices.simulated_seconds`): `tokens` trained, and the
-    parts it sends (`uploads`) and receives (`downloads`) at the wire's `itemsize` bytes a number."""
+                   downloads: Sequence[str], itemsize: int, missed: int = 0) -> float:
+    """A client's simulated round on its device profile (`devices.simulated_seconds`): `tokens` trained, the parts
+    it sends (`uploads`) and receives (`downloads`) at the wire's `itemsize` bytes a number, and the numbers of what
+    its group aggregated while it took no part (`missed`: `Server.missed`), received before it trains."""
     return simulated_seconds(PROFILES[device], params=params, tokens=tokens,
-                             bytes_down=itemsize * sum(sizes[p] for p in downloads),
+                             bytes_down=itemsize * (sum(sizes[p] for p in downloads) + missed),
                              bytes_up=itemsize * sum(sizes[p] for p in uploads))

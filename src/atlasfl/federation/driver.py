@@ -252,7 +252,8 @@ def _participants(entry: dict) -> list[int]:
 
 def _seconds_of(fed: Federation, sharing: set[int]) -> Callable[[int], float]:
     """Each client's simulated seconds this round (`cohort.client_seconds`): its training tokens (its shard's, once
-    per local epoch, twice with a personal copy) and what it sends and receives if it shares this round."""
+    per local epoch, twice with a personal copy), what it sends and receives if it shares this round, and what it
+    is owed from the rounds it took no part in (`Server.missed`)."""
     cfg, method, facts = fed.cfg, fed.method, fed.roster.facts
     passes = sum(epochs for _, epochs in method.local_phases()) * (2 if method.keeps_personal else 1)
     itemsize = WIRE_DTYPES[cfg.wire_dtype].itemsize
@@ -265,7 +266,8 @@ def _seconds_of(fed: Federation, sharing: set[int]) -> Callable[[int], float]:
                               sizes=payload_sizes(fed.plan.ranks[cid], fed.roster.shapes,
                                                   facts.hidden_size * labels + labels),
                               uploads=method.uploads if shares else (), downloads=method.downloads if shares else (),
-                              itemsize=itemsize)
+                              itemsize=itemsize, missed=sum(t.numel() for _, state in fed.server.missed.get(cid, [])
+                                                           for t in state.values()))
     return seconds
 
 
