@@ -171,12 +171,13 @@ def _server(cfg: RunConfig, method: Method, roster: Roster) -> Server:
 
 def run_round(fed: Federation, r: int, bars: RunProgress) -> dict:
     """One round: the round's participants (`cohort.participation`: every client unless sampling or the simulated
-    clock leaves some out) train, the server aggregates each sharing group over its replying participants and
-    sends them their new states, and the participants are tested (in the rounds `records.is_test_round` says). A
-    client that fails is left out of the round: it keeps its last state and its last metrics, labelled as such; so
-    does a client that does not take part (labelled with why), except that in an eta's first round and when the
-    clients validate, every client that did not fail is asked, so each one's metrics are always those of the state
-    it holds (docs/scale.md). The entry carries its `cost` and its `simulated` clock."""
+    clock leaves some out) catch up on what their groups aggregated while they were away (`_catch_up`) and train,
+    the server aggregates each sharing group over its replying participants and sends them their new states, and
+    the participants are tested (in the rounds `records.is_test_round` says). A client that fails is left out of
+    the round: it keeps its last state and its last metrics, labelled as such; so does a client that does not take
+    part (labelled with why), except that in an eta's first round and when the clients validate, every client that
+    did not fail is asked, caught up first, so each one's metrics are always those of the state it holds
+    (docs/scale.md). The entry carries its `cost` and its `simulated` clock."""
     t0 = time.perf_counter()
     clients_all = [s.client_id for s in fed.roster.shards]
     sharing = set(fed.server.sharing_clients())
@@ -242,7 +243,7 @@ def run_round(fed: Federation, r: int, bars: RunProgress) -> dict:
                          clusters=fed.server.round_clusters(), tested=test, participants=participants,
                          simulated=part.record(),
                          privacy=round_privacy(fed.cfg, _rates(fed, r), fed.server.round_clips),
-                         caught_up=sorted(set(before.bytes_down) | set(after.bytes_down)))
+                         caught_up=sorted((set(before.bytes_down) | set(after.bytes_down)) - set(missing)))
 
 
 def _participants(entry: dict) -> list[int]:

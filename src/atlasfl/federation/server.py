@@ -336,12 +336,13 @@ class Server:
         `uploads` must hold the state of every client in `sharing_clients()` but those in `missing` (clients
         that failed this round: they keep their last state and get nothing) and those `absent` (not taking part
         this round: `federation.cohort`; they keep their state too). A group aggregates over its replying members
-        only, so a lost or absent client never enters its group's aggregate; a group none of whose members takes
-        part is left as it is; one left with fewer than `min_replies_per_group` replies of the members taking
-        part (or none) raises TooFewReplies. Under client-level DP (`--dp-clip`, the uploads already clipped by
-        their clients) a group's mean is uniform and, centrally, noised (`_private_step`) with noise drawn from
-        the run seed and `round_idx`; with --dp-target-quantile each group's clip then moves toward that quantile
-        of its members' update norms (`_adapt_clip`, from `within_clip`: whether each upload was unclipped)."""
+        only, so a lost or absent client never enters its group's aggregate, though an absent one is owed it
+        (`_stand_ins`, `take_missed`); a group none of whose members takes part is left as it is; one left with
+        fewer than `min_replies_per_group` replies of the members taking part (or none) raises TooFewReplies.
+        Under client-level DP (`--dp-clip`, the uploads already clipped by their clients) a group's mean is
+        uniform and, centrally, noised (`_private_step`) with noise drawn from the run seed and `round_idx`; with
+        --dp-target-quantile each group's clip then moves toward that quantile of its members' update norms
+        (`_adapt_clip`, from `within_clip`: whether each upload was unclipped)."""
         unsent = [c for c in self.sharing_clients() if c not in uploads and c not in missing and c not in absent]
         if unsent:
             raise ValueError(f"no upload from sharing client(s) {unsent}")

@@ -149,10 +149,13 @@ class FederatedLoRAModel:
         """PEFT's `add_adapter`, as the call its injection makes on each adapted layer that is already a LoRA layer
         (`update_layer`, in the same order, so a seed draws the same factors), added to its record of configs for
         saving. PEFT's own walks every module of the model, every client's included, several times over: building a
-        population that way costs the square of its size. The new adapter joins inactive and frozen, as there."""
+        population that way costs the square of its size. `update_layer` itself visits every adapter of its layer
+        (to set their `requires_grad`, and to look for one on the meta device), so it runs on the layer with its
+        other adapters set aside (`_alone`). The new adapter joins inactive and frozen, as there."""
         self.peft.peft_config[name] = config
         for module, layer in self._lora_layers():
-            layer.update_layer(name, ranks[module], lora_alpha=self.alpha, target_name=module, config=config)
+            with _alone(layer):
+                layer.update_layer(name, ranks[module], lora_alpha=self.alpha, target_name=module, config=config)
 
     # ---- per-client state -------------------------------------------------------------------
     def _lora_layers(self):
@@ -339,6 +342,26 @@ class FederatedLoRAModel:
 
 # A module one client owns: an entry of a LoRA layer's per-adapter ModuleDict (`...query.lora_A.c5`).
 _PER_CLIENT = re.compile(r"\.lora_\w+\.[^.]+")
+
+
+@contextmanager
+def _alone(layer: nn.Module) -> Iterator[None]:
+    """The layer's per-adapter module and parameter containers emptied while the block runs, then given back with
+    what the block added after what they held (in that order, as if it had run on the full containers). The other
+    adapters' `requires_grad` are `_select`'s to set, never PEFT's, so hiding them changes nothing they hold."""
+    kept = {}
+    for attr in (*layer.adapter_layer_names, *layer.other_param_names):
+        container = getattr(layer, attr, None)
+        if type(container) in (nn.ModuleDict, nn.ParameterDict):
+            kept[attr] = container
+            setattr(layer, attr, type(container)())
+    try:
+        yield
+    finally:
+        for attr, container in kept.items():
+            container.update(getattr(layer, attr))
+            setattr(layer, attr, container)
+
 
 
 def _name(cid: int) -> str:
