@@ -222,6 +222,7 @@ class AtlasStrategy:
         adopts them in order and sends its state back as a BACKUP, which the server's copy takes (a client that has
         not trained in this eta starts from its initial state, which only its node holds)."""
         out, to, messages = CaughtUp(), {}, []
+        self.members.refresh(set(self.infos))
         for cid, entries in sorted(missed.items()):
             if not self.members.reachable(cid):
                 self._miss(out.missing, cid, "its SuperNode is offline")
