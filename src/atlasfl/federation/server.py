@@ -337,7 +337,7 @@ class Server:
         that failed this round: they keep their last state and get nothing) and those `absent` (not taking part
         this round: `federation.cohort`; they keep their state too). A group aggregates over its replying members
         only, so a lost or absent client never enters its group's aggregate, though an absent one is owed it
-        (`_stand_ins`, `take_missed`); a group none of whose members takes part is left as it is; one left with
+        (`_stand_for`, `take_missed`); a group none of whose members takes part is left as it is; one left with
         fewer than `min_replies_per_group` replies of the members taking part (or none) raises TooFewReplies.
         Under client-level DP (`--dp-clip`, the uploads already clipped by their clients) a group's mean is
         uniform and, centrally, noised (`_private_step`) with noise drawn from the run seed and `round_idx`; with
@@ -365,51 +365,44 @@ class Server:
                 step = self._private_step(step, [uploads[c] for c in group], round_idx, name, std)
             if dp and self.cfg.dp_target_quantile is not None:
                 self._adapt_clip(full, group, within_clip or {}, round_idx, name)
-            behind = self._stand_ins([c for c in full if c in absent], [uploads[c] for c in group])
-            members = group + list(behind)
-            new = self.method.aggregate([uploads[c] for c in group] + list(behind.values()), Group(
+            stand_for = self._stand_for([c for c in full if c in absent])
+            behind = list(dict.fromkeys(stand_for.values()))  # one stand-in per shape: the first absent member's
+            members = group + behind
+            states = [uploads[c] for c in group]
+            new = self.method.aggregate(states + [self._stand_in(b, states[0]) for b in behind], Group(
                 clients=members, sizes=[1 if dp else self.clients[c].num_train for c in group] + [0] * len(behind),
                 fingerprints=self.affinity_space[members], cfg=self.cfg, eta=self.eta, step=step))
             if self.optimizer is not None and not stepped:
                 raise AtlasError(f"{self.method.name}'s rule never handed its group average to the server optimiser; "
                                  "it must pass Group.step on, or declare group_average = False")
             out.update(zip(group, new))
-            self._queue_missed(full, absent, dict(zip(behind, new[len(group):])), [uploads[c] for c in group],
-                               round_idx)
+            owed = {b: self._owed(state, states) for b, state in zip(behind, new[len(group):])}
+            for c, b in stand_for.items():
+                earlier = self.missed.get(c, []) if self.method.catch_up == "each" else []
+                self.missed[c] = [*earlier, (round_idx, owed[b])]  # one object per shape, shared
         return out if self.method.downloads else {}  # a method that sends nothing back delivers nothing
 
-    def _stand_ins(self, absent: list[int], uploads: list[State]) -> dict[int, State]:
-        """One zero state for each distinct upload shape among a group's `absent` members that catch up
-        (`Method.catch_up`), keyed by the first such member: aggregated with weight zero beside the participants, it
-        adds nothing to the group's mean and receives that mean at its own ranks and head (any rule that weighs its
-        members: the mean, the SVD route, HetLoRA's norms, FLoRA's stacking; a robust rule leaves it out)."""
-        if self.method.catch_up == "none" or not self.method.downloads or not absent:
+    def _stand_for(self, absent: list[int]) -> dict[int, int]:
+        """Each of a group's `absent` members that catches up (`Method.catch_up`), mapped to the first of them with
+        its upload's shapes, whose zero stand-in (`_stand_in`) is aggregated with weight zero beside the
+        participants: it adds nothing to the group's aggregate and receives it at those shapes (with any rule that
+        weighs its members: the mean, the SVD route, HetLoRA's norms, FLoRA's stacking; a robust rule leaves it
+        out). "latest" keeps the newest download alone, "each" keeps them all, in order (`aggregate`)."""
+        if self.method.catch_up == "none":
             return {}
-        dtypes = {key: t.dtype for key, t in uploads[0].items()}
-        out: dict[int, State] = {}
-        seen: set[tuple] = set()
-        for c in absent:
-            shape = tuple(sorted(self.expected[c].items()))
-            if shape not in seen:
-                seen.add(shape)
-                out[c] = {key: torch.zeros(size, dtype=dtypes[key]) for key, size in self.expected[c].items()}
-        return out
+        first: dict[tuple, int] = {}
+        return {c: first.setdefault(tuple(sorted(self.expected[c].items())), c) for c in absent}
 
-    def _queue_missed(self, full: list[int], absent: frozenset[int], behind: dict[int, State], uploads: list[State],
-                      round_idx: int) -> None:
-        """Queue, for every absent member of `full`, what the stand-in of its shapes received (`behind`): only the
-        parts the method sends down, and no head that no participant's head has the shape of (there the group has no
-        head to give it). "latest" keeps the newest download alone; "each" keeps them all, in order."""
-        if not behind:
-            return
-        shared = {(key, tuple(t.shape)) for state in uploads for key, t in state.items()}
-        downloads = [(self.expected[b], {key: t for key, t in select(state, self.method.downloads).items()
-                                         if not key.startswith("head::") or (key, tuple(t.shape)) in shared})
-                     for b, state in behind.items()]
-        for c in (c for c in full if c in absent):
-            download = next(d for spec, d in downloads if spec == self.expected[c])  # one object per shape
-            earlier = self.missed.get(c, []) if self.method.catch_up == "each" else []
-            self.missed[c] = [*earlier, (round_idx, download)]
+    def _stand_in(self, cid: int, like: State) -> State:
+        """A zero state of client `cid`'s upload shapes, in the dtypes of the participants' uploads (`like`)."""
+        return {key: torch.zeros(size, dtype=like[key].dtype) for key, size in self.expected[cid].items()}
+
+    def _owed(self, received: State, uploads: list[State]) -> State:
+        """What a stand-in received, as its absent members are owed it: the parts the method sends down, and no head
+        that no participant's head has the shape of (there the group has no head to give)."""
+        shared = {(key, tuple(t.shape)) for state in uploads for key, t in state.items() if key.startswith("head::")}
+        return {key: t for key, t in select(received, self.method.downloads).items()
+                if not key.startswith("head::") or (key, tuple(t.shape)) in shared}
 
     def take_missed(self, clients: Collection[int]) -> dict[int, list[tuple[int, State]]]:
         """The downloads each of `clients` missed, oldest first, now handed to it (a client that fails to take them

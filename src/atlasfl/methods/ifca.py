@@ -31,6 +31,7 @@ class IFCA(Method):
     uses_fingerprints = False  # it finds its own clusters: phase 1 runs for the report only
     shares_alone = True  # a cluster of one still updates its model on the server
     downloads = ()  # the mean goes back inside the offer of the k models, not as a delivery
+    catch_up = "none"  # a client that missed rounds is offered the k current models again instead (`behind`)
 
     @classmethod
     def dp_refusal(cls, cfg):

@@ -363,6 +363,5 @@ def _alone(layer: nn.Module) -> Iterator[None]:
             setattr(layer, attr, container)
 
 
-
 def _name(cid: int) -> str:
     return f"c{cid}"

@@ -227,10 +227,9 @@ class AtlasStrategy:
             if not self.members.reachable(cid):
                 self._miss(out.missing, cid, "its SuperNode is offline")
                 continue
-            conf, records = {"round": entries[-1][0], "rounds": json.dumps([r for r, _ in entries])}, {}
-            for j, (_, state) in enumerate(entries):
-                records[f"{MISSED}{j}"], nbytes = state_to_record(select(state, self.method.downloads),
-                                                                  self.cfg.wire_dtype)
+            conf, records = {"rounds": json.dumps([r for r, _ in entries])}, {}
+            for j, (_, state) in enumerate(entries):  # each already the parts the method sends down
+                records[f"{MISSED}{j}"], nbytes = state_to_record(state, self.cfg.wire_dtype)
                 out.bytes_down[cid] = out.bytes_down.get(cid, 0) + nbytes
             content = RecordDict(records)
             self._bring_up(cid, conf, content)
